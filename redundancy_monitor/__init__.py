@@ -1,0 +1,63 @@
+"""redundancy-monitor: replacement vs interchange layer redundancy, during training and after.
+
+The probe math lives in `probe`, `engine` and `result`; framework glue lives in
+`redundancy_monitor.lightning` and `redundancy_monitor.hf`, imported only on demand.
+"""
+
+__version__ = "0.1.0"
+
+from redundancy_monitor.batch import ProbeBatch, make_batch
+from redundancy_monitor.blocks import find_blocks, find_head, unwrap_model
+from redundancy_monitor.engine import EngineOptions, VariantDistance, variant_distances
+from redundancy_monitor.errors import (
+    BlockDiscoveryError,
+    InvalidBatchError,
+    InvalidConfigError,
+    InvalidPairsError,
+    InvalidProtocolError,
+    RedundancyMonitorError,
+    UnsupportedModelError,
+)
+from redundancy_monitor.probe import probe
+from redundancy_monitor.reference import reference_distances
+from redundancy_monitor.result import (
+    DeletionRecord,
+    PairRecord,
+    ProbeResult,
+    ProbeSummary,
+    SkippedPair,
+    Thresholds,
+    summarize,
+)
+from redundancy_monitor.variants import PROTOCOLS, Variant, parse_pairs
+
+__all__ = [
+    "PROTOCOLS",
+    "BlockDiscoveryError",
+    "DeletionRecord",
+    "EngineOptions",
+    "InvalidBatchError",
+    "InvalidConfigError",
+    "InvalidPairsError",
+    "InvalidProtocolError",
+    "PairRecord",
+    "ProbeBatch",
+    "ProbeResult",
+    "ProbeSummary",
+    "RedundancyMonitorError",
+    "SkippedPair",
+    "Thresholds",
+    "UnsupportedModelError",
+    "Variant",
+    "VariantDistance",
+    "__version__",
+    "find_blocks",
+    "find_head",
+    "make_batch",
+    "parse_pairs",
+    "probe",
+    "reference_distances",
+    "summarize",
+    "unwrap_model",
+    "variant_distances",
+]

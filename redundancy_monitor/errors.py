@@ -1,0 +1,31 @@
+"""Errors a user can hit. Every one says what was wrong and what to pass instead."""
+
+from __future__ import annotations
+
+
+class RedundancyMonitorError(Exception):
+    """Base class of every error this library raises on purpose."""
+
+
+class BlockDiscoveryError(RedundancyMonitorError, LookupError):
+    """The decoder blocks of a model could not be found unambiguously."""
+
+
+class InvalidBatchError(RedundancyMonitorError, ValueError):
+    """The probe batch (token ids or attention mask) cannot be used."""
+
+
+class InvalidPairsError(RedundancyMonitorError, ValueError):
+    """A pair set is malformed or names a slot that does not exist."""
+
+
+class InvalidProtocolError(RedundancyMonitorError, ValueError):
+    """A protocol name is not one of the known protocols."""
+
+
+class UnsupportedModelError(RedundancyMonitorError, TypeError):
+    """The model cannot be probed as it is (too few blocks, unknown head, ...)."""
+
+
+class InvalidConfigError(RedundancyMonitorError, ValueError):
+    """A configuration value is out of range or of the wrong kind."""

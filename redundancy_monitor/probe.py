@@ -1,0 +1,187 @@
+"""`probe()`: replacement, interchange and deletion distances of one model on one batch."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from redundancy_monitor import __version__
+from redundancy_monitor.batch import ProbeBatch, make_batch
+from redundancy_monitor.blocks import find_blocks, find_head, unwrap_model
+from redundancy_monitor.engine import EngineOptions, VariantDistance, variant_distances
+from redundancy_monitor.errors import UnsupportedModelError
+from redundancy_monitor.model_io import vocab_size_of
+from redundancy_monitor.result import (
+    DeletionRecord,
+    PairRecord,
+    ProbeResult,
+    SkippedPair,
+    Thresholds,
+    summarize,
+)
+from redundancy_monitor.variants import (
+    PairSpec,
+    Variant,
+    check_protocols,
+    exchange_mismatch,
+    parse_pairs,
+)
+
+
+def model_device(model: nn.Module) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+def prepare(
+    model: nn.Module,
+    input_ids,
+    attention_mask=None,
+    blocks: str | nn.ModuleList | None = None,
+    head: str | nn.Module | None = None,
+) -> tuple[nn.Module, nn.ModuleList, nn.Module, ProbeBatch]:
+    """Unwrap the model, find its blocks and head, validate the batch and move it there."""
+    root = unwrap_model(model)
+    block_list = find_blocks(root, blocks)
+    if len(block_list) < 2:
+        raise UnsupportedModelError(
+            f"{type(root).__name__} has {len(block_list)} block(s); a probe compares blocks, "
+            "so it needs at least 2"
+        )
+    head_module = find_head(root, head)
+    batch = make_batch(input_ids, attention_mask, vocab_size_of(root))
+    return root, block_list, head_module, batch.to(model_device(root))
+
+
+def plan_variants(
+    n_layers: int, pairs: list[tuple[int, int]], protocols: Sequence[str]
+) -> dict[Variant, None]:
+    """The distinct variants the protocols need, in a stable order."""
+    variants: dict[Variant, None] = {}
+    for i, j in pairs:
+        if "replacement" in protocols:
+            variants[Variant.replacement(n_layers, i, j)] = None
+            variants[Variant.replacement(n_layers, j, i)] = None
+        if "interchange" in protocols:
+            variants[Variant.interchange(n_layers, i, j)] = None
+    if "deletion" in protocols:
+        for s in range(n_layers):
+            variants[Variant.deletion(n_layers, [s])] = None
+    return variants
+
+
+def probe(
+    model: nn.Module,
+    input_ids,
+    attention_mask=None,
+    pairs: PairSpec = "adjacent",
+    protocols: str | Sequence[str] = ("replacement", "interchange"),
+    blocks: str | nn.ModuleList | None = None,
+    head: str | nn.Module | None = None,
+    thresholds: Thresholds | None = None,
+    logit_rows: int | None = None,
+    batch_tokens: int = EngineOptions.batch_tokens,
+    progress: bool = False,
+) -> ProbeResult:
+    """Measure replacement and interchange distances of pairs of blocks (SPEC 2-4).
+
+    Args:
+        model: a causal LM whose decoder blocks form one `nn.ModuleList`.
+        input_ids: ``[n_seq, seq_len]`` integer token ids (the probe batch).
+        attention_mask: optional 0/1 mask of the same shape (left or right padding).
+        pairs: ``"adjacent"`` (default), ``"window:k"``, ``"all"`` or a list of ``(i, j)``.
+        protocols: any of ``"replacement"``, ``"interchange"``, ``"deletion"``.
+        blocks: dotted path of the block list (or the list) when it is not found alone.
+        head: dotted path of the output head when `get_output_embeddings` is absent.
+        thresholds: similarity bands and regime thresholds (SPEC 4 defaults).
+        logit_rows: token rows of vocabulary-wide logits allowed at once.
+        batch_tokens: tokens run through the stack per forward (variants x batch).
+        progress: show a progress bar over the variants.
+
+    Returns:
+        A `ProbeResult`; the model is left bitwise unchanged, in its original mode.
+
+    Raises:
+        InvalidBatchError, InvalidPairsError, InvalidProtocolError, BlockDiscoveryError,
+        UnsupportedModelError: each says what to pass instead.
+
+    Example:
+        >>> result = probe(model, batch_ids, pairs="window:3")
+        >>> print(result.to_table())
+    """
+    started = time.perf_counter()
+    protocols = check_protocols(protocols)
+    thresholds = thresholds or Thresholds()
+    options = EngineOptions(logit_rows=logit_rows, batch_tokens=batch_tokens)
+    root, block_list, head_module, batch = prepare(model, input_ids, attention_mask, blocks, head)
+    n_layers = len(block_list)
+    pair_list = parse_pairs(pairs, n_layers)
+    skipped, usable = [], []
+    for i, j in pair_list:
+        reason = exchange_mismatch(block_list, i, j)
+        if reason is None:
+            usable.append((i, j))
+        else:
+            skipped.append(SkippedPair(i, j, reason))
+    variants = list(plan_variants(n_layers, usable, protocols))
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(variants), desc="probe variants", unit="variant")
+    try:
+        distances = variant_distances(
+            root, block_list, head_module, batch, variants, options, progress=bar
+        )
+    finally:
+        if bar is not None:
+            bar.close()
+    by_variant: dict[Variant, VariantDistance] = dict(zip(variants, distances, strict=True))
+    records = [_pair_record(n_layers, i, j, protocols, by_variant) for i, j in usable]
+    deletion = []
+    if "deletion" in protocols:
+        for s in range(n_layers):
+            d = by_variant[Variant.deletion(n_layers, [s])]
+            deletion.append(DeletionRecord(s, d.mean, d.last))
+    meta = {
+        "version": __version__,
+        "model_class": type(root).__name__,
+        "dtype": str(next(root.parameters()).dtype).replace("torch.", ""),
+        "device": str(batch.input_ids.device),
+        "n_layers": n_layers,
+        "n_seq": batch.n_seq,
+        "seq_len": batch.seq_len,
+        "n_tokens": batch.n_tokens,
+        "batch_sha256": batch.sha256,
+        "pairs": pairs if isinstance(pairs, str) else "explicit",
+        "protocols": list(protocols),
+        "thresholds": thresholds.__dict__.copy(),
+        "n_variants": len(variants),
+        "elapsed_s": round(time.perf_counter() - started, 4),
+    }
+    return ProbeResult(records, summarize(records, thresholds), skipped, deletion, meta)
+
+
+def _pair_record(n_layers, i, j, protocols, by_variant) -> PairRecord:
+    repl_ij = repl_ji = inter = None
+    if "replacement" in protocols:
+        repl_ij = by_variant[Variant.replacement(n_layers, i, j)]
+        repl_ji = by_variant[Variant.replacement(n_layers, j, i)]
+    if "interchange" in protocols:
+        inter = by_variant[Variant.interchange(n_layers, i, j)]
+
+    def pick(d: VariantDistance | None, attr: str):
+        return None if d is None else getattr(d, attr)
+
+    return PairRecord.build(
+        i,
+        j,
+        pick(repl_ij, "mean"),
+        pick(repl_ji, "mean"),
+        pick(inter, "mean"),
+        last=(pick(repl_ij, "last"), pick(repl_ji, "last"), pick(inter, "last")),
+    )
