@@ -31,8 +31,29 @@ from redundancy_monitor.result import (
 )
 from redundancy_monitor.variants import PROTOCOLS, Variant, parse_pairs
 
+# The training-time monitor is imported on first use: it pulls in threading and sinks
+# that offline users never need. Neither path imports lightning or transformers.
+_LAZY = {
+    "RedundancyMonitor": "redundancy_monitor.monitor",
+    "ProbeSchedule": "redundancy_monitor.schedule",
+    "AlertConfig": "redundancy_monitor.alerts",
+    "Alert": "redundancy_monitor.alerts",
+    "read_records": "redundancy_monitor.jsonl",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'redundancy_monitor' has no attribute {name!r}")
+
+
 __all__ = [
     "PROTOCOLS",
+    "Alert",
+    "AlertConfig",
     "BlockDiscoveryError",
     "DeletionRecord",
     "EngineOptions",
@@ -43,7 +64,9 @@ __all__ = [
     "PairRecord",
     "ProbeBatch",
     "ProbeResult",
+    "ProbeSchedule",
     "ProbeSummary",
+    "RedundancyMonitor",
     "RedundancyMonitorError",
     "SkippedPair",
     "Thresholds",
@@ -56,6 +79,7 @@ __all__ = [
     "make_batch",
     "parse_pairs",
     "probe",
+    "read_records",
     "reference_distances",
     "summarize",
     "unwrap_model",

@@ -29,3 +29,7 @@ class UnsupportedModelError(RedundancyMonitorError, TypeError):
 
 class InvalidConfigError(RedundancyMonitorError, ValueError):
     """A configuration value is out of range or of the wrong kind."""
+
+
+class MonitorStateError(RedundancyMonitorError, ValueError):
+    """A saved monitor state cannot be restored into this monitor (wrong batch, version...)."""

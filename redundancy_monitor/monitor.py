@@ -1,0 +1,397 @@
+"""`RedundancyMonitor`: the framework-agnostic training-time monitor (SPEC 6).
+
+It owns the schedule, the shadow snapshot, the executor, the sinks, the alert rules and
+the history. A training-framework adapter calls four methods from the training thread:
+`start()`, `step()` after each optimizer step, `before_weights_change()` before each
+optimizer step, and `train_end()`; everything else happens here.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable, Collection, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from redundancy_monitor import __version__
+from redundancy_monitor.alerts import RULES, Alert, AlertConfig, AlertEngine
+from redundancy_monitor.batch import batch_sha256, make_batch
+from redundancy_monitor.errors import InvalidConfigError, MonitorStateError
+from redundancy_monitor.executor import ProbeOutcome, make_executor
+from redundancy_monitor.probe import probe
+from redundancy_monitor.probe_inputs import from_dataloader, from_texts, ids_and_mask
+from redundancy_monitor.result import ProbeResult, Thresholds
+from redundancy_monitor.schedule import DEFAULT_EVERY_N_STEPS, ProbeSchedule
+from redundancy_monitor.sinks import ProbeRecord, Sink
+from redundancy_monitor.snapshot import ShadowModel
+
+log = logging.getLogger("redundancy_monitor")
+STATE_VERSION = 1
+
+
+class RedundancyMonitor:
+    """Probe a model's layer redundancy during training without blocking it.
+
+    At each scheduled optimizer step the weights are copied into a shadow model and
+    `probe()` runs on the copy (in a background thread by default) on one fixed probe
+    batch. Finished results are logged at the step of their snapshot, checked against
+    the alert rules and kept in `history`.
+
+    Args:
+        probe_batch: token ids ``[n_seq, seq_len]``, ``(ids, mask)`` or a dict with
+            ``input_ids`` (and ``attention_mask``). Or give `texts` + `tokenizer`, or
+            `dataloader`; adapters fall back to the first evaluation or training batch.
+        attention_mask: mask for `probe_batch` when it is a plain tensor.
+        texts, tokenizer, max_length: probe texts and the tokenizer to encode them.
+        dataloader: take the first batch of this loader (first `max_sequences` rows).
+        max_sequences: cap on rows taken from a dataloader batch (default 8).
+        every_n_steps, log_spaced, steps, at_train_end: the `ProbeSchedule` (or pass
+            `schedule`).
+        pairs, protocols, thresholds, blocks, head, batch_tokens: passed to `probe()`;
+            `blocks` and `head` must be dotted paths (the probe runs on a copy).
+        executor: ``"background"`` (default; a worker thread, on CUDA a side stream) or
+            ``"inline"`` (synchronous, for debugging and tests).
+        alerts: an `AlertConfig` (defaults as documented there); None for the defaults.
+        on_alert: callables that receive each `Alert`.
+        stop_on_alert: True, or the rule names that should ask the trainer to stop.
+        checkpoint_on_alert: True, or the rule names that should ask for a checkpoint.
+        jsonl_path: the JSON Lines record file (None: no file).
+        sinks: extra `Sink` objects.
+
+    Raises:
+        InvalidConfigError: an unknown executor or rule name, a non-string blocks/head.
+        InvalidBatchError: a probe batch that cannot be used.
+
+    Example:
+        >>> monitor = RedundancyMonitor(probe_ids, every_n_steps=200, jsonl_path="r.jsonl")
+        >>> for step in range(n_steps):
+        ...     monitor.before_weights_change(); optimizer.step()
+        ...     monitor.step(step + 1, model)
+        >>> monitor.train_end(n_steps, model)
+    """
+
+    def __init__(
+        self,
+        probe_batch=None,
+        *,
+        attention_mask=None,
+        texts: Sequence[str] | None = None,
+        tokenizer=None,
+        max_length: int = 128,
+        dataloader=None,
+        max_sequences: int | None = 8,
+        schedule: ProbeSchedule | None = None,
+        every_n_steps: int | None = DEFAULT_EVERY_N_STEPS,
+        log_spaced: bool = True,
+        steps: Sequence[int] = (),
+        at_train_end: bool = True,
+        pairs="adjacent",
+        protocols: Sequence[str] = ("replacement", "interchange"),
+        thresholds: Thresholds | None = None,
+        blocks: str | None = None,
+        head: str | None = None,
+        batch_tokens: int = 65536,
+        executor: str = "background",
+        alerts: AlertConfig | None = None,
+        on_alert: Callable[[Alert], Any] | Sequence[Callable[[Alert], Any]] = (),
+        stop_on_alert: bool | Collection[str] = False,
+        checkpoint_on_alert: bool | Collection[str] = False,
+        jsonl_path: str | os.PathLike | None = None,
+        sinks: Sequence[Sink] = (),
+    ):
+        for name, value in (("blocks", blocks), ("head", head)):
+            if value is not None and not isinstance(value, str):
+                raise InvalidConfigError(
+                    f"{name} must be a dotted path string: the probe runs on a copy of the "
+                    f"model, so a module object of the original cannot be used; got "
+                    f"{type(value).__name__}"
+                )
+        self.schedule = schedule or ProbeSchedule(
+            every_n_steps, log_spaced, tuple(steps), at_train_end
+        )
+        self.probe_kwargs = dict(
+            pairs=pairs,
+            protocols=tuple(protocols),
+            thresholds=thresholds,
+            blocks=blocks,
+            head=head,
+            batch_tokens=batch_tokens,
+        )
+        self.executor_kind = executor
+        self._executor = make_executor(executor)
+        self.alert_engine = AlertEngine(alerts or AlertConfig())
+        self.on_alert = [on_alert] if callable(on_alert) else list(on_alert)
+        self.stop_rules = _rule_set(stop_on_alert, "stop_on_alert")
+        self.checkpoint_rules = _rule_set(checkpoint_on_alert, "checkpoint_on_alert")
+        self.sinks: list[Sink] = list(sinks)
+        self.jsonl_path = jsonl_path
+        if jsonl_path is not None:
+            from redundancy_monitor.jsonl import JsonlSink
+
+            self.sinks.append(JsonlSink(jsonl_path))
+        self._ids = self._mask = None
+        self._expected_sha: str | None = None
+        self._resumed_at: int | None = None
+        self._source = (
+            probe_batch,
+            attention_mask,
+            texts,
+            tokenizer,
+            max_length,
+            dataloader,
+            max_sequences,
+        )
+        if probe_batch is not None or texts is not None or dataloader is not None:
+            self._resolve_batch()
+        self._shadow = ShadowModel()
+        self.history: list[dict[str, Any]] = []
+        self.alerts: list[Alert] = []
+        self.last_step: int | None = None
+        self.probed_steps: list[int] = []
+        self.n_probes = self.n_failures = self.n_skipped_busy = 0
+        self.stop_requested = False
+        self.checkpoint_requested = False
+
+    # ----- the probe batch -------------------------------------------------------------
+
+    @property
+    def has_probe_batch(self) -> bool:
+        return self._ids is not None
+
+    @property
+    def batch_sha256(self) -> str | None:
+        return None if self._ids is None else batch_sha256(self._ids, self._mask)
+
+    def set_probe_batch(self, probe_batch=None, *, attention_mask=None, dataloader=None) -> None:
+        """Fix the probe batch unless one is fixed already (adapters fall back to a
+        dataloader batch this way)."""
+        if self._ids is not None:
+            return
+        texts, tokenizer, max_length, max_sequences = (self._source[i] for i in (2, 3, 4, 6))
+        self._source = (
+            probe_batch,
+            attention_mask,
+            texts,
+            tokenizer,
+            max_length,
+            dataloader,
+            max_sequences,
+        )
+        self._resolve_batch()
+
+    def _resolve_batch(self) -> None:
+        batch, mask, texts, tokenizer, max_length, dataloader, max_seq = self._source
+        if batch is not None:
+            ids, found_mask = ids_and_mask(batch)
+            mask = found_mask if mask is None else torch.as_tensor(mask)
+        elif texts is not None:
+            if tokenizer is None:
+                raise InvalidConfigError("texts need a tokenizer: pass tokenizer=...")
+            ids, mask = from_texts(texts, tokenizer, max_length)
+        elif dataloader is not None:
+            ids, mask = from_dataloader(dataloader, max_seq)
+        else:
+            return
+        checked = make_batch(ids.detach().cpu(), None if mask is None else mask.detach().cpu())
+        self._ids, self._mask = checked.input_ids, checked.attention_mask
+        self._check_sha()
+
+    def _check_sha(self) -> None:
+        if self._ids is not None and self._expected_sha not in (None, self.batch_sha256):
+            raise MonitorStateError(
+                "the restored monitor state was recorded with another probe batch "
+                f"(sha256 {self._expected_sha[:12]}..., now {self.batch_sha256[:12]}...); "
+                "trajectories would not be comparable. Pass the same probe batch when "
+                "resuming, or start a new monitor without loading the state."
+            )
+
+    # ----- the hooks adapters call -----------------------------------------------------
+
+    def start(self) -> None:
+        """Call once when training starts (after any `load_state_dict`)."""
+        if self._resumed_at is not None:
+            self._emit("write_resume", self._resumed_at)
+            self._resumed_at = None
+
+    def step(self, step: int, model: nn.Module) -> None:
+        """Call after every optimizer step with the number of steps done (0 before any).
+
+        Collects finished probes and starts a new one if `step` is due. Steps already
+        seen (gradient-accumulation micro-batches, a resumed run) are ignored.
+        """
+        self.poll()
+        if self.last_step is not None and step <= self.last_step:
+            return
+        self.last_step = step
+        if self.schedule.is_due(step):
+            self._launch(step, model)
+
+    def before_weights_change(self) -> None:
+        """Call before the optimizer step; on CUDA the step then waits for the last copy."""
+        self._shadow.fence()
+
+    def train_end(self, step: int, model: nn.Module) -> None:
+        """Probe the final weights (if scheduled and not probed yet), wait, flush."""
+        self.poll()
+        if self.schedule.at_train_end and step not in self.probed_steps:
+            self.drain()
+            self.last_step = max(step, self.last_step if self.last_step is not None else step)
+            self._launch(step, model)
+        self.drain()
+        self._emit("flush")
+
+    def poll(self) -> None:
+        """Log probes that finished since the last call (never waits)."""
+        for outcome in self._executor.poll():
+            self._handle(outcome)
+
+    def drain(self) -> None:
+        """Wait for the running probe, if any, and log it."""
+        for outcome in self._executor.drain():
+            self._handle(outcome)
+
+    def close(self) -> None:
+        self.drain()
+        self._executor.close()
+        self._emit("close")
+
+    # ----- probing -----------------------------------------------------------------------
+
+    def _launch(self, step: int, model: nn.Module) -> None:
+        if self._executor.busy():
+            self.n_skipped_busy += 1
+            log.info(
+                "redundancy probe at step %d skipped: the previous probe is still running", step
+            )
+            return
+        started = time.perf_counter()
+        try:
+            if self._ids is None:
+                raise InvalidConfigError(
+                    "no probe batch: pass probe_batch=, texts= + tokenizer=, or dataloader="
+                )
+            shadow = self._shadow.capture(model)
+        except Exception as exc:  # a snapshot failure must not stop training either
+            self._handle(ProbeOutcome(step, None, f"{type(exc).__name__}: {exc}", 0.0, 0.0))
+            return
+        self.probed_steps.append(step)
+        ids, mask, context = self._ids, self._mask, self._shadow.probe_context()
+
+        def job() -> ProbeResult:
+            with context:
+                return probe(shadow, ids, mask, **self.probe_kwargs)
+
+        self._executor.submit(step, job, time.perf_counter() - started)
+
+    def _handle(self, outcome: ProbeOutcome) -> None:
+        try:
+            if outcome.error is not None:
+                self._failed(outcome.step, outcome.error)
+            else:
+                self._record(outcome)
+        except Exception:  # a broken sink or callback is logged, never raised into training
+            log.exception("redundancy monitor: handling the probe at step %d failed", outcome.step)
+
+    def _failed(self, step: int, error: str) -> None:
+        self.n_failures += 1
+        log.error("redundancy probe at step %d failed: %s", step, error)
+        self._emit("write_failure", step, error)
+        self._deliver(self.alert_engine.observe_failure(step, error))
+
+    def _record(self, outcome: ProbeOutcome) -> None:
+        result = outcome.result
+        self.n_probes += 1
+        self.history.append(
+            {
+                "step": outcome.step,
+                "regime": result.summary.regime,
+                "scalars": result.summary.scalars(),
+                "probe_seconds": outcome.probe_seconds,
+                "blocked_seconds": outcome.blocked_seconds,
+            }
+        )
+        record = ProbeRecord(outcome.step, result, outcome.probe_seconds, outcome.blocked_seconds)
+        self._emit("write_probe", record)
+        self._deliver(self.alert_engine.observe(outcome.step, result))
+
+    def _deliver(self, alerts: list[Alert]) -> None:
+        for alert in alerts:
+            self.alerts.append(alert)
+            log.warning("redundancy alert [%s] %s", alert.rule, alert.message)
+            self._emit("write_alert", alert)
+            for callback in self.on_alert:
+                try:
+                    callback(alert)
+                except Exception:
+                    log.exception("redundancy monitor: on_alert callback %r failed", callback)
+            self.stop_requested |= alert.rule in self.stop_rules
+            self.checkpoint_requested |= alert.rule in self.checkpoint_rules
+
+    def _emit(self, method: str, *args) -> None:
+        for sink in self.sinks:
+            try:
+                getattr(sink, method)(*args)
+            except Exception:
+                log.exception("redundancy monitor: sink %s.%s failed", type(sink).__name__, method)
+
+    # ----- trajectories and resume -------------------------------------------------------
+
+    def trajectory(self, name: str = "gap_mean") -> list[tuple[int, float | None]]:
+        """``(step, value)`` of one summary scalar over the probes so far, by step."""
+        return sorted((h["step"], h["scalars"].get(name)) for h in self.history)
+
+    def state_dict(self) -> dict[str, Any]:
+        """JSON-safe state; waits for a running probe so the state includes it."""
+        self.drain()
+        return {
+            "state_version": STATE_VERSION,
+            "library_version": __version__,
+            "batch_sha256": self.batch_sha256 or self._expected_sha,
+            "last_step": self.last_step,
+            "probed_steps": list(self.probed_steps),
+            "n_probes": self.n_probes,
+            "n_failures": self.n_failures,
+            "n_skipped_busy": self.n_skipped_busy,
+            "history": [dict(h) for h in self.history],
+            "alerts": [a.to_dict() for a in self.alerts],
+            "alert_engine": self.alert_engine.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore the schedule position, history, baseline and alert state.
+
+        Raises:
+            MonitorStateError: the state is from a newer format or another probe batch.
+        """
+        if state.get("state_version", 0) > STATE_VERSION:
+            raise MonitorStateError(
+                f"monitor state version {state.get('state_version')} is newer than this "
+                f"library understands ({STATE_VERSION}); upgrade redundancy-monitor"
+            )
+        self._expected_sha = state.get("batch_sha256")
+        self._check_sha()
+        self.last_step = state.get("last_step")
+        self.probed_steps = list(state.get("probed_steps", []))
+        self.n_probes = state.get("n_probes", 0)
+        self.n_failures = state.get("n_failures", 0)
+        self.n_skipped_busy = state.get("n_skipped_busy", 0)
+        self.history = [dict(h) for h in state.get("history", [])]
+        self.alerts = [Alert(**a) for a in state.get("alerts", [])]
+        self.alert_engine.load_state_dict(state.get("alert_engine", {}))
+        self._resumed_at = self.last_step
+
+
+def _rule_set(value: bool | Collection[str], name: str) -> frozenset[str]:
+    if value is True:
+        return frozenset(RULES)
+    if value is False or value is None:
+        return frozenset()
+    rules = frozenset(value)
+    unknown = rules - set(RULES)
+    if unknown:
+        raise InvalidConfigError(f"{name} names unknown rules {sorted(unknown)}; known: {RULES}")
+    return rules
