@@ -287,6 +287,13 @@ class RedundancyMonitor:
 
         self._executor.submit(step, job, time.perf_counter() - started)
 
+    def record_outcome(self, outcome: ProbeOutcome) -> None:
+        """Log a probe computed outside the monitor (offline replay of saved checkpoints)
+        exactly as if it had run here: sinks, alert rules, history and resume state."""
+        self.last_step = max(outcome.step, self.last_step if self.last_step is not None else -1)
+        self.probed_steps.append(outcome.step)
+        self._handle(outcome)
+
     def _handle(self, outcome: ProbeOutcome) -> None:
         try:
             if outcome.error is not None:
