@@ -17,6 +17,8 @@ from redundancy_monitor.run_records import RunRecords
 from redundancy_monitor.sinks import GAP_CHART
 from redundancy_monitor.tensorboard_sink import HEATMAPS, pair_matrix
 
+MISSING = "#d0d0d0"  # pairs not probed
+
 
 class MissingDependencyError(RedundancyMonitorError, ImportError):
     """An optional dependency a feature needs is not installed."""
@@ -101,6 +103,8 @@ def heatmaps(run: RunRecords) -> bytes:
     """d_repl, d_int and gap over (i, j) at the first and the last probe."""
     points = [run.first] if len(run.probes) == 1 else [run.first, run.last]
 
+    from matplotlib import colormaps
+
     matrices = {
         (row, name): np.ma.masked_invalid(pair_matrix(point.result, name))
         for row, point in enumerate(points)
@@ -121,11 +125,11 @@ def heatmaps(run: RunRecords) -> bytes:
             for col, name in enumerate(HEATMAPS):
                 ax = axes[row, col]
                 matrix = matrices[row, name]
-                if name == "gap":
-                    image = ax.imshow(matrix, cmap="RdBu_r", vmin=-top[name], vmax=top[name])
-                else:
-                    image = ax.imshow(matrix, cmap="viridis", vmin=0.0, vmax=top[name])
-                image.cmap.set_bad("#d0d0d0")
+                low = -top[name] if name == "gap" else 0.0
+                cmap = colormaps["RdBu_r" if name == "gap" else "viridis"]
+                image = ax.imshow(
+                    matrix, cmap=cmap.with_extremes(bad=MISSING), vmin=low, vmax=top[name]
+                )
                 ax.set_title(f"{name}, step {point.step}", fontsize=9)
                 ax.set_xlabel("slot j", fontsize=8)
                 ax.set_ylabel("slot i", fontsize=8)

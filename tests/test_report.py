@@ -1,0 +1,182 @@
+"""`redundancy-monitor report`: the HTML page and PNGs built from a run folder."""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from browser import body_attributes, screenshot
+from PIL import Image
+from run_folders import (
+    REPO,
+    an_alert,
+    hand_result,
+    run_command,
+    train_with_monitor,
+    write_records,
+)
+
+from redundancy_monitor.report import write_report
+from redundancy_monitor.run_records import RunFolderError, load_run
+
+ALWAYS = ("gap_trajectory", "ir_by_distance", "heatmaps", "gap_vs_depth", "alert_timeline")
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("trained")
+    monitor = train_with_monitor(run_dir)
+    return run_dir, monitor
+
+
+def embedded_images(page: str) -> list[bytes]:
+    return [base64.b64decode(m) for m in re.findall(r'src="data:image/png;base64,([^"]+)"', page)]
+
+
+def test_report_of_a_real_run_embeds_every_png_it_writes_beside_the_html(trained_run):
+    run_dir, _ = trained_run
+    report = write_report(run_dir)
+    assert report.html == run_dir / "report.html"
+    assert sorted(report.images) == sorted(ALWAYS)  # no removal plan in a monitor run
+    page = report.html.read_text(encoding="utf-8")
+    embedded = embedded_images(page)
+    assert embedded == [report.images[n].read_bytes() for n in ALWAYS]
+    for png in report.images.values():
+        with Image.open(png) as im:
+            assert im.format == "PNG" and im.width > 300 and im.height > 100
+    # Self-contained: nothing is fetched from anywhere.
+    assert not re.search(r'(src|href)="(?!data:)', page)
+    assert "default-src 'none'" in page
+    assert "No removal plan was computed" in page
+
+
+def test_summary_of_a_real_run_states_regime_and_change_from_the_records(trained_run):
+    run_dir, monitor = trained_run
+    records = [json.loads(line) for line in (run_dir / "redundancy.jsonl").read_text().splitlines()]
+    probes = [r for r in records if r["type"] == "probe"]
+    first, last = probes[0]["result"]["summary"], probes[-1]["result"]["summary"]
+    assert [p["step"] for p in probes] == monitor.probed_steps
+    summary = " ".join(write_report(run_dir).summary)
+    assert f"{len(probes)} probe(s)" in summary
+    assert f"Regime now (step {probes[-1]['step']}): {last['regime']}" in summary
+    assert f"median gap {first['gap_median']:.4f} -> {last['gap_median']:.4f}" in summary
+    n_alerts = sum(r["type"] == "alert" for r in records)
+    assert f"{n_alerts} alert(s)" in summary
+
+
+def test_report_renders_in_headless_chromium_with_every_image_decoded(trained_run, tmp_path):
+    run_dir, _ = trained_run
+    report = write_report(run_dir, tmp_path / "out" / "page.html")
+    assert report.images["heatmaps"].parent == tmp_path / "out"
+    attrs = body_attributes(report.html, tmp_path)
+    assert attrs.get("images-total") == str(len(ALWAYS)), attrs
+    assert attrs.get("images-decoded") == attrs["images-total"], attrs
+    assert "script-errors" not in attrs
+    with Image.open(screenshot(report.html, tmp_path)) as shot:
+        grey = np.asarray(shot.convert("L"), dtype=np.float64)
+    assert grey.shape == (3000, 1200)
+    assert grey.std() > 20  # figures and text, not a blank page
+    assert (grey < 128).mean() > 0.01
+
+
+def test_summary_names_the_layers_each_protocol_would_remove(tmp_path):
+    # 6 layers, adjacent pairs (0,1)..(4,5). Replacement: pair (2,3) closest -> layer 2
+    # (ties broken by index). Interchange: pair (0,1) closest -> layer 0.
+    result = hand_result([0.5, 0.4, 0.01, 0.3, 0.6], [0.02, 0.1, 0.2, 0.3, 0.4])
+    write_records(tmp_path, probes=[(5, result)])
+    summary = " ".join(write_report(tmp_path).summary)
+    assert "at budget 1" in summary
+    assert "replacement [2], interchange [0]" in summary
+    assert "Jaccard overlap 0.00" in summary
+
+
+def test_one_probe_no_alerts_gives_one_heatmap_row_and_says_so(tmp_path):
+    write_records(tmp_path, probes=[(0, hand_result([0.2, 0.1, 0.3], [0.05, 0.1, 0.02]))])
+    report = write_report(tmp_path)
+    assert "Only one probe so far" in " ".join(report.summary)
+    assert "No alert fired." in report.summary
+    page = report.html.read_text()
+    assert "No alert fired during this run." in page and "No probe failed." in page
+    two = tmp_path / "two"
+    result = hand_result([0.2, 0.1, 0.3], [0.05, 0.1, 0.02])
+    write_records(two, probes=[(0, result), (10, result)])
+    two_png = write_report(two).images["heatmaps"]
+    with Image.open(report.images["heatmaps"]) as one_row, Image.open(two_png) as two_rows:
+        assert two_rows.height > 1.5 * one_row.height
+
+
+def test_failures_alerts_and_non_finite_pairs_are_reported(tmp_path):
+    healthy = hand_result([0.2, 0.1, 0.3], [0.05, 0.1, 0.02])
+    broken = hand_result([0.2, float("nan"), 0.3], [0.05, 0.1, None])
+    write_records(
+        tmp_path,
+        probes=[(0, healthy), (20, broken)],
+        alerts=[an_alert(20)],
+        failures=[(10, "RuntimeError: CUDA out of memory\nTraceback ...")],
+    )
+    report = write_report(tmp_path)
+    page = report.html.read_text()
+    assert "RuntimeError: CUDA out of memory" in page and "Traceback" not in page
+    assert "step 20: gap_median is above 0.1" in page
+    assert "1 failed probe(s); 1 alert(s)" in report.summary[0]
+    assert "Alerts: gap_threshold x1." in " ".join(report.summary)
+    run = load_run(tmp_path)
+    assert run.last.result.summary.n_nonfinite == 1 and len(run.failures) == 1
+
+
+def test_removal_table_beside_the_records_adds_the_cost_curves(tmp_path):
+    write_records(tmp_path, probes=[(0, hand_result([0.2, 0.1, 0.3], [0.05, 0.1, 0.02]))])
+    rows = [
+        {"budget": b, "selector": s, "d_del": c * b, "ppl": 10 + c * b}
+        for s, c in (("interchange", 0.1), ("replacement", 0.2))
+        for b in (1, 2)
+    ]
+    (tmp_path / "result.json").write_text(json.dumps({"removal": rows}))
+    report = write_report(tmp_path)
+    assert "removal_cost" in report.images
+    page = report.html.read_text()
+    assert 'data-figure="removal_cost"' in page and "No removal plan" not in page
+
+
+def test_run_without_a_finished_probe_is_a_clear_error(tmp_path):
+    write_records(tmp_path, failures=[(0, "ValueError: boom")])
+    with pytest.raises(RunFolderError, match="1 failed probe"):
+        load_run(tmp_path)
+    with pytest.raises(RunFolderError, match="does not exist"):
+        load_run(tmp_path / "nope")
+
+
+def test_report_command_exit_codes_and_messages(tmp_path):
+    write_records(tmp_path, probes=[(3, hand_result([0.2, 0.1], [0.05, 0.1]))])
+    done = run_command(
+        "redundancy_monitor.report", str(tmp_path), "--out", str(tmp_path / "r.html")
+    )
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "r.html").is_file() and "wrote" in done.stdout
+    missing = run_command("redundancy_monitor.report", str(tmp_path / "absent"))
+    assert missing.returncode == 2
+    assert "does not exist" in missing.stderr and "Traceback" not in missing.stderr
+
+
+def test_without_matplotlib_the_report_says_how_to_install_it(tmp_path):
+    write_records(tmp_path, probes=[(3, hand_result([0.2, 0.1], [0.05, 0.1]))])
+    code = (
+        "import sys; sys.modules['matplotlib'] = None\n"
+        "from redundancy_monitor.report import main\n"
+        f"raise SystemExit(main([{str(tmp_path)!r}]))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"},
+        timeout=120,
+    )
+    assert done.returncode == 2
+    assert "pip install 'redundancy-monitor[plots]'" in done.stderr
