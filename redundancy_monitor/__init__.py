@@ -11,7 +11,9 @@ from redundancy_monitor.blocks import find_blocks, find_head, unwrap_model
 from redundancy_monitor.engine import EngineOptions, VariantDistance, variant_distances
 from redundancy_monitor.errors import (
     BlockDiscoveryError,
+    CheckpointError,
     InvalidBatchError,
+    InvalidBudgetError,
     InvalidConfigError,
     InvalidPairsError,
     InvalidProtocolError,
@@ -20,6 +22,13 @@ from redundancy_monitor.errors import (
 )
 from redundancy_monitor.probe import probe
 from redundancy_monitor.reference import reference_distances
+from redundancy_monitor.removal import (
+    RemovalCost,
+    RemovalPlan,
+    plan_removal,
+    removability,
+    removal_cost,
+)
 from redundancy_monitor.result import (
     DeletionRecord,
     PairRecord,
@@ -55,9 +64,11 @@ __all__ = [
     "Alert",
     "AlertConfig",
     "BlockDiscoveryError",
+    "CheckpointError",
     "DeletionRecord",
     "EngineOptions",
     "InvalidBatchError",
+    "InvalidBudgetError",
     "InvalidConfigError",
     "InvalidPairsError",
     "InvalidProtocolError",
@@ -68,6 +79,8 @@ __all__ = [
     "ProbeSummary",
     "RedundancyMonitor",
     "RedundancyMonitorError",
+    "RemovalCost",
+    "RemovalPlan",
     "SkippedPair",
     "Thresholds",
     "UnsupportedModelError",
@@ -78,9 +91,12 @@ __all__ = [
     "find_head",
     "make_batch",
     "parse_pairs",
+    "plan_removal",
     "probe",
     "read_records",
     "reference_distances",
+    "removability",
+    "removal_cost",
     "summarize",
     "unwrap_model",
     "variant_distances",

@@ -33,3 +33,11 @@ class InvalidConfigError(RedundancyMonitorError, ValueError):
 
 class MonitorStateError(RedundancyMonitorError, ValueError):
     """A saved monitor state cannot be restored into this monitor (wrong batch, version...)."""
+
+
+class InvalidBudgetError(RedundancyMonitorError, ValueError):
+    """A removal budget or removal set cannot be satisfied by this model."""
+
+
+class CheckpointError(RedundancyMonitorError, ValueError):
+    """A checkpoint, tokenizer or text given to the command line cannot be used."""
