@@ -18,8 +18,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from redundancy_monitor.alerts import removal_overlap
-from redundancy_monitor.errors import RedundancyMonitorError
+from redundancy_monitor.errors import InvalidBudgetError, RedundancyMonitorError
+from redundancy_monitor.removal import plan_removal
 from redundancy_monitor.run_records import ProbePoint, RunRecords, load_run
 
 REGIME_MEANING = {
@@ -110,12 +110,17 @@ def summary_sentences(run: RunRecords) -> list[str]:
 
 def _removal_sentences(point: ProbePoint) -> list[str]:
     budget = removal_budget(point.result.n_layers)
-    jaccard, by_repl, by_int = removal_overlap(point.result, budget)
-    if not by_repl and not by_int:
+    try:
+        plan = plan_removal(
+            point.result, budgets=(budget,), protocols=("replacement", "interchange")
+        )
+    except InvalidBudgetError as exc:
         return [
-            "No removal selection: the last probe has no finite adjacent-pair distances "
-            "under either protocol."
+            f"No removal selection at budget {budget} from the step {point.step} distances: {exc}."
         ]
+    by_repl = set(plan.layers("replacement", budget))
+    by_int = set(plan.layers("interchange", budget))
+    jaccard = len(by_repl & by_int) / len(by_repl | by_int)
     agree = "the same set" if by_repl == by_int else f"Jaccard overlap {_f(jaccard, 2)}"
     return [
         f"Layers each protocol would remove at budget {budget} (SPEC 5 rule on the step "

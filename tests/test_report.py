@@ -180,3 +180,10 @@ def test_without_matplotlib_the_report_says_how_to_install_it(tmp_path):
     )
     assert done.returncode == 2
     assert "pip install 'redundancy-monitor[plots]'" in done.stderr
+
+
+def test_no_finite_adjacent_pair_means_no_removal_selection(tmp_path):
+    nan = float("nan")
+    write_records(tmp_path, probes=[(0, hand_result([nan, nan], [nan, nan]))])
+    summary = " ".join(write_report(tmp_path).summary)
+    assert "No removal selection at budget 1" in summary
