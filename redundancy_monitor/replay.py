@@ -450,7 +450,8 @@ def replay(
     n_alerts = len(monitor.alerts)
     bar = _progress(len(checkpoints), len(outcome.already_done), progress)
     try:
-        monitor.start()
+        if todo:
+            monitor.start()  # after a resume: marks where the earlier replay's records end
         for ref in todo:
             bar.set_postfix_str(f"step {ref.step}")
             result = _probe_checkpoint(
@@ -522,6 +523,10 @@ def replay_command(args: argparse.Namespace) -> int:
             raise CheckpointError(f"cannot read --text {args.text}: {exc.strerror}") from None
         ids = batch_from_text(tokenizer, text, args.n_seq, args.seq_len)
         loader = ModelLoader(args.model_config, args.dtype, args.device)
+        if not args.no_progress:
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.disable_progress_bar()  # one bar (ours, with the ETA) is enough
         done = replay(
             checkpoints,
             ids,
