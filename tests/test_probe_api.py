@@ -113,7 +113,7 @@ def test_plain_model_with_given_path_uses_slot_semantics():
     torch.manual_seed(0)
     model = ToyLM()
     ids = torch.randint(0, 50, (2, 7))
-    with pytest.raises(BlockDiscoveryError, match="trunk.stack"):
+    with pytest.raises(BlockDiscoveryError, match=r"trunk\.stack"):
         probe(model, ids)  # two candidate lists: the error names them
     result = probe(model, ids, blocks="trunk.stack", head="out", pairs=[(0, 1), (1, 3)])
     rec = result.pair(1, 3)
