@@ -42,7 +42,7 @@ from redundancy_monitor.variants import Variant
 #: Default number of logit elements (rows x vocabulary) alive at once: 64M floats.
 DEFAULT_LOGIT_ELEMENTS = 1 << 26
 #: Default number of tokens (sequences x length) run through the stack in one forward.
-DEFAULT_BATCH_TOKENS = 1 << 16
+DEFAULT_BATCH_TOKENS = 1 << 14
 
 _CACHED = "cached"  # router action: the variant has not diverged yet at this slot
 
