@@ -12,7 +12,7 @@ from redundancy_monitor import __version__
 from redundancy_monitor.batch import ProbeBatch, make_batch
 from redundancy_monitor.blocks import find_blocks, find_head, unwrap_model
 from redundancy_monitor.engine import EngineOptions, VariantDistance, variant_distances
-from redundancy_monitor.errors import UnsupportedModelError
+from redundancy_monitor.errors import InvalidConfigError, UnsupportedModelError
 from redundancy_monitor.model_io import vocab_size_of
 from redundancy_monitor.result import (
     DeletionRecord,
@@ -58,7 +58,10 @@ def prepare(
 
 
 def plan_variants(
-    n_layers: int, pairs: list[tuple[int, int]], protocols: Sequence[str]
+    n_layers: int,
+    pairs: list[tuple[int, int]],
+    protocols: Sequence[str],
+    deletion_slots: Sequence[int] | None = None,
 ) -> dict[Variant, None]:
     """The distinct variants the protocols need, in a stable order."""
     variants: dict[Variant, None] = {}
@@ -69,9 +72,51 @@ def plan_variants(
         if "interchange" in protocols:
             variants[Variant.interchange(n_layers, i, j)] = None
     if "deletion" in protocols:
-        for s in range(n_layers):
+        for s in range(n_layers) if deletion_slots is None else deletion_slots:
             variants[Variant.deletion(n_layers, [s])] = None
     return variants
+
+
+def shard_pairs(
+    pairs: list[tuple[int, int]], n_layers: int, rank: int, world_size: int
+) -> list[tuple[int, int]]:
+    """This rank's share of the pairs: balanced by the blocks each pair costs.
+
+    Deterministic, so every rank computes the same split without talking. A pair (i, j)
+    costs about (L - i) + (L - j) + (L - i) block evaluations (its three variants'
+    suffixes); pairs go, most costly first, to the least loaded rank.
+    """
+    if not 0 <= rank < world_size:
+        raise InvalidConfigError(f"shard rank {rank} is not in 0..{world_size - 1}")
+    load = [0] * world_size
+    mine = []
+    for i, j in sorted(pairs, key=lambda p: (-(3 * n_layers - 2 * p[0] - p[1]), p)):
+        owner = min(range(world_size), key=lambda r: (load[r], r))
+        load[owner] += 3 * n_layers - 2 * i - j
+        if owner == rank:
+            mine.append((i, j))
+    return sorted(mine)
+
+
+def merge_shards(parts: Sequence[ProbeResult], thresholds: Thresholds | None = None) -> ProbeResult:
+    """One `ProbeResult` from the shards of a probe run on several ranks."""
+    if not parts:
+        raise InvalidConfigError("merge_shards needs at least one shard")
+    hashes = {p.meta.get("batch_sha256") for p in parts}
+    if len(hashes) != 1:
+        raise InvalidConfigError(
+            "shards were measured on different probe batches; every rank must probe the same batch"
+        )
+    thresholds = thresholds or Thresholds(**parts[0].meta.get("thresholds", {}))
+    records = sorted((r for p in parts for r in p.pairs), key=lambda r: (r.i, r.j))
+    skipped = sorted((s for p in parts for s in p.skipped), key=lambda s: (s.i, s.j))
+    deletion = sorted((d for p in parts for d in p.deletion), key=lambda d: d.slot)
+    meta = dict(parts[0].meta)
+    meta.pop("shard", None)
+    meta["n_variants"] = sum(p.meta.get("n_variants", 0) for p in parts)
+    meta["elapsed_s"] = max(p.meta.get("elapsed_s", 0.0) for p in parts)
+    meta["world_size"] = len(parts)
+    return ProbeResult(records, summarize(records, thresholds), skipped, deletion, meta)
 
 
 def probe(
@@ -86,6 +131,7 @@ def probe(
     logit_rows: int | None = None,
     batch_tokens: int = EngineOptions.batch_tokens,
     progress: bool = False,
+    shard: tuple[int, int] | None = None,
 ) -> ProbeResult:
     """Measure replacement and interchange distances of pairs of blocks (SPEC 2-4).
 
@@ -101,6 +147,9 @@ def probe(
         logit_rows: token rows of vocabulary-wide logits allowed at once.
         batch_tokens: tokens run through the stack per forward (variants x batch).
         progress: show a progress bar over the variants.
+        shard: ``(rank, world_size)``: measure only this rank's share of the pairs (and
+            of the deletion slots); combine the shares with `merge_shards`.
+            `redundancy_monitor.distributed.probe_across_ranks` does both.
 
     Returns:
         A `ProbeResult`; the model is left bitwise unchanged, in its original mode.
@@ -127,7 +176,13 @@ def probe(
             usable.append((i, j))
         else:
             skipped.append(SkippedPair(i, j, reason))
-    variants = list(plan_variants(n_layers, usable, protocols))
+    deletion_slots = list(range(n_layers))
+    if shard is not None:
+        rank, world_size = shard
+        usable = shard_pairs(usable, n_layers, rank, world_size)
+        deletion_slots = deletion_slots[rank::world_size]
+        skipped = skipped if rank == 0 else []
+    variants = list(plan_variants(n_layers, usable, protocols, deletion_slots))
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -144,7 +199,7 @@ def probe(
     records = [_pair_record(n_layers, i, j, protocols, by_variant) for i, j in usable]
     deletion = []
     if "deletion" in protocols:
-        for s in range(n_layers):
+        for s in deletion_slots:
             d = by_variant[Variant.deletion(n_layers, [s])]
             deletion.append(DeletionRecord(s, d.mean, d.last))
     meta = {
@@ -163,6 +218,8 @@ def probe(
         "n_variants": len(variants),
         "elapsed_s": round(time.perf_counter() - started, 4),
     }
+    if shard is not None:
+        meta["shard"] = list(shard)
     return ProbeResult(records, summarize(records, thresholds), skipped, deletion, meta)
 
 
