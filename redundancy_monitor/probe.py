@@ -11,7 +11,12 @@ from torch import nn
 from redundancy_monitor import __version__
 from redundancy_monitor.batch import ProbeBatch, make_batch
 from redundancy_monitor.blocks import find_blocks, find_head, unwrap_model
-from redundancy_monitor.engine import EngineOptions, VariantDistance, variant_distances
+from redundancy_monitor.engine import (
+    DEFAULT_LOGIT_ELEMENTS,
+    EngineOptions,
+    VariantDistance,
+    variant_distances,
+)
 from redundancy_monitor.errors import InvalidConfigError, UnsupportedModelError
 from redundancy_monitor.model_io import vocab_size_of
 from redundancy_monitor.result import (
@@ -52,9 +57,61 @@ def prepare(
             f"{type(root).__name__} has {len(block_list)} block(s); a probe compares blocks, "
             "so it needs at least 2"
         )
+    _check_weights(block_list)
     head_module = find_head(root, head)
     batch = make_batch(input_ids, attention_mask, vocab_size_of(root))
     return root, block_list, head_module, batch.to(model_device(root))
+
+
+def _check_weights(blocks: nn.ModuleList) -> None:
+    """Refuse blocks whose weights a probe cannot run or move."""
+    for s, block in enumerate(blocks):
+        params = list(block.named_parameters())
+        if any(p.is_meta for _, p in params):
+            raise UnsupportedModelError(
+                f"block {s} has parameters on the meta device (no data); load the weights "
+                "first (from_pretrained, or to_empty() then load_state_dict())"
+            )
+        known = {n for n, _ in params} | {n for n, _ in block.named_buffers()}
+        packed = [k for k, v in block.state_dict().items() if k not in known and torch.is_tensor(v)]
+        if packed:
+            raise UnsupportedModelError(
+                f"block {s} keeps weights outside its parameters ({', '.join(packed[:3])}), as "
+                "quantized or packed layers do; their weights cannot be exchanged between "
+                "slots. Probe the unquantized (e.g. bf16) model instead"
+            )
+
+
+def _is_out_of_memory(error: BaseException) -> bool:
+    if isinstance(error, torch.OutOfMemoryError):
+        return True
+    return isinstance(error, RuntimeError) and "can't allocate memory" in str(error)
+
+
+def distances_with_retry(root, block_list, head_module, batch, variants, options, bar, retries=3):
+    """Run the engine; on out-of-memory retry with a quarter of the batch and chunk sizes.
+
+    Returns the distances and how many retries it took.
+    """
+    for attempt in range(retries + 1):
+        try:
+            return variant_distances(
+                root, block_list, head_module, batch, variants, options, bar
+            ), attempt
+        except Exception as error:
+            if not _is_out_of_memory(error) or attempt == retries:
+                raise
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            rows = options.logit_rows or max(
+                8, DEFAULT_LOGIT_ELEMENTS // (vocab_size_of(root) or 1)
+            )
+            options = EngineOptions(
+                logit_rows=max(4, rows // 4), batch_tokens=max(1, options.batch_tokens // 4)
+            )
+            if bar is not None:
+                bar.reset()
+    raise AssertionError("unreachable")
 
 
 def plan_variants(
@@ -189,8 +246,8 @@ def probe(
 
         bar = tqdm(total=len(variants), desc="probe variants", unit="variant")
     try:
-        distances = variant_distances(
-            root, block_list, head_module, batch, variants, options, progress=bar
+        distances, oom_retries = distances_with_retry(
+            root, block_list, head_module, batch, variants, options, bar
         )
     finally:
         if bar is not None:
@@ -216,6 +273,7 @@ def probe(
         "protocols": list(protocols),
         "thresholds": thresholds.__dict__.copy(),
         "n_variants": len(variants),
+        "oom_retries": oom_retries,
         "elapsed_s": round(time.perf_counter() - started, 4),
     }
     if shard is not None:
