@@ -70,7 +70,11 @@ def make_batch(
                 f"input_ids must be a 2-D integer tensor [n_seq, seq_len], got "
                 f"{type(input_ids).__name__}"
             ) from None
-    if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool:
+    if (
+        input_ids.dtype.is_floating_point
+        or input_ids.dtype.is_complex
+        or input_ids.dtype == torch.bool
+    ):
         raise InvalidBatchError(
             f"input_ids must hold integer token ids, got dtype {input_ids.dtype}; "
             "pass token ids (e.g. tokenizer(...)['input_ids']), not embeddings"

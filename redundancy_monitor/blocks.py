@@ -32,8 +32,11 @@ def unwrap_model(model: nn.Module) -> nn.Module:
         if hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
             model = model._orig_mod
         elif type(model).__name__ in {"DistributedDataParallel", "DataParallel"} or (
-            hasattr(model, "module") and isinstance(getattr(model, "module", None), nn.Module)
-            and type(model).__name__.endswith(("DistributedDataParallel", "FullyShardedDataParallel"))
+            hasattr(model, "module")
+            and isinstance(getattr(model, "module", None), nn.Module)
+            and type(model).__name__.endswith(
+                ("DistributedDataParallel", "FullyShardedDataParallel")
+            )
         ):
             model = model.module
         elif hasattr(model, "get_base_model") and type(model).__name__.startswith("Peft"):

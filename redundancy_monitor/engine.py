@@ -42,7 +42,7 @@ from redundancy_monitor.variants import Variant
 #: Default number of logit elements (rows x vocabulary) alive at once: 64M floats.
 DEFAULT_LOGIT_ELEMENTS = 1 << 26
 #: Default number of tokens (sequences x length) run through the stack in one forward.
-DEFAULT_BATCH_TOKENS = 1 << 16
+DEFAULT_BATCH_TOKENS = 1 << 14
 
 _CACHED = "cached"  # router action: the variant has not diverged yet at this slot
 
@@ -231,9 +231,10 @@ class Engine:
 
     def check_head(self) -> None:
         """Logits from the recorded final hidden must equal the model's own logits."""
+        length = min(16, self._chunk)
         short = ProbeBatch(
-            self.batch.input_ids[:1, :16],
-            self.batch.attention_mask[:1, :16],
+            self.batch.input_ids[:1, :length],
+            self.batch.attention_mask[:1, :length],
             self.batch.has_padding,
             "",
         )
@@ -330,6 +331,7 @@ class Engine:
     # -- variants -------------------------------------------------------------------
     def _groups(self, variants: list[Variant]) -> list[list[int]]:
         """Indices of variants to run together, sorted by first changed slot."""
+
         def key(v: int):
             slots = variants[v].slots
             return (variants[v].first_changed, tuple(-1 if b is None else b for b in slots))
@@ -348,9 +350,9 @@ class Engine:
                     f"variant maps {variant.n_layers} slots but the model has {L} blocks"
                 )
         if self.reference is None:
-            self.check_head()
             self.record_reference()
             self._prepare_logits()
+            self.check_head()
         zero = VariantDistance(0.0, 0.0, (0.0,) * self.batch.n_seq)
         results: list[VariantDistance | None] = [None] * len(variants)
         todo = []
@@ -366,7 +368,9 @@ class Engine:
             routers = {s: _Router(self.blocks[s], s, group) for s in range(L)}
             with blocks_replaced(self.blocks, routers):
                 finals = self._forward_recording_final(self.batch, repeat=len(members))
-            for m, dist in zip(members, self._reduce(self._token_kl(finals, len(members))), strict=True):
+            for m, dist in zip(
+                members, self._reduce(self._token_kl(finals, len(members))), strict=True
+            ):
                 results[todo[m]] = dist
             del finals
             if progress is not None:

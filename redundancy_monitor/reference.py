@@ -52,7 +52,11 @@ def applied(
     original = {
         s: {name: p.data for name, p in blocks[s].named_parameters()} for s in range(len(blocks))
     }
-    skipped = {s: SkippedSlot(blocks[s], returns_tuple[s]) for s, b in enumerate(variant.slots) if b is None}
+    skipped = {
+        s: SkippedSlot(blocks[s], returns_tuple[s])
+        for s, b in enumerate(variant.slots)
+        if b is None
+    }
     try:
         for s, b in enumerate(variant.slots):
             if b is not None and b != s:
@@ -86,5 +90,7 @@ def reference_distances(
                 ]
                 per_seq.append(sum(kls) / len(kls))
                 last.append(kls[-1])
-            results.append(VariantDistance(sum(per_seq) / len(per_seq), sum(last) / len(last), tuple(per_seq)))
+            results.append(
+                VariantDistance(sum(per_seq) / len(per_seq), sum(last) / len(last), tuple(per_seq))
+            )
     return results

@@ -70,7 +70,9 @@ class PairRecord:
         """Derive d_repl, gap and ir from the measured distances (and their _last twins)."""
         values = _derive(repl_ij, repl_ji, d_int)
         last_values = _derive(*(last or (None, None, None)))
-        return cls(i=i, j=j, distance=j - i, **values, **{f"{k}_last": v for k, v in last_values.items()})
+        return cls(
+            i=i, j=j, distance=j - i, **values, **{f"{k}_last": v for k, v in last_values.items()}
+        )
 
     def is_finite(self) -> bool:
         measured = [self.repl_ij, self.repl_ji, self.d_int]
@@ -118,7 +120,11 @@ class DeletionRecord:
     d_del_last: float
 
     def to_dict(self) -> dict[str, Any]:
-        return {"slot": self.slot, "d_del": _clean(self.d_del), "d_del_last": _clean(self.d_del_last)}
+        return {
+            "slot": self.slot,
+            "d_del": _clean(self.d_del),
+            "d_del_last": _clean(self.d_del_last),
+        }
 
 
 @dataclass(frozen=True)

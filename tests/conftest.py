@@ -19,11 +19,17 @@ def tiny_config(arch: str, n_layers: int = 4, vocab: int = VOCAB, width: int = 3
     from transformers import AutoConfig
 
     if arch == "gpt2":
-        kwargs = dict(n_embd=width, n_layer=n_layers, n_head=4, n_positions=64,
-                      bos_token_id=0, eos_token_id=0)
+        kwargs = dict(
+            n_embd=width, n_layer=n_layers, n_head=4, n_positions=64, bos_token_id=0, eos_token_id=0
+        )
     else:
-        kwargs = dict(hidden_size=width, num_hidden_layers=n_layers, num_attention_heads=4,
-                      intermediate_size=2 * width, max_position_embeddings=64)
+        kwargs = dict(
+            hidden_size=width,
+            num_hidden_layers=n_layers,
+            num_attention_heads=4,
+            intermediate_size=2 * width,
+            max_position_embeddings=64,
+        )
         if arch != "gpt_neox":
             kwargs.update(num_key_value_heads=2, head_dim=width // 4)
         if arch == "mistral":
@@ -45,7 +51,9 @@ def tiny_model(arch: str = "llama", n_layers: int = 4, dtype=torch.float32, seed
     return model.to(dtype).eval()
 
 
-def tiny_batch(n_seq: int = 3, seq_len: int = 12, vocab: int = VOCAB, padding: str | None = None, seed: int = 1):
+def tiny_batch(
+    n_seq: int = 3, seq_len: int = 12, vocab: int = VOCAB, padding: str | None = None, seed: int = 1
+):
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, vocab, (n_seq, seq_len), generator=g)
     mask = torch.ones_like(ids)
