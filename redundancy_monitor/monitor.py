@@ -229,6 +229,7 @@ class RedundancyMonitor:
         self.last_step = step
         if self.schedule.is_due(step):
             self._launch(step, model)
+            self.poll()  # an inline probe is done already
 
     def before_weights_change(self) -> None:
         """Call before the optimizer step; on CUDA the step then waits for the last copy."""

@@ -1,0 +1,158 @@
+"""Alert rules (SPEC 6) on hand-built probe results: hysteresis, cooldown, each rule."""
+
+from __future__ import annotations
+
+import pytest
+
+from redundancy_monitor.alerts import AlertConfig, AlertEngine, removal_overlap
+from redundancy_monitor.errors import InvalidConfigError
+from redundancy_monitor.result import PairRecord, ProbeResult, summarize
+
+ONLY_GAP = dict(growth_factor=None, overlap_threshold=None, regime_change=False)
+
+
+def result_from(pairs, n_layers=None):
+    """A ProbeResult from (i, j, R(i<-j), R(j<-i), d_int) tuples."""
+    records = [PairRecord.build(i, j, a, b, c) for i, j, a, b, c in pairs]
+    n = n_layers or max(j for _, j, *_ in pairs) + 1
+    return ProbeResult(records, summarize(records), meta={"n_layers": n})
+
+
+def gap_result(gap):
+    """Three adjacent pairs whose gap is `gap` each (d_int = 0.02)."""
+    return result_from([(k, k + 1, 0.02 + gap, 0.02, 0.02) for k in range(3)])
+
+
+def rules_fired(engine, step, result):
+    return [a.rule for a in engine.observe(step, result)]
+
+
+def test_threshold_needs_k_consecutive_probes_and_fires_once_while_active():
+    engine = AlertEngine(AlertConfig(gap_threshold=0.1, hysteresis=2, **ONLY_GAP))
+    fired = [
+        rules_fired(engine, s, gap_result(g)) for s, g in enumerate([0.2, 0.05, 0.2, 0.2, 0.3, 0.3])
+    ]
+    assert fired == [[], [], [], ["gap_threshold"], [], []]
+
+
+def test_threshold_rearms_after_k_clear_probes():
+    engine = AlertEngine(AlertConfig(gap_threshold=0.1, hysteresis=2, **ONLY_GAP))
+    gaps = [0.2, 0.2, 0.0, 0.2, 0.2, 0.0, 0.0, 0.2, 0.2]
+    fired = [s for s, g in enumerate(gaps) if rules_fired(engine, s, gap_result(g))]
+    assert fired == [1, 8]  # one clear probe at 2 does not re-arm; two (5, 6) do
+
+
+def test_cooldown_blocks_refiring_within_the_window():
+    engine = AlertEngine(
+        AlertConfig(gap_threshold=0.1, hysteresis=1, cooldown_steps=100, **ONLY_GAP)
+    )
+    steps_gaps = [(0, 0.2), (10, 0.0), (20, 0.2), (150, 0.0), (160, 0.2)]
+    fired = [s for s, g in steps_gaps if rules_fired(engine, s, gap_result(g))]
+    assert fired == [0, 160]
+
+
+def test_alert_carries_step_rule_value_threshold_and_a_sentence():
+    engine = AlertEngine(AlertConfig(gap_threshold=0.1, hysteresis=1, **ONLY_GAP))
+    (alert,) = engine.observe(42, gap_result(0.25))
+    assert (alert.step, alert.rule, alert.threshold) == (42, "gap_threshold", 0.1)
+    assert alert.value == pytest.approx(0.25)
+    assert "gap_median" in alert.message and "42" in alert.message
+
+
+def test_growth_is_measured_against_the_baseline_probe():
+    config = AlertConfig(
+        gap_threshold=None,
+        growth_factor=3.0,
+        baseline_step=10,
+        overlap_threshold=None,
+        regime_change=False,
+        hysteresis=1,
+    )
+    engine = AlertEngine(config)
+    assert rules_fired(engine, 0, gap_result(0.5)) == []  # before the baseline step
+    assert rules_fired(engine, 10, gap_result(0.05)) == []  # the baseline
+    assert rules_fired(engine, 20, gap_result(0.14)) == []  # 2.8x
+    (alert,) = engine.observe(30, gap_result(0.2))
+    assert alert.rule == "gap_growth" and alert.value == pytest.approx(4.0)
+    assert engine.baseline_at == 10
+
+
+def test_removal_sets_follow_the_spec_rule_and_never_hold_adjacent_layers():
+    # d_repl per adjacent pair: (0,1)=0.01 (1,2)=0.02 (2,3)=0.5 (3,4)=0.03; d_int reversed
+    res = result_from(
+        [
+            (0, 1, 0.01, 0.0, 0.4),
+            (1, 2, 0.02, 0.0, 0.3),
+            (2, 3, 0.5, 0.0, 0.02),
+            (3, 4, 0.03, 0.0, 0.01),
+        ]
+    )
+    jaccard, by_repl, by_int = removal_overlap(res, budget=2)
+    # replacement removability: 0:.01 1:.01 2:.02 3:.03 4:.03 -> 0, then 2 (1 is adjacent)
+    assert by_repl == {0, 2}
+    # interchange removability: 3:.01 4:.01 2:.02 1:.3 0:.4 -> 3, then 1 (2, 4 adjacent)
+    assert by_int == {1, 3}
+    assert jaccard == 0.0
+
+
+def test_overlap_rule_fires_when_the_protocols_pick_different_layers():
+    config = AlertConfig(
+        gap_threshold=None,
+        growth_factor=None,
+        regime_change=False,
+        overlap_budget=2,
+        overlap_threshold=0.5,
+        hysteresis=1,
+    )
+    res = result_from(
+        [
+            (0, 1, 0.01, 0.0, 0.4),
+            (1, 2, 0.02, 0.0, 0.3),
+            (2, 3, 0.5, 0.0, 0.02),
+            (3, 4, 0.03, 0.0, 0.01),
+        ]
+    )
+    (alert,) = AlertEngine(config).observe(5, res)
+    assert alert.rule == "removal_overlap" and alert.value == 0.0
+    assert "[0, 2]" in alert.message and "[1, 3]" in alert.message
+
+
+def test_regime_change_needs_the_new_regime_to_persist():
+    config = AlertConfig(
+        gap_threshold=None, growth_factor=None, overlap_threshold=None, hysteresis=2
+    )
+    engine = AlertEngine(config)
+    tied = result_from([(0, 1, 0.01, 0.01, 0.009), (1, 2, 0.01, 0.01, 0.009)])
+    divergent = result_from([(0, 1, 0.5, 0.5, 0.05), (1, 2, 0.5, 0.5, 0.05)])
+    assert (tied.summary.regime, divergent.summary.regime) == ("tied", "divergent")
+    seq = [tied, divergent, tied, divergent, divergent, divergent]
+    fired = [s for s, r in enumerate(seq) if rules_fired(engine, s, r)]
+    assert fired == [4]
+    assert engine.regime == "divergent"
+
+
+def test_engine_state_round_trips_mid_streak():
+    config = AlertConfig(gap_threshold=0.1, hysteresis=3, **ONLY_GAP)
+    straight, first = AlertEngine(config), AlertEngine(config)
+    gaps = [0.2, 0.2, 0.2, 0.2]
+    for s, g in enumerate(gaps[:2]):
+        straight.observe(s, gap_result(g))
+        first.observe(s, gap_result(g))
+    resumed = AlertEngine(config)
+    resumed.load_state_dict(first.state_dict())
+    assert rules_fired(resumed, 2, gap_result(0.2)) == rules_fired(straight, 2, gap_result(0.2))
+    assert resumed.state_dict() == straight.state_dict()
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(hysteresis=0),
+        dict(growth_factor=1.0),
+        dict(overlap_threshold=0.0),
+        dict(cooldown_steps=-1),
+    ],
+)
+def test_bad_alert_config_is_a_clear_error(kwargs):
+    with pytest.raises(InvalidConfigError):
+        AlertConfig(**kwargs)
