@@ -6,8 +6,14 @@ The probe math lives in `probe`, `engine` and `result`; framework glue lives in
 
 __version__ = "0.1.0"
 
+from redundancy_monitor.baselines import (
+    greedy_deletion,
+    hidden_state_scores,
+    random_sets,
+)
 from redundancy_monitor.batch import ProbeBatch, make_batch
 from redundancy_monitor.blocks import find_blocks, find_head, unwrap_model
+from redundancy_monitor.comparison import RemovalReport, compare_removal
 from redundancy_monitor.engine import EngineOptions, VariantDistance, variant_distances
 from redundancy_monitor.errors import (
     BlockDiscoveryError,
@@ -81,18 +87,23 @@ __all__ = [
     "RedundancyMonitorError",
     "RemovalCost",
     "RemovalPlan",
+    "RemovalReport",
     "SkippedPair",
     "Thresholds",
     "UnsupportedModelError",
     "Variant",
     "VariantDistance",
     "__version__",
+    "compare_removal",
     "find_blocks",
     "find_head",
+    "greedy_deletion",
+    "hidden_state_scores",
     "make_batch",
     "parse_pairs",
     "plan_removal",
     "probe",
+    "random_sets",
     "read_records",
     "reference_distances",
     "removability",
