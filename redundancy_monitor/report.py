@@ -93,11 +93,7 @@ def summary_sentences(run: RunRecords) -> list[str]:
             + " (nats)."
         )
     out.extend(_removal_sentences(last))
-    if run.removal:
-        out.append(
-            f"A measured removal table was found in {run.removal_source.name}; see the "
-            "removal-cost section for which set cost least."
-        )
+    out.extend(_measured_sentences(run))
     if run.alerts:
         counts = ", ".join(
             f"{rule} x{n}" for rule, n in sorted(Counter(a.rule for a in run.alerts).items())
@@ -128,6 +124,24 @@ def _removal_sentences(point: ProbePoint) -> list[str]:
         f"{sorted(by_int)} ({agree}). This ranks layers; it does not measure what removing "
         "them costs: run `redundancy-monitor score` on the checkpoint for measured cost."
     ]
+
+
+def _measured_sentences(run: RunRecords) -> list[str]:
+    if run.removal is None:
+        return []
+    out = []
+    base = run.removal.get("base_perplexity")
+    for v in run.removal.get("verdicts", []):
+        chosen = v.get("recommended")
+        by = ", ".join(v.get("recommended_by", [])) or "?"
+        out.append(
+            f"Measured ({run.removal_source.name}): at budget {v.get('budget')} the cheapest "
+            f"set on held-out text is {chosen} (chosen by {by}; perplexity "
+            f"{_f(v.get('recommended_perplexity'))} vs {_f(base)} unpruned)."
+        )
+    if not out:
+        out.append(f"A measured removal table is in {run.removal_source.name}; see its curves.")
+    return out
 
 
 # ----- the page ------------------------------------------------------------------------
@@ -238,14 +252,26 @@ def _failure_section(run: RunRecords) -> str:
 
 
 def _removal_section(run: RunRecords, png: bytes | None) -> str:
-    if not run.removal:
+    if run.removal is None:
         return (
             '<p class="note">No removal plan was computed for this run, so there are no '
             "measured removal costs to show. Run <code>redundancy-monitor score CHECKPOINT "
-            "--out DIR</code> and put its result.json in the run folder to add them.</p>"
+            "--out DIR</code> and pass its result.json with <code>--removal</code> (or put "
+            "it in the run folder) to add them.</p>"
         )
+    rows = [
+        [
+            str(r.get("budget")),
+            str(r.get("selector")),
+            "random draws" if r.get("layers") is None else str(r.get("layers")),
+            _f(r.get("d_del")),
+            _f(r.get("perplexity")),
+        ]
+        for r in run.removal["rows"]
+    ]
+    table = _table(["budget", "selector", "layers", "d_del", "perplexity"], rows, (1, 2))
     note = f'<p class="note">From {html.escape(str(run.removal_source))}.</p>'
-    return (_img("removal_cost", png) if png else "") + note
+    return (_img("removal_cost", png) if png else "") + table + note
 
 
 def render_html(run: RunRecords, figures: dict[str, bytes | None], summary: list[str]) -> str:
@@ -290,12 +316,18 @@ def _write_atomic(path: Path, data: bytes) -> None:
         raise
 
 
-def write_report(run_dir: str | os.PathLike, out: str | os.PathLike | None = None) -> Report:
+def write_report(
+    run_dir: str | os.PathLike,
+    out: str | os.PathLike | None = None,
+    removal: str | os.PathLike | None = None,
+) -> Report:
     """Write the HTML report of a run and its PNGs (beside the HTML).
 
     Args:
         run_dir: the folder the monitor or `replay` wrote (or its ``.jsonl`` file).
         out: the HTML path (default ``<run folder>/report.html``).
+        removal: a `redundancy-monitor score` result.json whose measured removal table
+            to show (default: a ``result.json`` in the run folder, if any).
 
     Raises:
         RunFolderError: no usable record file.
@@ -303,14 +335,14 @@ def write_report(run_dir: str | os.PathLike, out: str | os.PathLike | None = Non
     """
     from redundancy_monitor import report_figures as figs
 
-    run = load_run(run_dir)
+    run = load_run(run_dir, removal)
     html_path = Path(out) if out is not None else run.source.parent / "report.html"
     figures: dict[str, bytes | None] = {
         "gap_trajectory": figs.gap_trajectory(run),
         "ir_by_distance": figs.ir_by_distance(run),
         "heatmaps": figs.heatmaps(run),
         "gap_vs_depth": figs.gap_vs_depth(run.last.result, run.last.step),
-        "removal_cost": figs.removal_cost(run.removal) if run.removal else None,
+        "removal_cost": figs.removal_cost(run.removal) if run.removal is not None else None,
         "alert_timeline": figs.alert_timeline(run),
     }
     summary = summary_sentences(run)
@@ -332,11 +364,17 @@ def add_report_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--out", default=None, help="HTML file to write (default RUN_DIR/report.html)"
     )
+    parser.add_argument(
+        "--removal",
+        metavar="RESULT_JSON",
+        help="result.json of `redundancy-monitor score` with measured removal costs "
+        "(default: RUN_DIR/result.json if present)",
+    )
 
 
 def report_command(args: argparse.Namespace) -> int:
     try:
-        report = write_report(args.run_dir, args.out)
+        report = write_report(args.run_dir, args.out, args.removal)
     except RedundancyMonitorError as exc:
         print(f"redundancy-monitor report: error: {exc}", file=sys.stderr)
         return 2

@@ -161,13 +161,13 @@ def gap_vs_depth(result: ProbeResult, step: int) -> bytes:
     return _render(draw, (8, 3.6))
 
 
-def _cost_columns(rows: list[dict]) -> list[str]:
-    return [c for c in ("d_del", "ppl", "perplexity", "heldout_ppl") if any(c in r for r in rows)]
+COST_COLUMNS = {"d_del": "d_del on the probe batch (nats)", "perplexity": "held-out perplexity"}
 
 
-def removal_cost(rows: list[dict]) -> bytes | None:
-    """Measured cost against budget, one line per selector (rows of a removal table)."""
-    columns = _cost_columns(rows)
+def removal_cost(table: dict) -> bytes | None:
+    """Measured cost against budget, one line per selector (a score removal table)."""
+    rows = table.get("rows", [])
+    columns = [c for c in COST_COLUMNS if any(isinstance(r.get(c), (int, float)) for r in rows)]
     if not columns:
         return None
 
@@ -177,18 +177,20 @@ def removal_cost(rows: list[dict]) -> bytes | None:
             for r in rows:
                 value, budget = r.get(column), r.get("budget")
                 if isinstance(value, (int, float)) and isinstance(budget, (int, float)):
-                    name = str(r.get("selector") or r.get("protocol") or "?")
-                    lines.setdefault(name, []).append((budget, value))
+                    lines.setdefault(str(r.get("selector", "?")), []).append((budget, value))
             for name, points in sorted(lines.items()):
                 xs, ys = zip(*sorted(points), strict=True)
                 ax.plot(xs, ys, marker="o", label=name)
+            base = table.get("base_perplexity")
+            if column == "perplexity" and isinstance(base, (int, float)):
+                ax.axhline(base, color="black", linestyle=":", label="unpruned")
             ax.set_xlabel("layers removed")
-            ax.set_ylabel(column)
+            ax.set_ylabel(COST_COLUMNS[column])
             ax.grid(True, alpha=0.3)
             ax.legend(loc="best", fontsize=8)
         fig.suptitle("Measured removal cost")
 
-    return _render(draw, (5 * len(columns), 3.6), ncols=len(columns))
+    return _render(draw, (5.5 * len(columns), 3.8), ncols=len(columns))
 
 
 def alert_timeline(run: RunRecords) -> bytes:

@@ -51,15 +51,16 @@ class RunRecords:
         probes: one point per probed step (a step probed twice keeps its last record).
         alerts: every alert, in the order written.
         failures: every failed probe.
-        removal: rows of a removal table found beside the records (empty when none).
-        removal_source: the file the removal rows came from.
+        removal: a measured removal table (``rows``, ``verdicts``, ``base_perplexity``),
+            or None when the run has none.
+        removal_source: the file it came from.
     """
 
     source: Path
     probes: list[ProbePoint]
     alerts: list[Alert] = field(default_factory=list)
     failures: list[Failure] = field(default_factory=list)
-    removal: list[dict[str, Any]] = field(default_factory=list)
+    removal: dict[str, Any] | None = None
     removal_source: Path | None = None
 
     @property
@@ -119,26 +120,41 @@ def _probe_point(record: dict[str, Any]) -> ProbePoint:
     )
 
 
-def _removal_rows(folder: Path) -> tuple[list[dict[str, Any]], Path | None]:
-    """Rows of a removal table (``budget``, ``selector``, costs) stored beside the records."""
-    for name in REMOVAL_FILES:
-        path = folder / name
-        if not path.is_file():
-            continue
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError):
-            continue
-        rows = data.get("removal") if isinstance(data, dict) else None
-        if isinstance(rows, dict):
-            rows = rows.get("rows")
-        if isinstance(rows, list) and rows and all(isinstance(r, dict) for r in rows):
-            return rows, path
-    return [], None
+def read_removal_table(path: Path) -> dict[str, Any] | None:
+    """The removal table of a `redundancy-monitor score` result.json (its ``removal``
+    entry: ``rows`` of measured cost per budget and selector, ``verdicts``, the base
+    perplexity); None when the file holds none."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise RunFolderError(f"cannot read the removal table {path}: {exc}") from None
+    table = data.get("removal") if isinstance(data, dict) else None
+    if isinstance(table, list):  # a bare list of rows
+        table = {"rows": table}
+    rows = table.get("rows") if isinstance(table, dict) else None
+    if not (isinstance(rows, list) and rows and all(isinstance(r, dict) for r in rows)):
+        return None
+    return table
 
 
-def load_run(run_dir: str | os.PathLike) -> RunRecords:
+def _find_removal_table(folders: list[Path]) -> tuple[dict[str, Any] | None, Path | None]:
+    for folder in folders:
+        for name in REMOVAL_FILES:
+            path = folder / name
+            if path.is_file():
+                table = read_removal_table(path)
+                if table is not None:
+                    return table, path
+    return None, None
+
+
+def load_run(run_dir: str | os.PathLike, removal: str | os.PathLike | None = None) -> RunRecords:
     """Read a run folder (or record file) into `RunRecords`.
+
+    Args:
+        run_dir: the folder (or its ``.jsonl`` record file).
+        removal: a ``result.json`` of `redundancy-monitor score` whose removal table to
+            include; by default one found beside the records is used.
 
     Raises:
         RunFolderError: no record file, or one without a single probe record.
@@ -163,7 +179,14 @@ def load_run(run_dir: str | os.PathLike) -> RunRecords:
             "run reach its first scheduled probe (step 0 by default), then try again"
         )
     probes = [by_step[s] for s in sorted(by_step)]
-    removal, removal_source = _removal_rows(source.parent)
-    if not removal and Path(run_dir).is_dir():
-        removal, removal_source = _removal_rows(Path(run_dir))
-    return RunRecords(source, probes, alerts, failures, removal, removal_source)
+    if removal is not None:
+        table, table_source = read_removal_table(Path(removal)), Path(removal)
+        if table is None:
+            raise RunFolderError(
+                f"{removal} holds no removal table; pass the result.json that "
+                "`redundancy-monitor score --out DIR` wrote"
+            )
+    else:
+        folders = [source.parent] + ([Path(run_dir)] if Path(run_dir).is_dir() else [])
+        table, table_source = _find_removal_table(folders)
+    return RunRecords(source, probes, alerts, failures, table, table_source)

@@ -129,18 +129,33 @@ def test_failures_alerts_and_non_finite_pairs_are_reported(tmp_path):
     assert run.last.result.summary.n_nonfinite == 1 and len(run.failures) == 1
 
 
-def test_removal_table_beside_the_records_adds_the_cost_curves(tmp_path):
-    write_records(tmp_path, probes=[(0, hand_result([0.2, 0.1, 0.3], [0.05, 0.1, 0.02]))])
-    rows = [
-        {"budget": b, "selector": s, "d_del": c * b, "ppl": 10 + c * b}
-        for s, c in (("interchange", 0.1), ("replacement", 0.2))
-        for b in (1, 2)
-    ]
-    (tmp_path / "result.json").write_text(json.dumps({"removal": rows}))
-    report = write_report(tmp_path)
+def test_measured_removal_table_adds_cost_curves_and_the_recommendation(tmp_path):
+    from conftest import tiny_batch, tiny_model
+
+    from redundancy_monitor.comparison import compare_removal
+    from redundancy_monitor.probe import probe
+
+    model = tiny_model("llama", n_layers=5)
+    ids, _ = tiny_batch(n_seq=2, seq_len=12)
+    heldout, _ = tiny_batch(n_seq=1, seq_len=40, seed=3)
+    result = probe(model, ids)
+    table = compare_removal(model, result, ids, heldout[0], budgets=(1, 2), random_draws=2)
+    write_records(tmp_path / "run", probes=[(7, result)])
+    score = tmp_path / "score" / "result.json"
+    score.parent.mkdir()
+    score.write_text(json.dumps({"removal": table.to_dict()}))
+
+    assert "removal_cost" not in write_report(tmp_path / "run").images
+    report = write_report(tmp_path / "run", removal=score)
     assert "removal_cost" in report.images
     page = report.html.read_text()
     assert 'data-figure="removal_cost"' in page and "No removal plan" not in page
+    verdict = table.verdict(2)
+    expected = f"at budget 2 the cheapest set on held-out text is {list(verdict.recommended)}"
+    assert expected in " ".join(report.summary)
+    # Found on its own when it sits in the run folder.
+    (tmp_path / "run" / "result.json").write_text(score.read_text())
+    assert "removal_cost" in write_report(tmp_path / "run").images
 
 
 def test_run_without_a_finished_probe_is_a_clear_error(tmp_path):
