@@ -11,7 +11,7 @@ from checkpoint_runs import SEQ_LEN, corpus, hf_trainer_checkpoints, lightning_c
 from run_folders import run_command
 
 from redundancy_monitor.alerts import AlertConfig
-from redundancy_monitor.errors import CheckpointError
+from redundancy_monitor.errors import CheckpointError, MonitorStateError
 from redundancy_monitor.jsonl import read_records
 from redundancy_monitor.probe import probe
 from redundancy_monitor.replay import (
@@ -245,6 +245,8 @@ def test_resume_with_other_settings_or_an_earlier_step_is_refused(hf_run, probe_
         replay(late, probe_ids, tmp_path, ModelLoader(), pairs="all", progress=False)
     with pytest.raises(CheckpointError, match="out of order"):
         replay(early, probe_ids, tmp_path, ModelLoader(), progress=False)
+    with pytest.raises(MonitorStateError, match="another probe batch"):
+        replay(late, probe_ids[:1], tmp_path, ModelLoader(), progress=False)
 
 
 def test_command_line_errors_say_what_to_pass(hf_run, tmp_path, capsys):

@@ -139,7 +139,9 @@ def test_measured_removal_table_adds_cost_curves_and_the_recommendation(tmp_path
     ids, _ = tiny_batch(n_seq=2, seq_len=12)
     heldout, _ = tiny_batch(n_seq=1, seq_len=40, seed=3)
     result = probe(model, ids)
-    table = compare_removal(model, result, ids, heldout[0], budgets=(1, 2), random_draws=2)
+    table = compare_removal(
+        model, result, ids, heldout[0], budgets=(1, 2), baselines=("random",), random_draws=2
+    )
     write_records(tmp_path / "run", probes=[(7, result)])
     score = tmp_path / "score" / "result.json"
     score.parent.mkdir()
