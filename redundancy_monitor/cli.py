@@ -35,6 +35,13 @@ def _int_list(text: str) -> tuple[int, ...]:
     return values
 
 
+def _positive_list(text: str) -> tuple[int, ...]:
+    values = _int_list(text)
+    if min(values) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: budgets must be positive integers")
+    return values
+
+
 def _positive(text: str) -> int:
     try:
         value = int(text)
@@ -87,7 +94,7 @@ def add_score_parser(sub) -> None:
     )
     p.add_argument(
         "--budgets",
-        type=_int_list,
+        type=_positive_list,
         default=(1, 2, 3),
         help="layers to remove, comma-separated (1,2,3)",
     )
@@ -113,8 +120,14 @@ def add_score_parser(sub) -> None:
 
 
 def cmd_score(args: argparse.Namespace) -> int:
+    from transformers.utils import logging as hf_logging
+
     from redundancy_monitor.score import ScoreConfig, score_checkpoint
     from redundancy_monitor.score_outputs import terminal_summary, write_outputs
+
+    # Our own bars show progress; keep stderr for them and for one-line errors.
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
 
     config = ScoreConfig(
         path=args.path,

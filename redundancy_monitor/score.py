@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from redundancy_monitor import __version__
+from redundancy_monitor.blocks import find_blocks
 from redundancy_monitor.checkpoint import TextSplit, load_checkpoint, read_text, split_text
 from redundancy_monitor.comparison import RemovalReport, compare_removal
 from redundancy_monitor.errors import CheckpointError
@@ -135,6 +136,10 @@ def score_checkpoint(config: ScoreConfig) -> ScoreRun:
         raise CheckpointError(
             f"--seq-len {config.seq_len} exceeds the model's max_position_embeddings {limit}"
         )
+    if config.remove is not None:  # fail before the long part, not after it
+        from redundancy_monitor.export import check_layers
+
+        check_layers(config.remove, len(find_blocks(model)))
     split = split_text(tokenizer, text, config.n_seq, config.seq_len, heldout_text)
     result = probe(model, split.probe_ids, pairs=config.pairs, progress=config.progress)
     report = compare_removal(
