@@ -5,11 +5,12 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
-WORDS = (
+_VOCABULARY = (
     "the a model layer block token swap slot weight loss train step data text small large "
     "deep net head norm early late mid low high fast slow good bad new old red blue green "
     "cat dog runs sees eats makes takes gives finds keeps moves holds"
-).split()
+)
+WORDS = tuple(_VOCABULARY.split())
 
 
 def make_text(n_words: int, seed: int) -> str:
