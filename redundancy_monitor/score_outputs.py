@@ -153,7 +153,13 @@ def make_figures(run: ScoreRun) -> dict[str, Any]:
     result = run.result
     for field in HEATMAPS:
         fig, ax = plt.subplots(figsize=(5, 4.2))
-        image = ax.imshow(pair_matrix(result, field), cmap="viridis", origin="upper")
+        matrix = pair_matrix(result, field)
+        if field == "gap":  # signed: centre a diverging map on zero
+            limit = float(np.nanmax(np.abs(matrix))) if np.isfinite(matrix).any() else 1.0
+            style = {"cmap": "RdBu_r", "vmin": -limit, "vmax": limit}
+        else:
+            style = {"cmap": "viridis"}
+        image = ax.imshow(matrix, origin="upper", **style)
         fig.colorbar(image, ax=ax, label=f"{field} (nats)")
         ax.set(xlabel="slot j", ylabel="slot i", title=f"{field} over (i, j)")
         fig.tight_layout()

@@ -247,3 +247,29 @@ def test_score_module_imports_stay_light():
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     assert out.stdout.strip() == "False", out.stderr
+
+
+def test_tokenizer_override_and_plots_skipped_with_one_notice_without_matplotlib(
+    workdir, capsys, monkeypatch
+):
+    no_tok = workdir / "no_tokenizer"
+    if not no_tok.exists():
+        save_checkpoint(no_tok, n_layers=4, with_tokenizer=False)
+    capsys.readouterr()
+    for name in [m for m in sys.modules if m == "matplotlib" or m.startswith("matplotlib.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+    out = workdir / "no_mpl"
+    code = main([
+        "score", str(no_tok), "--tokenizer", str(workdir / "ckpt"),
+        "--text", str(workdir / "text.txt"), *ARGS[:4], "--budgets", "1",
+        "--random-draws", "1", "--window", "16", "--out", str(out), "--no-progress",
+    ])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 0, err
+    assert err.count("matplotlib is not installed") == 1
+    assert not list(out.glob("*.png"))
+    assert json.loads((out / "result.json").read_text())["config"]["tokenizer"] == str(
+        workdir / "ckpt"
+    )
+    assert list((out / "tensorboard").glob("events.out.tfevents.*"))
