@@ -19,6 +19,7 @@ from torch import nn
 from redundancy_monitor.baselines import greedy_deletion_steps, hidden_state_scores_on, random_sets
 from redundancy_monitor.errors import InvalidConfigError
 from redundancy_monitor.removal import (
+    GUIDED_PROTOCOLS,
     CostMeter,
     RemovalCost,
     RemovalPlan,
@@ -28,7 +29,7 @@ from redundancy_monitor.removal import (
 )
 from redundancy_monitor.result import ProbeResult
 
-GUIDED = ("interchange", "replacement")
+GUIDED = GUIDED_PROTOCOLS
 BASELINES = ("greedy", "block_influence", "angular", "random")
 
 

@@ -21,7 +21,7 @@ from redundancy_monitor.errors import InvalidBudgetError
 PER_LAYER_CONFIG_LISTS = ("layer_types",)
 
 
-def _check_layers(layers: Iterable[int], n_layers: int) -> list[int]:
+def check_layers(layers: Iterable[int], n_layers: int) -> list[int]:
     layers = sorted(set(int(s) for s in layers))
     bad = [s for s in layers if not 0 <= s < n_layers]
     if bad:
@@ -51,7 +51,7 @@ def prune_model(
     """
     root = unwrap_model(model)
     n_layers = len(find_blocks(root, blocks))
-    removed = _check_layers(layers, n_layers)
+    removed = check_layers(layers, n_layers)
     if not inplace:
         root = copy.deepcopy(root)
     block_list = find_blocks(root, blocks if isinstance(blocks, str) else None)

@@ -36,6 +36,7 @@ from redundancy_monitor.variants import Variant
 
 #: The pair distance each guiding protocol ranks layers by.
 PROTOCOL_DISTANCE = {"interchange": "d_int", "replacement": "d_repl"}
+GUIDED_PROTOCOLS = tuple(PROTOCOL_DISTANCE)
 DEFAULT_WINDOW = 512
 
 
@@ -241,17 +242,31 @@ def check_window(model: nn.Module, window: int | None, stride: int | None) -> tu
     return window, stride
 
 
-def sliding_perplexity(model: nn.Module, rows: torch.Tensor, window: int, stride: int) -> float:
-    """exp(mean next-token NLL) over every row, scored with a sliding window, in fp32."""
+def sliding_perplexity(
+    model: nn.Module, rows: torch.Tensor, window: int, stride: int, max_tokens: int = 1 << 12
+) -> float:
+    """exp(mean next-token NLL) over every row, scored with a sliding window, in fp32.
+
+    Windows of equal length run together, up to `max_tokens` tokens per forward.
+    """
     nll, count = 0.0, 0
     for row in rows:
-        for begin, end, first in window_plan(int(row.shape[0]), window, stride):
-            chunk = make_batch(row[begin:end].unsqueeze(0))
-            logits = logits_of(call_model(model, chunk))[0, first - 1 - begin : end - 1 - begin]
-            logp = torch.log_softmax(logits.float(), dim=-1)
-            targets = row[first:end].to(logp.device)
-            nll -= float(logp.gather(-1, targets.unsqueeze(-1)).double().sum())
-            count += end - first
+        plan = window_plan(int(row.shape[0]), window, stride)
+        by_length: dict[int, list[tuple[int, int, int]]] = {}
+        for w in plan:
+            by_length.setdefault(w[1] - w[0], []).append(w)
+        for length, windows in by_length.items():
+            per_forward = max(1, max_tokens // length)
+            for k in range(0, len(windows), per_forward):
+                part = windows[k : k + per_forward]
+                ids = torch.stack([row[b:e] for b, e, _ in part])
+                logits = logits_of(call_model(model, make_batch(ids)))
+                for n, (begin, end, first) in enumerate(part):
+                    rows_ = logits[n, first - 1 - begin : end - 1 - begin]
+                    logp = torch.log_softmax(rows_.float(), dim=-1)
+                    targets = row[first:end].to(logp.device)
+                    nll -= float(logp.gather(-1, targets.unsqueeze(-1)).double().sum())
+                    count += end - first
     return math.exp(nll / count)
 
 
