@@ -158,8 +158,114 @@ def cmd_score(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# -- replay -------------------------------------------------------------------------
+
+
+def add_replay_parser(sub) -> None:
+    p = sub.add_parser(
+        "replay",
+        help="probe a series of saved checkpoints into a run folder, in step order",
+        description="Probe saved checkpoints (Hugging Face checkpoint folders, Lightning "
+        ".ckpt files with --model-config, or folders holding them) in step order on one "
+        "probe batch; RUN_DIR gets what the training monitor writes (JSONL, TensorBoard, "
+        "alerts). Run it again to resume an interrupted replay.",
+    )
+    p.add_argument(
+        "checkpoints",
+        metavar="CKPT",
+        nargs="+",
+        help="HF checkpoint folders, Lightning .ckpt files, or folders holding them",
+    )
+    p.add_argument("--text", required=True, metavar="FILE", help="text for the probe batch")
+    p.add_argument("--out", required=True, metavar="RUN_DIR", help="run folder to write")
+    p.add_argument(
+        "--model-config",
+        metavar="PATH",
+        help="for .ckpt files: a HF config.json (or its folder), or a JSON "
+        '{"class": "pkg.module:Class", "kwargs": {...}}',
+    )
+    p.add_argument("--tokenizer", metavar="DIR", help="tokenizer (default: from a checkpoint)")
+    p.add_argument("--n-seq", type=_positive, default=8, help="sequences in the batch (8)")
+    p.add_argument("--seq-len", type=_positive, default=128, help="tokens per sequence (128)")
+    p.add_argument(
+        "--pairs", type=_pair_set, default="adjacent", help="adjacent | window:k | all (adjacent)"
+    )
+    p.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (cpu)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_replay)
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    from redundancy_monitor.replay import (
+        ModelLoader,
+        batch_from_text,
+        build_module,
+        find_checkpoints,
+        find_tokenizer,
+        load_tokenizer,
+        read_probe_text,
+        replay,
+    )
+
+    checkpoints = find_checkpoints(args.checkpoints)
+    if args.model_config is None and any(c.kind == "lightning" for c in checkpoints):
+        build_module(None)  # raises the error that says what to pass
+    tokenizer = load_tokenizer(args.tokenizer or find_tokenizer(checkpoints))
+    ids = batch_from_text(tokenizer, read_probe_text(args.text), args.n_seq, args.seq_len)
+    loader = ModelLoader(args.model_config, args.dtype, args.device)
+    if not args.no_progress:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # one bar, ours with the ETA, is enough
+    done = replay(
+        checkpoints, ids, args.out, loader, pairs=args.pairs, progress=not args.no_progress
+    )
+    print(
+        f"replayed {len(done.probed)} checkpoint(s) into {done.out_dir} "
+        f"({len(done.already_done)} already done, {len(done.failed)} failed, "
+        f"{done.n_alerts} new alert(s)); see it with: redundancy-monitor report {done.out_dir}"
+    )
+    return EXIT_OK
+
+
+# -- report -------------------------------------------------------------------------
+
+
+def add_report_parser(sub) -> None:
+    p = sub.add_parser(
+        "report",
+        help="write a self-contained HTML report (and its PNGs) of a run folder",
+        description="Summarise a run folder written by the monitor or by replay in one "
+        "HTML file with embedded images (no network needed), plus the PNGs beside it.",
+    )
+    p.add_argument("run_dir", metavar="RUN_DIR", help="folder the monitor or replay wrote")
+    p.add_argument("--out", metavar="HTML", help="file to write (default RUN_DIR/report.html)")
+    p.add_argument(
+        "--removal",
+        metavar="RESULT_JSON",
+        help="result.json of `redundancy-monitor score` with measured removal costs "
+        "(default: RUN_DIR/result.json if present)",
+    )
+    p.set_defaults(func=cmd_report)
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from redundancy_monitor.report import write_report
+
+    report = write_report(args.run_dir, args.out, args.removal)
+    print(f"wrote {report.html} and {len(report.images)} PNG(s) beside it")
+    for sentence in report.summary:
+        print(f"  - {sentence}")
+    return EXIT_OK
+
+
 #: name -> function adding the subcommand's parser (it sets ``func`` to its cmd_ function).
-SUBCOMMANDS: dict[str, Callable] = {"score": add_score_parser}
+SUBCOMMANDS: dict[str, Callable] = {
+    "score": add_score_parser,
+    "replay": add_replay_parser,
+    "report": add_report_parser,
+}
 
 
 def build_parser() -> argparse.ArgumentParser:

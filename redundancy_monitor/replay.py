@@ -11,13 +11,11 @@ transformers (and torch's unpickler for Lightning files) are used only here, on 
 
 from __future__ import annotations
 
-import argparse
 import importlib
 import json
 import logging
 import os
 import re
-import sys
 import tempfile
 import time
 import traceback
@@ -30,12 +28,7 @@ import torch
 from torch import nn
 
 from redundancy_monitor.alerts import AlertConfig
-from redundancy_monitor.errors import (
-    CheckpointError,
-    InvalidPairsError,
-    InvalidProtocolError,
-    RedundancyMonitorError,
-)
+from redundancy_monitor.errors import CheckpointError, InvalidPairsError, InvalidProtocolError
 from redundancy_monitor.executor import ProbeOutcome
 from redundancy_monitor.monitor import RedundancyMonitor
 from redundancy_monitor.probe import probe
@@ -339,6 +332,13 @@ def batch_from_text(tokenizer, text: str, n_seq: int, seq_len: int) -> torch.Ten
     return torch.tensor(ids[: n * seq_len], dtype=torch.long).reshape(n, seq_len)
 
 
+def read_probe_text(path: str | os.PathLike) -> str:
+    try:
+        return Path(path).read_text(encoding="utf-8", errors="replace")
+    except OSError as exc:
+        raise CheckpointError(f"cannot read --text {path}: {exc.strerror}") from None
+
+
 # ----- the replay -----------------------------------------------------------------------
 
 
@@ -487,70 +487,3 @@ def _probe_checkpoint(
         result = None
         error = f"{type(exc).__name__}: {exc} ({ref.path})\n{traceback.format_exc(limit=6)}"
     return ProbeOutcome(ref.step, result, error, time.perf_counter() - started, 0.0)
-
-
-# ----- command line (wired into `redundancy-monitor replay` by cli.py) ------------------
-
-
-def add_replay_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "checkpoints",
-        metavar="CKPT",
-        nargs="+",
-        help="HF checkpoint folders, Lightning .ckpt files, or folders holding them",
-    )
-    parser.add_argument("--text", required=True, help="text file the probe batch is cut from")
-    parser.add_argument("--out", required=True, metavar="RUN_DIR", help="run folder to write")
-    parser.add_argument("--model-config", help="for .ckpt files: HF config.json or class JSON")
-    parser.add_argument("--tokenizer", help="tokenizer folder (default: from a checkpoint)")
-    parser.add_argument("--n-seq", type=int, default=8, help="sequences in the probe batch")
-    parser.add_argument("--seq-len", type=int, default=128, help="tokens per sequence")
-    parser.add_argument("--pairs", default="adjacent", help="adjacent | window:k | all")
-    parser.add_argument("--dtype", default="auto", choices=["auto", *DTYPES])
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-
-
-def replay_command(args: argparse.Namespace) -> int:
-    try:
-        checkpoints = find_checkpoints(args.checkpoints)
-        if any(c.kind == "lightning" for c in checkpoints) and args.model_config is None:
-            build_module(None)  # raises the error that says what to pass
-        tokenizer = load_tokenizer(args.tokenizer or find_tokenizer(checkpoints))
-        try:
-            text = Path(args.text).read_text(encoding="utf-8", errors="replace")
-        except OSError as exc:
-            raise CheckpointError(f"cannot read --text {args.text}: {exc.strerror}") from None
-        ids = batch_from_text(tokenizer, text, args.n_seq, args.seq_len)
-        loader = ModelLoader(args.model_config, args.dtype, args.device)
-        if not args.no_progress:
-            from transformers.utils import logging as hf_logging
-
-            hf_logging.disable_progress_bar()  # one bar (ours, with the ETA) is enough
-        done = replay(
-            checkpoints,
-            ids,
-            args.out,
-            loader,
-            pairs=args.pairs,
-            progress=not args.no_progress,
-        )
-    except RedundancyMonitorError as exc:
-        print(f"redundancy-monitor replay: error: {exc}", file=sys.stderr)
-        return 2
-    print(
-        f"replayed {len(done.probed)} checkpoint(s) into {done.out_dir} "
-        f"({len(done.already_done)} already done, {len(done.failed)} failed, "
-        f"{done.n_alerts} new alert(s)); see it with: redundancy-monitor report {done.out_dir}"
-    )
-    return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="redundancy-monitor replay", description=__doc__)
-    add_replay_arguments(parser)
-    return replay_command(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

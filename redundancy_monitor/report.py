@@ -8,17 +8,15 @@ Content-Security-Policy forbids every network fetch, so the file can be mailed a
 
 from __future__ import annotations
 
-import argparse
 import base64
 import html
 import os
-import sys
 import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from redundancy_monitor.errors import InvalidBudgetError, RedundancyMonitorError
+from redundancy_monitor.errors import InvalidBudgetError
 from redundancy_monitor.removal import plan_removal
 from redundancy_monitor.run_records import ProbePoint, RunRecords, load_run
 
@@ -354,41 +352,3 @@ def write_report(
             report.images[name] = path
     _write_atomic(html_path, render_html(run, figures, summary).encode("utf-8"))
     return report
-
-
-# ----- command line (wired into `redundancy-monitor report` by cli.py) ------------------
-
-
-def add_report_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("run_dir", metavar="RUN_DIR", help="folder the monitor or replay wrote")
-    parser.add_argument(
-        "--out", default=None, help="HTML file to write (default RUN_DIR/report.html)"
-    )
-    parser.add_argument(
-        "--removal",
-        metavar="RESULT_JSON",
-        help="result.json of `redundancy-monitor score` with measured removal costs "
-        "(default: RUN_DIR/result.json if present)",
-    )
-
-
-def report_command(args: argparse.Namespace) -> int:
-    try:
-        report = write_report(args.run_dir, args.out, args.removal)
-    except RedundancyMonitorError as exc:
-        print(f"redundancy-monitor report: error: {exc}", file=sys.stderr)
-        return 2
-    print(f"wrote {report.html} and {len(report.images)} PNG(s) beside it")
-    for sentence in report.summary:
-        print(f"  - {sentence}")
-    return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="redundancy-monitor report", description=__doc__)
-    add_report_arguments(parser)
-    return report_command(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

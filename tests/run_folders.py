@@ -4,6 +4,7 @@ monitor attached, and hand-made ones for the edge cases (one probe, failures, Na
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -76,8 +77,10 @@ def an_alert(step: int) -> Alert:
     return Alert(step, "gap_threshold", 0.2, 0.1, f"step {step}: gap_median is above 0.1")
 
 
-def run_command(module: str, *args: str) -> subprocess.CompletedProcess:
-    """``python -m module args`` in a subprocess with this worktree first on the path."""
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    """``redundancy-monitor args`` (the installed console script) in a subprocess, with
+    this worktree first on the path."""
     env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
-    command = [sys.executable, "-m", module, *args]
-    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=240)
+    script = shutil.which("redundancy-monitor")
+    command = [script] if script else [sys.executable, "-m", "redundancy_monitor.cli"]
+    return subprocess.run([*command, *args], capture_output=True, text=True, env=env, timeout=240)

@@ -8,9 +8,10 @@ import shutil
 import pytest
 import torch
 from checkpoint_runs import SEQ_LEN, corpus, hf_trainer_checkpoints, lightning_checkpoints
-from run_folders import run_command
+from run_folders import run_cli
 
 from redundancy_monitor.alerts import AlertConfig
+from redundancy_monitor.cli import main
 from redundancy_monitor.errors import CheckpointError, MonitorStateError
 from redundancy_monitor.jsonl import read_records
 from redundancy_monitor.probe import probe
@@ -19,7 +20,6 @@ from redundancy_monitor.replay import (
     batch_from_text,
     find_checkpoints,
     load_tokenizer,
-    main,
     replay,
 )
 from redundancy_monitor.report import write_report
@@ -57,9 +57,7 @@ def cli_replay(hf_run, tmp_path_factory):
     root, text = hf_run
     out = tmp_path_factory.mktemp("replayed") / "run"
     args = [str(root), "--text", str(text), "--out", str(out)]
-    done = run_command(
-        "redundancy_monitor.replay", *args, "--n-seq", str(N_SEQ), "--seq-len", str(SEQ_LEN)
-    )
+    done = run_cli("replay", *args, "--n-seq", str(N_SEQ), "--seq-len", str(SEQ_LEN))
     assert done.returncode == 0, done.stderr[-3000:]
     return out, done
 
@@ -175,6 +173,7 @@ def test_replay_of_lightning_ckpt_files_with_a_model_config(hf_run, tmp_path, pr
     out = tmp_path / "run"
     code = main(
         [
+            "replay",
             str(folder),
             "--text",
             str(text),
@@ -258,6 +257,10 @@ def test_command_line_errors_say_what_to_pass(hf_run, tmp_path, capsys):
         ([str(root), "--seq-len", "100000"], "too few for one sequence"),
     ]
     for args, message in cases:
-        code = main([*args, "--text", str(text), "--out", str(tmp_path / "out"), "--no-progress"])
+        out = ["--text", str(text), "--out", str(tmp_path / "out"), "--no-progress"]
+        code = main(["replay", *args, *out])
         err = capsys.readouterr().err
         assert code == 2 and message in err, err
+    with pytest.raises(SystemExit) as bad_option:  # argparse rejects it before any work
+        main(["replay", str(root), "--pairs", "diagonal", *out])
+    assert bad_option.value.code == 2 and "unknown pair set" in capsys.readouterr().err

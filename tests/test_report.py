@@ -16,7 +16,7 @@ from run_folders import (
     REPO,
     an_alert,
     hand_result,
-    run_command,
+    run_cli,
     train_with_monitor,
     write_records,
 )
@@ -170,12 +170,10 @@ def test_run_without_a_finished_probe_is_a_clear_error(tmp_path):
 
 def test_report_command_exit_codes_and_messages(tmp_path):
     write_records(tmp_path, probes=[(3, hand_result([0.2, 0.1], [0.05, 0.1]))])
-    done = run_command(
-        "redundancy_monitor.report", str(tmp_path), "--out", str(tmp_path / "r.html")
-    )
+    done = run_cli("report", str(tmp_path), "--out", str(tmp_path / "r.html"))
     assert done.returncode == 0, done.stderr
     assert (tmp_path / "r.html").is_file() and "wrote" in done.stdout
-    missing = run_command("redundancy_monitor.report", str(tmp_path / "absent"))
+    missing = run_cli("report", str(tmp_path / "absent"))
     assert missing.returncode == 2
     assert "does not exist" in missing.stderr and "Traceback" not in missing.stderr
 
@@ -184,8 +182,8 @@ def test_without_matplotlib_the_report_says_how_to_install_it(tmp_path):
     write_records(tmp_path, probes=[(3, hand_result([0.2, 0.1], [0.05, 0.1]))])
     code = (
         "import sys; sys.modules['matplotlib'] = None\n"
-        "from redundancy_monitor.report import main\n"
-        f"raise SystemExit(main([{str(tmp_path)!r}]))"
+        "from redundancy_monitor.cli import main\n"
+        f"raise SystemExit(main(['report', {str(tmp_path)!r}]))"
     )
     done = subprocess.run(
         [sys.executable, "-c", code],
