@@ -7,6 +7,7 @@ import json
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -202,3 +203,16 @@ def test_no_finite_adjacent_pair_means_no_removal_selection(tmp_path):
     write_records(tmp_path, probes=[(0, hand_result([nan, nan], [nan, nan]))])
     summary = " ".join(write_report(tmp_path).summary)
     assert "No removal selection at budget 1" in summary
+
+
+def test_report_finds_the_records_a_lightning_callback_wrote_below_the_root(tmp_path):
+    from training_fixtures import lightning_module, lightning_trainer, probe_ids, token_loader
+
+    from redundancy_monitor.lightning import RedundancyMonitorCallback
+
+    cb = RedundancyMonitorCallback(probe_ids(), every_n_steps=2, log_spaced=False)
+    lightning_trainer(tmp_path, [cb], max_steps=4).fit(lightning_module(), token_loader())
+    report = write_report(tmp_path)  # the trainer's default_root_dir
+    records = Path(cb.jsonl_file)
+    assert records.parent != tmp_path and report.html == records.parent / "report.html"
+    assert f"{len(cb.monitor.probed_steps)} probe(s)" in report.summary[0]
