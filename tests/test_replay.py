@@ -264,3 +264,20 @@ def test_command_line_errors_say_what_to_pass(hf_run, tmp_path, capsys):
     with pytest.raises(SystemExit) as bad_option:  # argparse rejects it before any work
         main(["replay", str(root), "--pairs", "diagonal", *out])
     assert bad_option.value.code == 2 and "unknown pair set" in capsys.readouterr().err
+
+
+def test_a_record_written_after_the_last_saved_state_is_replaced_on_resume(
+    hf_run, probe_ids, tmp_path
+):
+    root, _ = hf_run
+    checkpoints = find_checkpoints([root])
+    replay(checkpoints[:2], probe_ids, tmp_path, ModelLoader(), progress=False)
+    state_after_8 = (tmp_path / "replay_state.json").read_text()
+    replay(checkpoints, probe_ids, tmp_path, ModelLoader(), progress=False)
+    # A crash between writing step 12's record and saving the state leaves this behind.
+    (tmp_path / "replay_state.json").write_text(state_after_8)
+    resumed = replay(checkpoints, probe_ids, tmp_path, ModelLoader(), progress=False)
+    assert resumed.already_done == [4, 8] and resumed.probed == [12]
+    assert [r["step"] for r in probe_records(tmp_path)] == [4, 8, 12]
+    raw = (tmp_path / "redundancy.jsonl").read_text().count('"type":"probe"')
+    assert raw == 4  # the orphan is still in the file, dropped by the resume marker
