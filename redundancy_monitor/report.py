@@ -154,9 +154,13 @@ td.text { text-align: left; } .note { color: #555; }
 """
 # Lets a headless browser (and a curious reader's devtools) confirm every image decoded.
 CHECK_SCRIPT = """
-window.addEventListener('error', function () {
-  document.body.dataset.scriptErrors = String(Number(document.body.dataset.scriptErrors || 0) + 1);
-});
+function count(name) {
+  var d = document.documentElement.dataset;
+  d[name] = String(Number(d[name] || 0) + 1);
+}
+// Capturing on window also sees resource errors (an image that fails), which do not bubble.
+window.addEventListener('error', function () { count('errors'); }, true);
+document.addEventListener('securitypolicyviolation', function () { count('blockedRequests'); });
 window.addEventListener('load', function () {
   var images = Array.prototype.slice.call(document.images);
   var ok = images.filter(function (im) { return im.complete && im.naturalWidth > 0; });

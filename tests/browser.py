@@ -39,12 +39,15 @@ def _run(args: list[str], tmp: Path, name: str) -> subprocess.CompletedProcess:
     return subprocess.run(command, capture_output=True, text=True, timeout=120)
 
 
-def body_attributes(page: Path, tmp: Path) -> dict[str, str]:
-    """The ``data-*`` attributes of <body> after the page loaded and its scripts ran."""
+def page_attributes(page: Path, tmp: Path) -> dict[str, str]:
+    """The ``data-*`` attributes of <html> and <body> after the page loaded and its
+    scripts ran."""
     done = _run(["--virtual-time-budget=5000", "--dump-dom", page.resolve().as_uri()], tmp, "dom")
-    body = re.search(r"<body([^>]*)>", done.stdout)
-    assert body, f"chromium printed no DOM (exit {done.returncode}): {done.stderr[-2000:]}"
-    return dict(re.findall(r'data-([\w-]+)="([^"]*)"', body.group(1)))
+    tags = re.findall(r"<(?:html|body)([^>]*)>", done.stdout)
+    assert len(tags) == 2, (
+        f"chromium printed no DOM (exit {done.returncode}): {done.stderr[-2000:]}"
+    )
+    return dict(re.findall(r'data-([\w-]+)="([^"]*)"', " ".join(tags)))
 
 
 def screenshot(page: Path, tmp: Path, size: str = "1200,3000") -> Path:

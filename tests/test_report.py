@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from browser import body_attributes, screenshot
+from browser import page_attributes, screenshot
 from PIL import Image
 from run_folders import (
     REPO,
@@ -74,10 +74,10 @@ def test_report_renders_in_headless_chromium_with_every_image_decoded(trained_ru
     run_dir, _ = trained_run
     report = write_report(run_dir, tmp_path / "out" / "page.html")
     assert report.images["heatmaps"].parent == tmp_path / "out"
-    attrs = body_attributes(report.html, tmp_path)
+    attrs = page_attributes(report.html, tmp_path)
     assert attrs.get("images-total") == str(len(ALWAYS)), attrs
     assert attrs.get("images-decoded") == attrs["images-total"], attrs
-    assert "script-errors" not in attrs
+    assert "errors" not in attrs and "blocked-requests" not in attrs, attrs
     with Image.open(screenshot(report.html, tmp_path)) as shot:
         grey = np.asarray(shot.convert("L"), dtype=np.float64)
     assert grey.shape == (3000, 1200)
@@ -216,3 +216,18 @@ def test_report_finds_the_records_a_lightning_callback_wrote_below_the_root(tmp_
     records = Path(cb.jsonl_file)
     assert records.parent != tmp_path and report.html == records.parent / "report.html"
     assert f"{len(cb.monitor.probed_steps)} probe(s)" in report.summary[0]
+
+
+def test_the_browser_check_catches_a_broken_image_and_a_network_fetch(tmp_path):
+    from redundancy_monitor.report import CHECK_SCRIPT, CSP
+
+    page = tmp_path / "bad.html"
+    page.write_text(
+        f'<!DOCTYPE html><html><head><meta http-equiv="Content-Security-Policy" '
+        f'content="{CSP}"><script>{CHECK_SCRIPT}</script></head><body>'
+        '<img src="data:image/png;base64,iVBORw0KGgoAAAA">'
+        '<img src="https://example.invalid/remote.png"></body></html>'
+    )
+    attrs = page_attributes(page, tmp_path)
+    assert attrs["images-total"] == "2" and attrs["images-decoded"] == "0", attrs
+    assert int(attrs["errors"]) >= 1 and int(attrs["blocked-requests"]) >= 1, attrs
