@@ -231,3 +231,7 @@ def test_the_browser_check_catches_a_broken_image_and_a_network_fetch(tmp_path):
     attrs = page_attributes(page, tmp_path)
     assert attrs["images-total"] == "2" and attrs["images-decoded"] == "0", attrs
     assert int(attrs["errors"]) >= 1 and int(attrs["blocked-requests"]) >= 1, attrs
+    blank = tmp_path / "blank.html"
+    blank.write_text("<!DOCTYPE html><html><body></body></html>")
+    with Image.open(screenshot(blank, tmp_path)) as shot:
+        assert np.asarray(shot.convert("L"), dtype=np.float64).std() < 1  # what "blank" reads as
