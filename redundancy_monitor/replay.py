@@ -410,6 +410,7 @@ def replay(
     alert) and the replay goes on.
     """
     protocols = check_protocols(protocols)
+    checkpoints = sorted(checkpoints, key=lambda c: c.step)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     state_path = out_dir / STATE_FILE
