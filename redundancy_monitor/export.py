@@ -15,7 +15,7 @@ from typing import Any
 from torch import nn
 
 from redundancy_monitor.blocks import find_blocks, unwrap_model
-from redundancy_monitor.errors import InvalidBudgetError
+from redundancy_monitor.errors import InvalidBudgetError, UnsupportedModelError
 
 #: Per-layer config lists (one entry per block) that shrink with the stack.
 PER_LAYER_CONFIG_LISTS = ("layer_types",)
@@ -95,7 +95,7 @@ def export_pruned(
         What was written: the folder, removed layers and the new depth.
     """
     if not hasattr(unwrap_model(model), "save_pretrained"):
-        raise InvalidBudgetError(
+        raise UnsupportedModelError(
             f"{type(model).__name__} has no save_pretrained; export needs a Hugging Face model"
         )
     removed = sorted(set(int(s) for s in layers))
