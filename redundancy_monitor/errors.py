@@ -29,3 +29,11 @@ class UnsupportedModelError(RedundancyMonitorError, TypeError):
 
 class InvalidConfigError(RedundancyMonitorError, ValueError):
     """A configuration value is out of range or of the wrong kind."""
+
+
+class InvalidBudgetError(RedundancyMonitorError, ValueError):
+    """A removal budget or removal set cannot be satisfied by this model."""
+
+
+class CheckpointError(RedundancyMonitorError, ValueError):
+    """A checkpoint, tokenizer or text given to the command line cannot be used."""

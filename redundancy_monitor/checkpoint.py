@@ -1,0 +1,199 @@
+"""What offline scoring reads: a local checkpoint, its tokenizer, and text cut into a
+probe batch plus a disjoint held-out part. Nothing is downloaded (local_files_only).
+
+transformers is imported here, on demand, never by `import redundancy_monitor`.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from redundancy_monitor.errors import CheckpointError
+
+DTYPES = {
+    "auto": "auto",
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
+
+
+def resolve_device(device: str) -> torch.device:
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise CheckpointError(f"unknown device {device!r}; pass e.g. cpu, cuda or cuda:1") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise CheckpointError(
+            f"device {device!r} asked for, but CUDA is not available; pass --device cpu"
+        )
+    return dev
+
+
+def _gguf_location(path: Path) -> dict[str, Any]:
+    if importlib.util.find_spec("gguf") is None:
+        raise CheckpointError(
+            f"{path.name} is a GGUF file; reading it needs the optional 'gguf' package: "
+            "pip install 'redundancy-monitor[gguf]'"
+        )
+    return {"pretrained_model_name_or_path": str(path.parent), "gguf_file": path.name}
+
+
+def _location(path: str | Path) -> tuple[Path, dict[str, Any]]:
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint path {str(path)!r} does not exist")
+    if path.is_file():
+        if path.suffix.lower() != ".gguf":
+            raise CheckpointError(
+                f"{str(path)!r} is a file but not a .gguf; pass a Hugging Face checkpoint "
+                "folder (config.json + weights) or a .gguf file"
+            )
+        return path, _gguf_location(path)
+    if not (path / "config.json").is_file():
+        raise CheckpointError(
+            f"{str(path)!r} has no config.json; pass a Hugging Face checkpoint folder saved "
+            "with save_pretrained, or a .gguf file"
+        )
+    return path, {"pretrained_model_name_or_path": str(path)}
+
+
+def load_checkpoint(
+    path: str | Path,
+    tokenizer: str | Path | None = None,
+    dtype: str = "auto",
+    device: str = "cpu",
+):
+    """Load a causal LM and its tokenizer from a local folder or .gguf file.
+
+    Args:
+        path: a folder with config.json and weights (tokenizer files optional), or a
+            ``.gguf`` file (needs the ``gguf`` extra).
+        tokenizer: a folder (or .gguf) to take the tokenizer from instead of `path`.
+        dtype: ``auto`` (as saved), ``float32``, ``bfloat16`` or ``float16``.
+        device: where to put the model.
+
+    Returns:
+        ``(model, tokenizer)``, the model in eval mode.
+
+    Raises:
+        CheckpointError: missing path, not a causal LM, no tokenizer, unknown dtype or
+            device, gguf package missing.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    if dtype not in DTYPES:
+        raise CheckpointError(f"unknown dtype {dtype!r}; choose from {', '.join(DTYPES)}")
+    dev = resolve_device(device)
+    path, where = _location(path)
+    try:
+        config = AutoConfig.from_pretrained(**where, local_files_only=True)
+    except (OSError, ValueError, KeyError) as e:
+        raise CheckpointError(
+            f"cannot read the config of {str(path)!r}: {_first_line(e)}"
+        ) from None
+    if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
+        raise CheckpointError(
+            f"{str(path)!r} is not a causal LM (model_type {config.model_type!r} has no "
+            "causal-LM class in transformers); score needs a decoder-only language model"
+        )
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            **where, local_files_only=True, dtype=DTYPES[dtype]
+        )
+    except (OSError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"cannot load weights from {str(path)!r}: {_first_line(e)}") from None
+    tok_where = where if tokenizer is None else _location(tokenizer)[1]
+    try:
+        tok = AutoTokenizer.from_pretrained(**tok_where, local_files_only=True)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        source = str(tokenizer or path)
+        raise CheckpointError(
+            f"no usable tokenizer in {source!r} ({_first_line(e)}); pass --tokenizer DIR"
+        ) from None
+    return model.to(dev).eval(), tok
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0] if text else type(e).__name__
+
+
+def read_text(sources: list[str]) -> str:
+    """Concatenate text files (``-`` = stdin), separated by blank lines."""
+    parts = []
+    for source in sources:
+        if source == "-":
+            parts.append(sys.stdin.read())
+            continue
+        try:
+            parts.append(Path(source).read_text(encoding="utf-8", errors="replace"))
+        except OSError as e:
+            raise CheckpointError(f"cannot read text file {source!r}: {e.strerror}") from None
+    return "\n\n".join(parts)
+
+
+@dataclass(frozen=True)
+class TextSplit:
+    """The probe batch and the held-out tokens cut from text."""
+
+    probe_ids: torch.Tensor  # [n_seq, seq_len]
+    heldout_ids: torch.Tensor  # [n_tokens]
+    text_tokens: int
+    heldout_source: str  # "split" (after the probe part) or "file"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "n_seq": int(self.probe_ids.shape[0]),
+            "seq_len": int(self.probe_ids.shape[1]),
+            "text_tokens": self.text_tokens,
+            "heldout_tokens": int(self.heldout_ids.numel()),
+            "heldout_source": self.heldout_source,
+        }
+
+
+def tokenize(tokenizer, text: str) -> torch.Tensor:
+    ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def split_text(
+    tokenizer, text: str, n_seq: int, seq_len: int, heldout_text: str | None = None
+) -> TextSplit:
+    """Cut up to `n_seq` consecutive sequences of `seq_len` tokens for the probe batch.
+
+    Without `heldout_text`, at most half the tokens go to the probe batch and the rest,
+    disjoint from it, is held out for perplexity.
+
+    Raises:
+        CheckpointError: too little text for one sequence, or for a held-out part.
+    """
+    if n_seq < 1 or seq_len < 2:
+        raise CheckpointError(f"need --n-seq >= 1 and --seq-len >= 2, got {n_seq} and {seq_len}")
+    ids = tokenize(tokenizer, text)
+    usable = len(ids) if heldout_text is not None else len(ids) // 2
+    n = min(n_seq, usable // seq_len)
+    if n == 0:
+        need = seq_len if heldout_text is not None else 2 * seq_len
+        raise CheckpointError(
+            f"the text has {len(ids)} tokens, too short for one sequence of --seq-len "
+            f"{seq_len} (needs {need}{'' if heldout_text else ', half of it held out'}); "
+            "pass more text, a smaller --seq-len, or --heldout FILE"
+        )
+    probe_ids = ids[: n * seq_len].reshape(n, seq_len)
+    if heldout_text is None:
+        heldout, source = ids[n * seq_len :], "split"
+    else:
+        heldout, source = tokenize(tokenizer, heldout_text), "file"
+    if heldout.numel() < 2:
+        raise CheckpointError(
+            f"the held-out text has {heldout.numel()} token(s); perplexity needs at least 2"
+        )
+    return TextSplit(probe_ids, heldout, len(ids), source)

@@ -1,0 +1,277 @@
+"""`redundancy-monitor score` end to end: the console script in a subprocess on a saved
+checkpoint, its JSON checked against the library, its files read back, bad input."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from score_fixtures import make_text, save_checkpoint
+
+from redundancy_monitor import find_blocks, probe
+from redundancy_monitor.checkpoint import load_checkpoint, split_text
+from redundancy_monitor.cli import main
+from redundancy_monitor.comparison import compare_removal
+from redundancy_monitor.export import prune_model
+
+ROOT = Path(__file__).parents[1]
+SCRIPT = shutil.which("redundancy-monitor")
+ARGS = ["--n-seq", "3", "--seq-len", "16", "--budgets", "1,2", "--random-draws", "2",
+        "--window", "32", "--stride", "16"]  # fmt: skip
+
+
+def run_script(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
+    """The installed console script, importing this checkout (PYTHONPATH) and one thread."""
+    if SCRIPT is None:
+        pytest.skip("the redundancy-monitor console script is not installed")
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    return subprocess.run(
+        [SCRIPT, *args], input=stdin, capture_output=True, text=True, env=env, timeout=240
+    )
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("score")
+    save_checkpoint(d / "ckpt", n_layers=6)
+    (d / "text.txt").write_text(make_text(400, seed=1))
+    return d
+
+
+@pytest.fixture(scope="module")
+def scored(workdir):
+    proc = run_script(
+        "score", str(workdir / "ckpt"), "--text", str(workdir / "text.txt"), *ARGS,
+        "--pairs", "window:2", "--out", str(workdir / "out"),
+        "--export-pruned", str(workdir / "pruned"), "--budget", "2", "--protocol", "interchange",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc, json.loads((workdir / "out" / "result.json").read_text())
+
+
+def test_terminal_output_has_regime_top_pairs_and_removal_table(scored):
+    proc, data = scored
+    out = proc.stdout
+    assert f"regime: {data['probe']['summary']['regime']}" in out
+    assert "most interchangeable pairs under interchange (d_int):" in out
+    assert "most interchangeable pairs under replacement (d_repl):" in out
+    assert "n=1: recommend remove" in out and "n=2: recommend remove" in out
+    assert "probe variants" in proc.stderr  # the progress bars
+    assert "removal evaluations" in proc.stderr
+
+
+def test_result_json_matches_the_library_on_the_same_batch(scored, workdir):
+    _, data = scored
+    model, tokenizer = load_checkpoint(workdir / "ckpt")
+    split = split_text(tokenizer, (workdir / "text.txt").read_text(), 3, 16)
+    result = probe(model, split.probe_ids, pairs="window:2")
+    assert data["batch_sha256"] == result.meta["batch_sha256"]
+    assert data["text"] == split.to_dict() and data["text"]["heldout_source"] == "split"
+    assert data["config"]["pairs"] == "window:2" and data["config"]["budgets"] == [1, 2]
+    assert set(data["versions"]) == {"redundancy_monitor", "torch", "transformers", "python"}
+    assert len(data["probe"]["pairs"]) == len(result.pairs) == 5 + 4
+    for got, want in zip(data["probe"]["pairs"], result.pairs, strict=True):
+        assert (got["i"], got["j"]) == (want.i, want.j)
+        for field in ("repl_ij", "repl_ji", "d_repl", "d_int", "gap"):
+            assert got[field] == pytest.approx(getattr(want, field), rel=1e-5, abs=1e-7)
+    assert data["probe"]["summary"]["regime"] == result.summary.regime
+    report = compare_removal(
+        model, result, split.probe_ids, split.heldout_ids, budgets=(1, 2), window=32,
+        stride=16, random_draws=2,
+    )  # fmt: skip
+    removal = data["removal"]
+    assert removal["base_perplexity"] == pytest.approx(report.base_perplexity, rel=1e-6)
+    assert (removal["window"], removal["stride"]) == (32, 16)
+    assert len(removal["rows"]) == len(report.rows) == 2 * 6
+    for got, want in zip(removal["rows"], report.rows, strict=True):
+        assert (got["budget"], got["selector"]) == (want.budget, want.selector)
+        assert got["perplexity"] == pytest.approx(want.perplexity, rel=1e-6)
+        assert got["d_del"] == pytest.approx(want.d_del, rel=1e-5, abs=1e-7)
+    for got, want in zip(removal["verdicts"], report.verdicts, strict=True):
+        assert got["recommended"] == list(want.recommended)
+
+
+def test_out_dir_has_summary_plots_and_a_tensorboard_run(scored, workdir):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    _, data = scored
+    out = workdir / "out"
+    summary = (out / "summary.md").read_text()
+    assert "## Removal table" in summary and f"**{data['probe']['summary']['regime']}**" in summary
+    if importlib.util.find_spec("matplotlib") is not None:
+        for name in ("heatmap_d_repl", "heatmap_d_int", "heatmap_gap", "gap_vs_depth",
+                     "removal_cost"):  # fmt: skip
+            assert (out / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    events = EventAccumulator(str(out / "tensorboard"), size_guidance={"images": 0})
+    events.Reload()
+    scalars = events.Tags()["scalars"]
+    gap = events.Scalars("probe/gap_mean")[0].value
+    assert gap == pytest.approx(data["probe"]["summary"]["gap_mean"], rel=1e-5)
+    curve = {e.step: e.value for e in events.Scalars("removal/interchange/perplexity")}
+    want = {r["budget"]: r["perplexity"] for r in data["removal"]["rows"]
+            if r["selector"] == "interchange"}  # fmt: skip
+    assert curve.keys() == want.keys()
+    assert all(curve[b] == pytest.approx(want[b], rel=1e-5) for b in want)
+    assert "removal/base_perplexity" in scalars
+    if importlib.util.find_spec("matplotlib") is not None:
+        assert "figures/heatmap_gap" in events.Tags()["images"]
+
+
+def test_exported_pruned_checkpoint_round_trips(scored, workdir):
+    from transformers import AutoModelForCausalLM
+
+    _, data = scored
+    layers = data["removal"]["plan"]["sets"]["interchange"]["2"]
+    assert data["export"]["removed"] == layers and data["export"]["num_hidden_layers"] == 4
+    model, _ = load_checkpoint(workdir / "ckpt")
+    reloaded = AutoModelForCausalLM.from_pretrained(workdir / "pruned", local_files_only=True)
+    assert len(find_blocks(reloaded)) == 4 and reloaded.config.num_hidden_layers == 4
+    ids = torch.arange(20).reshape(2, 10) % model.config.vocab_size
+    with torch.no_grad():
+        got = reloaded.eval()(ids, use_cache=False).logits
+        want = prune_model(model, layers)(ids, use_cache=False).logits
+    assert torch.equal(got, want)
+    assert (workdir / "pruned" / "tokenizer.json").exists()
+
+
+def test_text_from_stdin_gives_the_same_probe_batch(scored, workdir):
+    _, data = scored
+    proc = run_script(
+        "score", str(workdir / "ckpt"), "--text", "-", *ARGS, "--no-progress",
+        "--pairs", "adjacent", "--out", str(workdir / "stdin"),
+        stdin=(workdir / "text.txt").read_text(),
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    again = json.loads((workdir / "stdin" / "result.json").read_text())
+    assert again["batch_sha256"] == data["batch_sha256"]
+
+
+# -- bad input: exit code 2 and one line saying why ------------------------------------
+
+
+def test_console_script_reports_bad_input_in_one_line(workdir):
+    for args, reason in [
+        (
+            ["score", str(workdir / "nowhere"), "--text", str(workdir / "text.txt")],
+            "does not exist",
+        ),
+        (
+            ["score", str(workdir / "ckpt"), "--text", "x", "--pairs", "diagonal"],
+            "unknown pair set",
+        ),
+    ]:
+        proc = run_script(*args)
+        assert proc.returncode == 2
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and reason in lines[0], proc.stderr
+        assert "Traceback" not in proc.stderr
+
+
+def score_main(capsys, *args: str) -> tuple[int, str]:
+    try:
+        code = main(["score", *args, "--no-progress"])
+    except SystemExit as e:  # argparse rejects an option value
+        code = e.code
+    err = capsys.readouterr().err.strip()
+    return code, err
+
+
+def bad_inputs(workdir: Path) -> list[tuple[list[str], str]]:
+    ckpt, text = str(workdir / "ckpt"), str(workdir / "text.txt")
+    vit = workdir / "vit"
+    if not vit.exists():
+        from transformers import ViTConfig
+
+        ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2).save_pretrained(vit)
+    no_tok = workdir / "no_tokenizer"
+    if not no_tok.exists():
+        save_checkpoint(no_tok, n_layers=4, with_tokenizer=False)
+    short = workdir / "short.txt"
+    short.write_text("the cat sees a dog .")
+    gguf = workdir / "model.gguf"
+    gguf.write_bytes(b"GGUF")
+    cases = [
+        ([str(workdir / "nowhere"), "--text", text], "does not exist"),
+        ([str(vit), "--text", text], "is not a causal LM"),
+        ([str(no_tok), "--text", text], "--tokenizer"),
+        ([ckpt, "--text", str(short), *ARGS], "too short for one sequence"),
+        ([ckpt, "--text", str(workdir / "missing.txt")], "cannot read text file"),
+        ([ckpt, "--text", text, *ARGS[:4], "--budgets", "4"], "non-adjacent layers"),
+        ([ckpt, "--text", text, "--budgets", "0"], "positive"),
+        ([ckpt, "--text", text, *ARGS, "--seed", "-1"], "seed >= 0"),
+        ([ckpt, "--text", text, *ARGS[:4], "--window", "8", "--stride", "8"], "stride < window"),
+        ([ckpt, "--text", text, "--budgets", "a,b"], "comma-separated"),
+        ([ckpt, "--text", text, "--pairs", "window:0"], "positive integer"),
+        ([ckpt, "--text", text, "--dtype", "float8"], "invalid choice"),
+        ([ckpt, "--text", text, "--protocol", "deletion"], "invalid choice"),
+        ([ckpt, "--text", text, "--seq-len", "100"], "max_position_embeddings"),
+        ([ckpt, "--text", text, "--export-pruned", str(workdir / "x")], "exactly one of"),
+        ([ckpt, "--text", text, "--remove", "1"], "--export-pruned"),
+        ([ckpt, "--text", text, "--device", "tpu:x"], "device"),
+        ([str(workdir / "text.txt"), "--text", text], "not a .gguf"),
+    ]
+    if importlib.util.find_spec("gguf") is None:
+        cases.append(([str(gguf), "--text", text], "pip install 'redundancy-monitor[gguf]'"))
+    return cases
+
+
+def test_every_bad_input_exits_2_with_its_reason(workdir, capsys):
+    cases = bad_inputs(workdir)
+    capsys.readouterr()
+    for args, reason in cases:
+        code, err = score_main(capsys, *args)
+        assert code == 2, (args, err)
+        assert reason in err, (args, err)
+        assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+
+
+def test_export_with_explicit_layers_out_of_range_is_bad_input(workdir, capsys):
+    code, err = score_main(
+        capsys, str(workdir / "ckpt"), "--text", str(workdir / "text.txt"), *ARGS,
+        "--export-pruned", str(workdir / "bad_export"), "--remove", "2,9",
+    )  # fmt: skip
+    assert code == 2 and "cannot remove layer 9" in err
+    assert not (workdir / "bad_export").exists()
+
+
+def test_score_module_imports_stay_light():
+    code = (
+        "import sys, redundancy_monitor.cli, redundancy_monitor;"
+        "print(any(m.startswith(('transformers', 'lightning', 'matplotlib')) for m in sys.modules))"
+    )
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert out.stdout.strip() == "False", out.stderr
+
+
+def test_tokenizer_override_and_plots_skipped_with_one_notice_without_matplotlib(
+    workdir, capsys, monkeypatch
+):
+    no_tok = workdir / "no_tokenizer"
+    if not no_tok.exists():
+        save_checkpoint(no_tok, n_layers=4, with_tokenizer=False)
+    capsys.readouterr()
+    for name in [m for m in sys.modules if m == "matplotlib" or m.startswith("matplotlib.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+    out = workdir / "no_mpl"
+    code = main([
+        "score", str(no_tok), "--tokenizer", str(workdir / "ckpt"),
+        "--text", str(workdir / "text.txt"), *ARGS[:4], "--budgets", "1",
+        "--random-draws", "1", "--window", "16", "--out", str(out), "--no-progress",
+    ])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 0, err
+    assert err.count("matplotlib is not installed") == 1
+    assert not list(out.glob("*.png"))
+    assert json.loads((out / "result.json").read_text())["config"]["tokenizer"] == str(
+        workdir / "ckpt"
+    )
+    assert list((out / "tensorboard").glob("events.out.tfevents.*"))
