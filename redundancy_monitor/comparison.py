@@ -206,8 +206,11 @@ def compare_removal(
         raise InvalidConfigError(
             f"unknown baseline {unknown[0]!r}; choose from {', '.join(BASELINES)}"
         )
-    if "random" in baselines and random_draws < 1:
-        raise InvalidConfigError(f"random_draws must be >= 1, got {random_draws}")
+    if "random" in baselines and (random_draws < 1 or seed < 0):
+        raise InvalidConfigError(
+            f"the random baseline needs random_draws >= 1 and seed >= 0, got "
+            f"random_draws={random_draws}, seed={seed}"
+        )
     if heldout_ids is None:
         raise InvalidConfigError(
             "compare_removal needs heldout_ids: removal is judged on held-out text"

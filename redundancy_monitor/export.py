@@ -15,24 +15,11 @@ from typing import Any
 from torch import nn
 
 from redundancy_monitor.blocks import find_blocks, unwrap_model
-from redundancy_monitor.errors import InvalidBudgetError
+from redundancy_monitor.errors import UnsupportedModelError
+from redundancy_monitor.removal import check_removal_set
 
 #: Per-layer config lists (one entry per block) that shrink with the stack.
 PER_LAYER_CONFIG_LISTS = ("layer_types",)
-
-
-def check_layers(layers: Iterable[int], n_layers: int) -> list[int]:
-    layers = sorted(set(int(s) for s in layers))
-    bad = [s for s in layers if not 0 <= s < n_layers]
-    if bad:
-        raise InvalidBudgetError(
-            f"cannot remove layer {bad[0]}: the model has layers 0..{n_layers - 1}"
-        )
-    if not layers or len(layers) >= n_layers:
-        raise InvalidBudgetError(
-            f"remove between 1 and {n_layers - 1} of the {n_layers} layers, got {layers}"
-        )
-    return layers
 
 
 def prune_model(
@@ -51,7 +38,7 @@ def prune_model(
     """
     root = unwrap_model(model)
     n_layers = len(find_blocks(root, blocks))
-    removed = check_layers(layers, n_layers)
+    removed = list(check_removal_set(layers, n_layers))
     if not inplace:
         root = copy.deepcopy(root)
     block_list = find_blocks(root, blocks if isinstance(blocks, str) else None)
@@ -95,7 +82,7 @@ def export_pruned(
         What was written: the folder, removed layers and the new depth.
     """
     if not hasattr(unwrap_model(model), "save_pretrained"):
-        raise InvalidBudgetError(
+        raise UnsupportedModelError(
             f"{type(model).__name__} has no save_pretrained; export needs a Hugging Face model"
         )
     removed = sorted(set(int(s) for s in layers))

@@ -151,6 +151,21 @@ def plan_removal(
     return RemovalPlan(sets, scores, orders)
 
 
+def check_removal_set(layers: Iterable[int], n_layers: int) -> tuple[int, ...]:
+    """Sorted distinct layers; raises InvalidBudgetError if out of range, none or all."""
+    layers = tuple(sorted(set(int(s) for s in layers)))
+    bad = [s for s in layers if not 0 <= s < n_layers]
+    if bad:
+        raise InvalidBudgetError(
+            f"cannot remove layer {bad[0]}: the model has layers 0..{n_layers - 1} (0-based)"
+        )
+    if not layers or len(layers) >= n_layers:
+        raise InvalidBudgetError(
+            f"remove between 1 and {n_layers - 1} of the {n_layers} layers, got {list(layers)}"
+        )
+    return layers
+
+
 def jaccard(a: Iterable[int], b: Iterable[int]) -> float | None:
     a, b = set(a), set(b)
     union = a | b
@@ -294,7 +309,7 @@ class RemovalCost:
         return self.perplexity / self.base_perplexity - 1.0
 
     def to_dict(self) -> dict[str, Any]:
-        out = {
+        return {
             "layers": list(self.layers),
             "d_del": _clean(self.d_del),
             "d_del_last": _clean(self.d_del_last),
@@ -305,7 +320,6 @@ class RemovalCost:
             "stride": self.stride,
             "heldout_tokens": self.heldout_tokens,
         }
-        return out
 
 
 def _clean(x: float | None) -> float | None:
@@ -347,18 +361,7 @@ class CostMeter:
         return 0 if self.rows is None else int(self.rows.numel())
 
     def check_layers(self, layers: Iterable[int]) -> tuple[int, ...]:
-        layers = tuple(sorted(set(int(s) for s in layers)))
-        bad = [s for s in layers if not 0 <= s < self.n_layers]
-        if bad:
-            raise InvalidBudgetError(
-                f"layer {bad[0]} does not exist; this model has slots 0..{self.n_layers - 1}"
-            )
-        if not layers or len(layers) >= self.n_layers:
-            raise InvalidBudgetError(
-                f"remove between 1 and {self.n_layers - 1} of the {self.n_layers} layers, "
-                f"got {list(layers)}"
-            )
-        return layers
+        return check_removal_set(layers, self.n_layers)
 
     def d_del(self, sets: Sequence[tuple[int, ...]], progress=None) -> list[tuple[float, float]]:
         variants = [Variant.deletion(self.n_layers, s) for s in sets]

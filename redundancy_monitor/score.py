@@ -18,7 +18,7 @@ from redundancy_monitor.checkpoint import TextSplit, load_checkpoint, read_text,
 from redundancy_monitor.comparison import RemovalReport, compare_removal
 from redundancy_monitor.errors import CheckpointError
 from redundancy_monitor.probe import probe
-from redundancy_monitor.removal import GUIDED_PROTOCOLS, plan_removal
+from redundancy_monitor.removal import GUIDED_PROTOCOLS, check_removal_set, plan_removal
 from redundancy_monitor.result import ProbeResult
 from redundancy_monitor.variants import parse_pairs
 
@@ -137,9 +137,7 @@ def score_checkpoint(config: ScoreConfig) -> ScoreRun:
             f"--seq-len {config.seq_len} exceeds the model's max_position_embeddings {limit}"
         )
     if config.remove is not None:  # fail before the long part, not after it
-        from redundancy_monitor.export import check_layers
-
-        check_layers(config.remove, len(find_blocks(model)))
+        check_removal_set(config.remove, len(find_blocks(model)))
     split = split_text(tokenizer, text, config.n_seq, config.seq_len, heldout_text)
     result = probe(model, split.probe_ids, pairs=config.pairs, progress=config.progress)
     report = compare_removal(

@@ -151,6 +151,8 @@ def test_compare_removal_bad_input(compared):
     model, ids, held, result, _ = compared
     with pytest.raises(InvalidConfigError, match="unknown baseline"):
         compare_removal(model, result, ids, held, baselines=("shortgpt",))
+    with pytest.raises(InvalidConfigError, match="seed >= 0"):
+        compare_removal(model, result, ids, held, seed=-1)
     with pytest.raises(InvalidConfigError, match="heldout"):
         compare_removal(model, result, ids, None)
     with pytest.raises(InvalidBudgetError):

@@ -205,6 +205,8 @@ def bad_inputs(workdir: Path) -> list[tuple[list[str], str]]:
         ([ckpt, "--text", str(workdir / "missing.txt")], "cannot read text file"),
         ([ckpt, "--text", text, *ARGS[:4], "--budgets", "4"], "non-adjacent layers"),
         ([ckpt, "--text", text, "--budgets", "0"], "positive"),
+        ([ckpt, "--text", text, *ARGS, "--seed", "-1"], "seed >= 0"),
+        ([ckpt, "--text", text, *ARGS[:4], "--window", "8", "--stride", "8"], "stride < window"),
         ([ckpt, "--text", text, "--budgets", "a,b"], "comma-separated"),
         ([ckpt, "--text", text, "--pairs", "window:0"], "positive integer"),
         ([ckpt, "--text", text, "--dtype", "float8"], "invalid choice"),

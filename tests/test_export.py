@@ -80,7 +80,7 @@ def test_pruned_model_decodes_with_a_kv_cache():
     with torch.no_grad():
         full = model(ids, use_cache=False).logits
         first = model(ids[:, :7], use_cache=True)
-        step = model(ids[:, 7:8], past_key_values=first.past_key_values, use_cache=True)
+        step = model(ids[:, 7:8], cache=first.cache, use_cache=True)
     torch.testing.assert_close(step.logits[:, -1], full[:, 7], rtol=1e-4, atol=1e-5)
 
 
@@ -92,3 +92,17 @@ def test_prune_bad_layers():
         prune_model(model, [0, 1, 2, 3])
     with pytest.raises(InvalidBudgetError):
         prune_model(model, [])
+
+
+def test_export_refuses_a_model_without_save_pretrained(tmp_path):
+    from torch import nn
+
+    from redundancy_monitor import UnsupportedModelError
+
+    class Plain(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layers = nn.ModuleList(nn.Linear(4, 4) for _ in range(3))
+
+    with pytest.raises(UnsupportedModelError, match="save_pretrained"):
+        export_pruned(Plain(), [1], tmp_path / "x")

@@ -168,7 +168,7 @@ def test_removal_cost_leaves_the_model_unchanged():
 def test_removal_cost_bad_input():
     model = tiny_model("llama", n_layers=4)
     ids, _ = tiny_batch()
-    with pytest.raises(InvalidBudgetError, match=r"slots 0\.\.3"):
+    with pytest.raises(InvalidBudgetError, match=r"layers 0\.\.3"):
         removal_cost(model, [7], ids)
     with pytest.raises(InvalidBudgetError):
         removal_cost(model, [0, 1, 2, 3], ids)
