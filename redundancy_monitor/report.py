@@ -129,11 +129,14 @@ def _measured_sentences(run: RunRecords) -> list[str]:
         return []
     out = []
     base = run.removal.get("base_perplexity")
+    source = run.removal_source.name
+    if run.removal.get("checkpoint"):
+        source = f"{run.removal['checkpoint']}, {source}"
     for v in run.removal.get("verdicts", []):
         chosen = v.get("recommended")
         by = ", ".join(v.get("recommended_by", [])) or "?"
         out.append(
-            f"Measured ({run.removal_source.name}): at budget {v.get('budget')} the cheapest "
+            f"Measured ({source}): at budget {v.get('budget')} the cheapest "
             f"set on held-out text is {chosen} (chosen by {by}; perplexity "
             f"{_f(v.get('recommended_perplexity'))} vs {_f(base)} unpruned)."
         )
@@ -272,7 +275,11 @@ def _removal_section(run: RunRecords, png: bytes | None) -> str:
         for r in run.removal["rows"]
     ]
     table = _table(["budget", "selector", "layers", "d_del", "perplexity"], rows, (1, 2))
-    note = f'<p class="note">From {html.escape(str(run.removal_source))}.</p>'
+    measured = run.removal.get("checkpoint") or "one checkpoint"
+    note = (
+        f'<p class="note">Measured by <code>redundancy-monitor score</code> on {html.escape(str(measured))} '
+        f"(from {html.escape(str(run.removal_source))}).</p>"
+    )
     return (_img("removal_cost", png) if png else "") + table + note
 
 

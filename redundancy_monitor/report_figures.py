@@ -166,6 +166,8 @@ COST_COLUMNS = {"d_del": "d_del on the probe batch (nats)", "perplexity": "held-
 
 def removal_cost(table: dict) -> bytes | None:
     """Measured cost against budget, one line per selector (a score removal table)."""
+    from matplotlib.ticker import MaxNLocator
+
     rows = table.get("rows", [])
     columns = [c for c in COST_COLUMNS if any(isinstance(r.get(c), (int, float)) for r in rows)]
     if not columns:
@@ -185,6 +187,7 @@ def removal_cost(table: dict) -> bytes | None:
             if column == "perplexity" and isinstance(base, (int, float)):
                 ax.axhline(base, color="black", linestyle=":", label="unpruned")
             ax.set_xlabel("layers removed")
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             ax.set_ylabel(COST_COLUMNS[column])
             ax.grid(True, alpha=0.3)
             ax.legend(loc="best", fontsize=8)

@@ -134,7 +134,9 @@ def read_removal_table(path: Path) -> dict[str, Any] | None:
     rows = table.get("rows") if isinstance(table, dict) else None
     if not (isinstance(rows, list) and rows and all(isinstance(r, dict) for r in rows)):
         return None
-    return table
+    config = data.get("config") if isinstance(data, dict) else None
+    checkpoint = config.get("path") if isinstance(config, dict) else None
+    return {**table, "checkpoint": checkpoint}
 
 
 def _find_removal_table(folders: list[Path]) -> tuple[dict[str, Any] | None, Path | None]:
