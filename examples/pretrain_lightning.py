@@ -60,7 +60,7 @@ def main(argv=None):
     started = time.perf_counter()
     data = demo_data(seq_len=args.seq_len)
     print(
-        f"corpus: {len(data.train_ids)} x {args.seq_len} training tokens rows, tokenizer "
+        f"corpus: {len(data.train_ids)} rows of {args.seq_len} tokens, tokenizer "
         f"vocab {data.vocab_size} ({time.perf_counter() - started:.1f}s)"
     )
     config = pythia_config(data.vocab_size, args.layers, args.width, args.seq_len)
@@ -80,6 +80,7 @@ def main(argv=None):
     trainer = L.Trainer(
         max_steps=args.steps,
         default_root_dir=args.out,
+        callbacks=[monitor],
         accelerator="cpu",
         devices=1,
         log_every_n_steps=10,
