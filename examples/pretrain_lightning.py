@@ -45,8 +45,8 @@ class CausalLM(L.LightningModule):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--steps", type=int, default=300, help="optimizer steps")
-    p.add_argument("--every", type=int, default=25, help="probe every N steps")
+    p.add_argument("--steps", type=int, default=600, help="optimizer steps")
+    p.add_argument("--every", type=int, default=40, help="probe every N steps")
     p.add_argument("--layers", type=int, default=6)
     p.add_argument("--width", type=int, default=128)
     p.add_argument("--seq-len", type=int, default=64)
