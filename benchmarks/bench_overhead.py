@@ -17,6 +17,7 @@ measured extra time per probe. Goals: ratio >= 0.97 at the default cadence
 from __future__ import annotations
 
 import argparse
+import logging
 import statistics
 import time
 
@@ -29,8 +30,12 @@ from redundancy_monitor.schedule import DEFAULT_EVERY_N_STEPS
 
 
 def train_segment(model, opt, batches, monitor, first_step):
-    """Train on `batches`; return wall seconds. The monitor, if any, sees every step."""
-    started = time.perf_counter()
+    """Train on `batches` (then wait for a probe still running); return (wall s, CPU s).
+
+    CPU seconds count every thread of the process, the probe worker included, so they
+    measure the monitor's cost even when other processes share the cores.
+    """
+    wall, cpu = time.perf_counter(), time.process_time()
     for k, ids in enumerate(batches):
         loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
@@ -40,14 +45,16 @@ def train_segment(model, opt, batches, monitor, first_step):
         opt.zero_grad(set_to_none=True)
         if monitor is not None:
             monitor.step(first_step + k + 1, model)
-    return time.perf_counter() - started
+    if monitor is not None:
+        monitor.drain()  # a probe still running belongs to this mode's time
+    return time.perf_counter() - wall, time.process_time() - cpu
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--every", type=int, default=50, help="probe cadence measured (steps)")
     p.add_argument("--segment", type=int, default=100, help="steps per segment")
-    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=4)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq-len", type=int, default=64)
     p.add_argument("--layers", type=int, default=6)
@@ -55,6 +62,7 @@ def main(argv=None):
     p.add_argument("--pairs", default="window:2")
     args = p.parse_args(argv)
     torch.manual_seed(0)
+    logging.getLogger("redundancy_monitor").setLevel(logging.ERROR)  # alerts are not measured
     data = demo_data(seq_len=args.seq_len)
     config = pythia_config(data.vocab_size, args.layers, args.width, args.seq_len)
     model = AutoModelForCausalLM.from_config(config).train()
@@ -77,36 +85,43 @@ def main(argv=None):
         for kind in ("background", "inline")
     }
     modes = ("off", "background", "inline")
-    seconds = {m: 0.0 for m in modes}
-    steps = {m: 0 for m in modes}
+    wall = {m: [] for m in modes}
+    cpu = {m: [] for m in modes}
     train_segment(model, opt, batches(10), None, 0)  # warm-up
     global_step = 10
     for r in range(args.rounds):
         for mode in modes if r % 2 == 0 else modes[::-1]:
-            monitor = monitors.get(mode)
-            seconds[mode] += train_segment(model, opt, batches(args.segment), monitor, global_step)
-            if monitor is not None:
-                t = time.perf_counter()
-                monitor.drain()  # a probe still running belongs to this mode's time
-                seconds[mode] += time.perf_counter() - t
-            steps[mode] += args.segment
+            w, c = train_segment(model, opt, batches(args.segment), monitors.get(mode), global_step)
+            wall[mode].append(w)
+            cpu[mode].append(c)
             global_step += args.segment
 
-    rate = {m: steps[m] / seconds[m] for m in modes}
+    # Per round, each mode against the "off" segment of the same round, then the median.
+    def ratio(times, mode):
+        return statistics.median(o / t for o, t in zip(times["off"], times[mode], strict=True))
+
+    cpu_step = {m: sum(cpu[m]) / (args.segment * args.rounds) for m in modes}
     print(
         f"demo model: GPT-NeoX {args.layers} layers x {args.width}, batch {args.batch} x "
         f"{args.seq_len} tokens, probe batch {tuple(data.probe_ids.shape)}, pairs "
         f"{args.pairs}, {torch.get_num_threads()} threads"
     )
-    print(f"{args.rounds} rounds x {args.segment} steps per mode, probe every {args.every} steps\n")
     print(
-        f"{'mode':>11} {'steps/s':>9} {'ratio':>7} {'probes':>7} {'skipped':>8} "
-        f"{'blocked/probe':>14} {'probe time':>11} {'blocked/probe time':>19}"
+        f"{args.rounds} rounds x {args.segment} steps per mode, probe every {args.every} "
+        "steps; ratios = median over rounds of (time without monitor / time with)\n"
     )
-    step_time = 1 / rate["off"]
-    extra = {}
+    print(
+        f"{'mode':>11} {'steps/s':>8} {'wall ratio':>11} {'CPU ms/step':>12} {'CPU ratio':>10} "
+        f"{'probes':>7} {'skipped':>8} {'blocked/probe':>14} {'probe time':>11} "
+        f"{'blocked/probe time':>19}"
+    )
+    extra_cpu = {}
     for mode in modes:
-        line = f"{mode:>11} {rate[mode]:>9.2f} {rate[mode] / rate['off']:>7.3f}"
+        rate = args.segment * args.rounds / sum(wall[mode])
+        line = (
+            f"{mode:>11} {rate:>8.2f} {ratio(wall, mode):>11.3f} "
+            f"{cpu_step[mode] * 1e3:>12.1f} {ratio(cpu, mode):>10.3f}"
+        )
         mon = monitors.get(mode)
         if mon is not None and mon.history:
             blocked = statistics.median(h["blocked_seconds"] for h in mon.history)
@@ -115,16 +130,18 @@ def main(argv=None):
                 f" {mon.n_probes:>7} {mon.n_skipped_busy:>8} {blocked * 1e3:>11.1f} ms "
                 f"{own * 1e3:>8.0f} ms {blocked / own:>18.1%}"
             )
-            # extra wall time per probe, from the measured throughput loss
-            extra[mode] = (seconds[mode] - steps[mode] * step_time) / max(1, mon.n_probes)
+            extra_cpu[mode] = (cpu_step[mode] - cpu_step["off"]) * args.segment * args.rounds
+            extra_cpu[mode] /= max(1, mon.n_probes)
         print(line)
+    print("\nCPU cost per probe: " + ", ".join(f"{m} {e:.2f} s" for m, e in extra_cpu.items()))
     print(
-        "\nprojected throughput ratio at other cadences (from the measured extra time per probe):"
+        "projected throughput ratio at other cadences (CPU-bound: step CPU time vs the "
+        "measured CPU cost per probe):"
     )
     for every in sorted({args.every, 100, 200, DEFAULT_EVERY_N_STEPS}):
+        budget = every * cpu_step["off"]
         cells = "  ".join(
-            f"{mode}: {every * step_time / (every * step_time + max(0.0, e)):.3f}"
-            for mode, e in extra.items()
+            f"{mode}: {budget / (budget + max(0.0, e)):.3f}" for mode, e in extra_cpu.items()
         )
         tag = " (default)" if every == DEFAULT_EVERY_N_STEPS else ""
         print(f"  every {every:>4} steps{tag}: {cells}")
