@@ -145,15 +145,15 @@ class RedundancyMonitorCallback(Callback):
     # ----- hooks -------------------------------------------------------------------------
 
     def on_train_start(self, trainer, pl_module) -> None:
-        if not trainer.is_global_zero:
-            return
-        self._lm = find_language_model(pl_module, self.model_path)
-        self._fallback_batch(trainer)
-        if not self._attached:
-            self._attach_sinks(trainer)
-            self._attached = True
-        self.monitor.start()
-        self.monitor.step(trainer.global_step, self._lm)
+        if trainer.is_global_zero:
+            self._lm = find_language_model(pl_module, self.model_path)
+            self._fallback_batch(trainer)
+            if not self._attached:
+                self._attach_sinks(trainer)
+                self._attached = True
+            self.monitor.start()
+            self.monitor.step(trainer.global_step, self._lm)
+        self._apply_requests(trainer)
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         if trainer.is_global_zero:

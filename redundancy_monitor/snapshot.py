@@ -25,6 +25,7 @@ class ShadowModel:
         self.shadow: nn.Module | None = None
         self.stream = None  # torch.cuda.Stream on CUDA, None on CPU
         self._copied = None  # torch.cuda.Event recorded after the last refresh
+        self._device: torch.device | None = None  # device of the stream and the event
         self._source_id: int | None = None
         self._shapes: list[tuple[torch.Size, torch.dtype, torch.device]] = []
 
@@ -70,8 +71,9 @@ class ShadowModel:
         if device.type != "cuda":
             yield
             return
-        if self.stream is None or self.stream.device != device:
+        if self.stream is None or self._device != device:
             self.stream = torch.cuda.Stream(device=device)
+            self._device = device
         # The side stream must see the weights the last optimizer step wrote.
         self.stream.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(self.stream):
@@ -83,7 +85,7 @@ class ShadowModel:
         A device-side wait: it enqueues a dependency and returns at once.
         """
         if self._copied is not None:
-            torch.cuda.current_stream(self._copied.device).wait_event(self._copied)
+            torch.cuda.current_stream(self._device).wait_event(self._copied)
             self._copied = None
 
     def probe_context(self):

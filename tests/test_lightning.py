@@ -222,3 +222,20 @@ def test_interrupted_and_resumed_run_equals_a_straight_run(tmp_path):
     assert summary(read_records(tmp_path / "resumed.jsonl")) == summary(
         read_records(tmp_path / "straight.jsonl")
     )
+
+
+def test_checkpoint_on_alert_saves_a_lightning_checkpoint(tmp_path):
+    cb = RedundancyMonitorCallback(
+        probe_ids(),
+        every_n_steps=None,
+        log_spaced=False,
+        steps=(2,),
+        executor="inline",
+        alerts=AlertConfig(gap_threshold=-10.0, hysteresis=1),
+        checkpoint_on_alert=["gap_threshold"],
+    )
+    trainer = lightning_trainer(tmp_path, [cb], max_steps=3)
+    trainer.fit(lightning_module(), token_loader())
+    saved = sorted(p.name for p in (tmp_path / "lightning_logs" / "version_0").glob("*.ckpt"))
+    assert saved == ["redundancy-alert-step2.ckpt"]
+    assert trainer.global_step == 3  # a checkpoint request does not stop training

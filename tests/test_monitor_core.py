@@ -26,7 +26,7 @@ def sgd_loop(model, monitor, n_steps, keep=(), end=True):
     model.train()
     monitor.step(0, model)
     for step in range(1, n_steps + 1):
-        ids = torch.randint(0, 97, (4, 12), generator=g)
+        ids = torch.randint(0, 97, (4, 12), generator=g).to(next(model.parameters()).device)
         loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
         monitor.before_weights_change()
@@ -229,3 +229,17 @@ def test_probe_batch_from_texts_and_tokenizer():
     )
     mon.step(0, tiny_model("gpt_neox", 4))
     assert mon.history and mon._mask.tolist()[1] == [1, 1, 0, 0, 0, 0, 0, 0]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_side_stream_snapshot_matches_the_weights_at_the_step():
+    model = tiny_model("gpt_neox", 4).cuda()
+    ids = tiny_batch(3, 12)[0]
+    mon = RedundancyMonitor(
+        ids, every_n_steps=None, log_spaced=False, steps=(3,), at_train_end=False
+    )
+    kept = sgd_loop(model, mon, 6, keep=(3,))
+    mon.close()
+    assert mon._shadow.stream is not None  # the side-stream path ran
+    expected = probe(kept[3], ids).summary.scalars()
+    assert mon.history[0]["scalars"] == pytest.approx(expected, rel=1e-4, abs=1e-6)
