@@ -24,6 +24,17 @@ _LIVE: weakref.WeakValueDictionary[str, RedundancyMonitorTrainerCallback] = (
 _TOKENS = itertools.count()
 
 
+def refuse_deepspeed_zero3(args) -> None:
+    """ZeRO-3 partitions every parameter; the probe needs whole blocks."""
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    if getattr(args, "deepspeed", None) and is_deepspeed_zero3_enabled():
+        raise InvalidConfigError(
+            "DeepSpeed ZeRO-3 partitions every parameter and the redundancy probe needs "
+            "whole blocks; use ZeRO stage 1/2, DDP, or FSDP2"
+        )
+
+
 class RedundancyMonitorTrainerCallback(TrainerCallback, ExportableState):
     """Probe layer redundancy while a `transformers.Trainer` trains.
 
@@ -133,12 +144,20 @@ class RedundancyMonitorTrainerCallback(TrainerCallback, ExportableState):
 
     # ----- events ------------------------------------------------------------------------
 
+    def _probes_here(self, args, state) -> bool:
+        # With several processes every one probes its share of the pairs (unless
+        # distributed probing is off, in which case the main process probes alone).
+        return state.is_world_process_zero or (
+            args.world_size > 1 and self.monitor.distributed is not False
+        )
+
     def on_train_begin(self, args, state, control, model=None, **kwargs):
-        if not state.is_world_process_zero:
+        refuse_deepspeed_zero3(args)
+        if not self._probes_here(args, state):
             return
         self._restore(state)
         self._fallback_batch(kwargs)
-        if not self._attached:
+        if not self._attached and state.is_world_process_zero:
             self._attach_sinks(args)
             self._attached = True
         self.monitor.start()
@@ -146,21 +165,22 @@ class RedundancyMonitorTrainerCallback(TrainerCallback, ExportableState):
         self._apply_requests(control)
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
-        if state.is_world_process_zero:
+        if self._probes_here(args, state):
             self.monitor.before_weights_change()
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
-        if state.is_world_process_zero:
+        if self._probes_here(args, state):
             self.monitor.step(state.global_step, model)
             self._apply_requests(control)
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
-        if state.is_world_process_zero:
+        if self._probes_here(args, state):
             self.monitor.train_end(state.global_step, model)
             self.monitor.close()
 
     def _apply_requests(self, control) -> None:
-        # Only the main process probes; the Trainer takes these flags from it.
+        # With several processes every rank reaches the same decisions from the same
+        # gathered result, so each sets its own control flags.
         if self.monitor.stop_requested:
             control.should_training_stop = True
         if self.monitor.checkpoint_requested:

@@ -26,6 +26,23 @@ def _is_tensorboard_logger(logger) -> bool:
     return any(cls.__name__ == "TensorBoardLogger" for cls in type(logger).__mro__)
 
 
+def refuse_unsupported_strategy(strategy) -> None:
+    """Fail at setup, not mid-run, for strategies whose snapshot we cannot take."""
+    name = type(strategy).__name__
+    stage = (getattr(strategy, "config", None) or {}).get("zero_optimization", {}).get("stage")
+    if "DeepSpeed" in name and stage == 3:
+        raise InvalidConfigError(
+            "DeepSpeed ZeRO-3 partitions every parameter and the redundancy probe needs whole "
+            "blocks; use ZeRO stage 1/2, DDP, or FSDP2 (ModelParallelStrategy / fully_shard)"
+        )
+    if name == "FSDPStrategy":
+        raise InvalidConfigError(
+            "Lightning's strategy='fsdp' (FSDP1 flat parameters) is not supported by the "
+            "redundancy monitor; shard with FSDP2 instead (ModelParallelStrategy with "
+            "fully_shard in configure_model), or use strategy='ddp'"
+        )
+
+
 def find_language_model(pl_module: nn.Module, model: str | None = None) -> nn.Module:
     """The causal LM inside a LightningModule: `model` (an attribute path), the module
     itself when it has an output head, or its only child that has one."""
@@ -144,11 +161,21 @@ class RedundancyMonitorCallback(Callback):
 
     # ----- hooks -------------------------------------------------------------------------
 
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        refuse_unsupported_strategy(trainer.strategy)
+
+    def _probes_here(self, trainer) -> bool:
+        # With several ranks every rank probes its share of the pairs (unless the user
+        # turned distributed probing off, in which case rank 0 probes alone).
+        return trainer.is_global_zero or (
+            trainer.world_size > 1 and self.monitor.distributed is not False
+        )
+
     def on_train_start(self, trainer, pl_module) -> None:
-        if trainer.is_global_zero:
+        if self._probes_here(trainer):
             self._lm = find_language_model(pl_module, self.model_path)
             self._fallback_batch(trainer)
-            if not self._attached:
+            if not self._attached and trainer.is_global_zero:
                 self._attach_sinks(trainer)
                 self._attached = True
             self.monitor.start()
@@ -156,16 +183,16 @@ class RedundancyMonitorCallback(Callback):
         self._apply_requests(trainer)
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
-        if trainer.is_global_zero:
+        if self._probes_here(trainer):
             self.monitor.before_weights_change()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if trainer.is_global_zero:
+        if self._probes_here(trainer):
             self.monitor.step(trainer.global_step, self._lm)
         self._apply_requests(trainer)
 
     def on_train_end(self, trainer, pl_module) -> None:
-        if trainer.is_global_zero:
+        if self._probes_here(trainer):
             self.monitor.train_end(trainer.global_step, self._lm)
         self._apply_requests(trainer)
 
@@ -177,7 +204,7 @@ class RedundancyMonitorCallback(Callback):
 
     def _apply_requests(self, trainer) -> None:
         stop, save = self.monitor.stop_requested, self.monitor.checkpoint_requested
-        if trainer.world_size > 1:  # only rank 0 probes; every rank must agree
+        if trainer.world_size > 1:  # every rank must agree (they do when all ranks probe)
             if self.monitor.stop_rules:
                 stop = trainer.strategy.reduce_boolean_decision(stop, all=False)
             if self.monitor.checkpoint_rules:

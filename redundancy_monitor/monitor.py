@@ -61,6 +61,10 @@ class RedundancyMonitor:
         checkpoint_on_alert: True, or the rule names that should ask for a checkpoint.
         jsonl_path: the JSON Lines record file (None: no file).
         sinks: extra `Sink` objects.
+        distributed: share each probe's pairs across the ranks of an initialised
+            torch.distributed job (None: whenever one with several ranks is running).
+            Every rank must then call the hooks; rank 0 alone writes sinks and calls
+            `on_alert`; every rank reaches the same alert decisions.
 
     Raises:
         InvalidConfigError: an unknown executor or rule name, a non-string blocks/head.
@@ -102,6 +106,7 @@ class RedundancyMonitor:
         checkpoint_on_alert: bool | Collection[str] = False,
         jsonl_path: str | os.PathLike | None = None,
         sinks: Sequence[Sink] = (),
+        distributed: bool | None = None,
     ):
         for name, value in (("blocks", blocks), ("head", head)):
             if value is not None and not isinstance(value, str):
@@ -148,6 +153,9 @@ class RedundancyMonitor:
         if probe_batch is not None or texts is not None or dataloader is not None:
             self._resolve_batch()
         self._shadow = ShadowModel()
+        self.distributed = distributed
+        self._ranks = None  # a RankGroup once start() finds a multi-rank job
+        self._pending: tuple[int, ProbeOutcome | None] | None = None  # (step, local failure)
         self.history: list[dict[str, Any]] = []
         self.alerts: list[Alert] = []
         self.last_step: int | None = None
@@ -212,7 +220,26 @@ class RedundancyMonitor:
     # ----- the hooks adapters call -----------------------------------------------------
 
     def start(self) -> None:
-        """Call once when training starts (after any `load_state_dict`)."""
+        """Call once when training starts (after any `load_state_dict`).
+
+        In a multi-rank job this is a collective (it creates the monitor's gloo group).
+        """
+        if self._ranks is None and self.distributed is not False:
+            from redundancy_monitor.distributed import RankGroup, is_distributed
+
+            if is_distributed() and RankGroup.world() > 1:
+                self._ranks = RankGroup()
+                # Ranks may have found different batches (each reads its own data shard):
+                # every rank probes rank 0's, so shares of one probe fit together.
+                ids, mask = self._ranks.broadcast((self._ids, self._mask))
+                if ids is not None:
+                    self._ids, self._mask = ids, mask
+                    self._check_sha()
+            elif self.distributed:
+                raise InvalidConfigError(
+                    "distributed=True but torch.distributed is not initialised with several "
+                    "ranks; call start() after the process group is set up"
+                )
         if self._resumed_at is not None:
             self._emit("write_resume", self._resumed_at)
             self._resumed_at = None
@@ -228,6 +255,10 @@ class RedundancyMonitor:
             return
         self.last_step = step
         if self.schedule.is_due(step):
+            if self._pending is not None and not self._gather(wait=False):
+                self.n_skipped_busy += 1  # every rank sees the same reduced answer
+                log.info("redundancy probe at step %d skipped: a rank is still probing", step)
+                return
             self._launch(step, model)
             self.poll()  # an inline probe is done already
 
@@ -238,25 +269,55 @@ class RedundancyMonitor:
     def train_end(self, step: int, model: nn.Module) -> None:
         """Probe the final weights (if scheduled and not probed yet), wait, flush."""
         self.poll()
+        self.drain()
         if self.schedule.at_train_end and step not in self.probed_steps:
-            self.drain()
             self.last_step = max(step, self.last_step if self.last_step is not None else step)
             self._launch(step, model)
         self.drain()
         self._emit("flush")
 
     def poll(self) -> None:
-        """Log probes that finished since the last call (never waits)."""
+        """Log probes that finished since the last call (never waits).
+
+        With several ranks a probe is only logged once every rank's share is gathered,
+        which happens at scheduled steps (see `step`), never here.
+        """
+        if self._ranks is not None:
+            return
         for outcome in self._executor.poll():
             self._handle(outcome)
 
     def drain(self) -> None:
-        """Wait for the running probe, if any, and log it."""
+        """Wait for the running probe, if any, and log it (a collective with several ranks)."""
+        if self._ranks is not None:
+            if self._pending is not None:
+                self._gather(wait=True)
+            return
         for outcome in self._executor.drain():
             self._handle(outcome)
 
+    def _gather(self, wait: bool) -> bool:
+        """Merge every rank's share of the pending probe and log it on every rank.
+
+        A collective at a schedule-determined step. Without `wait` it first asks whether
+        every rank has finished, and gathers nothing (returns False) if one has not.
+        """
+        step, failure = self._pending
+        if not wait and not self._ranks.all_true(failure is not None or not self._executor.busy()):
+            return False
+        local = self._executor.drain()
+        outcome = failure or (local[0] if local else None)
+        if outcome is None:
+            outcome = ProbeOutcome(
+                step, None, "the probe produced no outcome on this rank", 0.0, 0.0
+            )
+        self._pending = None
+        self._handle(self._ranks.merge(outcome))
+        return True
+
     def close(self) -> None:
-        self.drain()
+        if self._ranks is None:  # with several ranks, a probe not gathered yet is dropped:
+            self.drain()  # close() may run on one rank only (an exception), so no collective
         self._executor.close()
         self._emit("close")
 
@@ -277,14 +338,23 @@ class RedundancyMonitor:
                 )
             shadow = self._shadow.capture(model)
         except Exception as exc:  # a snapshot failure must not stop training either
-            self._handle(ProbeOutcome(step, None, f"{type(exc).__name__}: {exc}", 0.0, 0.0))
+            failure = ProbeOutcome(step, None, f"{type(exc).__name__}: {exc}", 0.0, 0.0)
+            if self._ranks is None:
+                self._handle(failure)
+            else:  # logged when gathered, so that every rank logs the same thing
+                self.probed_steps.append(step)
+                self._pending = (step, failure)
             return
         self.probed_steps.append(step)
         ids, mask, context = self._ids, self._mask, self._shadow.probe_context()
+        kwargs = dict(self.probe_kwargs)
+        if self._ranks is not None:
+            kwargs["shard"] = (self._ranks.rank, self._ranks.world_size)
+            self._pending = (step, None)
 
         def job() -> ProbeResult:
             with context:
-                return probe(shadow, ids, mask, **self.probe_kwargs)
+                return probe(shadow, ids, mask, **kwargs)
 
         self._executor.submit(step, job, time.perf_counter() - started)
 
@@ -306,7 +376,8 @@ class RedundancyMonitor:
 
     def _failed(self, step: int, error: str) -> None:
         self.n_failures += 1
-        log.error("redundancy probe at step %d failed: %s", step, error)
+        if self.is_writer:
+            log.error("redundancy probe at step %d failed: %s", step, error)
         self._emit("write_failure", step, error)
         self._deliver(self.alert_engine.observe_failure(step, error))
 
@@ -329,9 +400,10 @@ class RedundancyMonitor:
     def _deliver(self, alerts: list[Alert]) -> None:
         for alert in alerts:
             self.alerts.append(alert)
-            log.warning("redundancy alert [%s] %s", alert.rule, alert.message)
+            if self.is_writer:
+                log.warning("redundancy alert [%s] %s", alert.rule, alert.message)
             self._emit("write_alert", alert)
-            for callback in self.on_alert:
+            for callback in self.on_alert if self.is_writer else ():
                 try:
                     callback(alert)
                 except Exception:
@@ -339,7 +411,14 @@ class RedundancyMonitor:
             self.stop_requested |= alert.rule in self.stop_rules
             self.checkpoint_requested |= alert.rule in self.checkpoint_rules
 
+    @property
+    def is_writer(self) -> bool:
+        """Whether this process writes records and calls `on_alert` (rank 0, or alone)."""
+        return self._ranks is None or self._ranks.rank == 0
+
     def _emit(self, method: str, *args) -> None:
+        if not self.is_writer:
+            return
         for sink in self.sinks:
             try:
                 getattr(sink, method)(*args)
@@ -353,8 +432,13 @@ class RedundancyMonitor:
         return sorted((h["step"], h["scalars"].get(name)) for h in self.history)
 
     def state_dict(self) -> dict[str, Any]:
-        """JSON-safe state; waits for a running probe so the state includes it."""
-        self.drain()
+        """JSON-safe state; waits for a running probe so the state includes it.
+
+        With several ranks it does not wait (frameworks call it on rank 0 only): a probe
+        whose shares are not gathered yet is not in the state.
+        """
+        if self._ranks is None:
+            self.drain()
         return {
             "state_version": STATE_VERSION,
             "library_version": __version__,

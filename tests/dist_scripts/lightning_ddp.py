@@ -1,0 +1,95 @@
+"""A 2-rank Lightning run on CPU (gloo) with the monitor attached.
+
+    python lightning_ddp.py OUT_DIR STRATEGY [FAIL_RANK FAIL_STEP]
+
+Lightning starts the second rank itself (ddp: a subprocess; ddp_spawn: a spawned
+process, hence module-level classes). Rank 0 saves the final weights and the monitor's
+counts at train end. With FAIL_RANK/FAIL_STEP the FAIL_STEP-th probe on that rank raises.
+"""
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import lightning.pytorch as L
+from conftest import tiny_model
+from training_fixtures import probe_ids, token_loader
+
+import redundancy_monitor.monitor as monitor_module
+from redundancy_monitor.lightning import RedundancyMonitorCallback
+
+FAIL = tuple(int(x) for x in os.environ.get("RM_TEST_FAIL", "-1,-1").split(","))
+_real_probe = monitor_module.probe
+_calls = [0]
+
+
+def sometimes_failing(*args, **kwargs):
+    _calls[0] += 1
+    rank = torch.distributed.get_rank()
+    if rank == FAIL[0] and _calls[0] == FAIL[1]:
+        raise RuntimeError(f"injected probe failure on rank {rank}")
+    return _real_probe(*args, **kwargs)
+
+
+monitor_module.probe = sometimes_failing  # in every process, spawned ones included
+
+
+class TinyLM(L.LightningModule):
+    def __init__(self):
+        super().__init__()
+        self.model = tiny_model("gpt_neox", 4).train()
+
+    def training_step(self, batch, batch_idx):
+        ids = batch[0]
+        return self.model(input_ids=ids, labels=ids).loss
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=3e-3)
+
+
+class SaveAtEnd(L.Callback):
+    def __init__(self, out: Path, monitor_callback: RedundancyMonitorCallback):
+        self.out, self.monitor_callback = out, monitor_callback
+
+    def on_train_end(self, trainer, pl_module):
+        if trainer.is_global_zero:
+            torch.save(pl_module.model.state_dict(), self.out / "final.pt")
+            m = self.monitor_callback.monitor
+            counts = {"probes": m.n_probes, "failures": m.n_failures, "world": trainer.world_size}
+            (self.out / "summary.json").write_text(json.dumps(counts))
+
+
+def main() -> None:
+    out, strategy = Path(sys.argv[1]), sys.argv[2]
+    torch.set_num_threads(1)
+    monitor = RedundancyMonitorCallback(
+        probe_ids(),
+        every_n_steps=4,
+        log_spaced=False,
+        executor="background",
+        pairs="window:2",
+        log_dir=str(out / "tb"),
+        jsonl_path=str(out / "redundancy.jsonl"),
+    )
+    trainer = L.Trainer(
+        default_root_dir=str(out),
+        callbacks=[monitor, SaveAtEnd(out, monitor)],
+        accelerator="cpu",
+        devices=2,
+        strategy=strategy,
+        max_steps=10,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        logger=False,
+    )
+    torch.manual_seed(0)
+    trainer.fit(TinyLM(), token_loader())
+
+
+if __name__ == "__main__":
+    main()

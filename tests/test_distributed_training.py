@@ -1,0 +1,84 @@
+"""Multi-process training with the monitor: real gloo ranks on CPU, with hang guards."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import tiny_model
+from test_distributed_probe import free_port
+from training_fixtures import probe_ids
+
+from redundancy_monitor import probe
+from redundancy_monitor.jsonl import read_records
+
+SCRIPTS = Path(__file__).parent / "dist_scripts"
+
+
+def run_script(script: str, *args: str, env: dict | None = None, timeout: int = 240):
+    """Run a script that starts its own ranks (Lightning), with a hang guard."""
+    full_env = {
+        **os.environ,
+        "PYTHONPATH": str(Path(__file__).parents[1]),
+        "OMP_NUM_THREADS": "1",
+        "MASTER_PORT": str(free_port()),
+        **(env or {}),
+    }
+    try:
+        done = subprocess.run(
+            [sys.executable, str(SCRIPTS / script), *args],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env=full_env,
+        )
+    except subprocess.TimeoutExpired as e:
+        pytest.fail(f"{script} hung for {timeout}s: {e.stderr!r}"[-3000:])
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+def probes_by_step(path: Path) -> dict[int, dict]:
+    records = [r for r in read_records(path) if r["type"] == "probe"]
+    steps = [r["step"] for r in records]
+    assert len(steps) == len(set(steps)), f"a step was written twice: {steps}"
+    return {r["step"]: r["result"] for r in records}
+
+
+def assert_equals_single_process_probe(result: dict, weights: Path, pairs: str = "window:2"):
+    model = tiny_model("gpt_neox", 4)
+    model.load_state_dict(torch.load(weights))
+    want = probe(model, probe_ids(), pairs=pairs)
+    got = [(p["i"], p["j"], p["d_repl"], p["d_int"]) for p in result["pairs"]]
+    assert [(i, j) for i, j, _, _ in got] == [(r.i, r.j) for r in want.pairs]
+    for (_, _, d_repl, d_int), r in zip(got, want.pairs, strict=True):
+        assert d_repl == pytest.approx(r.d_repl, rel=1e-4, abs=1e-6)
+        assert d_int == pytest.approx(r.d_int, rel=1e-4, abs=1e-6)
+    assert result["meta"]["world_size"] == 2
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "ddp_spawn"])
+def test_lightning_ddp_ranks_share_the_probe_and_rank0_writes_it_once(tmp_path, strategy):
+    run_script("lightning_ddp.py", str(tmp_path), strategy)
+    probes = probes_by_step(tmp_path / "redundancy.jsonl")
+    assert sorted(probes) == [0, 4, 8, 10]
+    assert_equals_single_process_probe(probes[10], tmp_path / "final.pt")
+    counts = json.loads((tmp_path / "summary.json").read_text())
+    assert counts == {"probes": 4, "failures": 0, "world": 2}
+
+
+def test_a_probe_failing_on_one_rank_is_recorded_and_training_finishes(tmp_path):
+    run_script("lightning_ddp.py", str(tmp_path), "ddp", env={"RM_TEST_FAIL": "1,2"})
+    records = read_records(tmp_path / "redundancy.jsonl")
+    failures = [r for r in records if r["type"] == "failure"]
+    assert [f["step"] for f in failures] == [4]
+    assert "rank 1: RuntimeError: injected probe failure" in failures[0]["error"]
+    assert sorted(probes_by_step(tmp_path / "redundancy.jsonl")) == [0, 8, 10]
+    assert any(r["type"] == "alert" and r["rule"] == "probe_failure" for r in records)
+    assert json.loads((tmp_path / "summary.json").read_text())["failures"] == 1
+    assert (tmp_path / "final.pt").exists()  # training reached its end on rank 0
