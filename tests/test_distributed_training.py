@@ -82,3 +82,22 @@ def test_a_probe_failing_on_one_rank_is_recorded_and_training_finishes(tmp_path)
     assert any(r["type"] == "alert" and r["rule"] == "probe_failure" for r in records)
     assert json.loads((tmp_path / "summary.json").read_text())["failures"] == 1
     assert (tmp_path / "final.pt").exists()  # training reached its end on rank 0
+
+
+def test_hf_trainer_under_torchrun_shares_the_probe_and_writes_once(tmp_path):
+    pytest.importorskip("accelerate", reason="the transformers Trainer needs accelerate")
+    torchrun(SCRIPTS / "hf_ddp.py", str(tmp_path), "plain")
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0] == ranks[1]  # same probes and same alerts on both ranks
+    probes = probes_by_step(tmp_path / "tb" / "redundancy.jsonl")
+    assert sorted(probes) == [0, 2, 4, 6, 8]
+    assert_equals_single_process_probe(probes[8], tmp_path / "final.pt")
+    assert len(list((tmp_path / "tb").glob("events.out.tfevents.*"))) == 1  # rank 0 only
+
+
+def test_an_alert_that_stops_training_stops_every_rank_at_the_same_step(tmp_path):
+    pytest.importorskip("accelerate", reason="the transformers Trainer needs accelerate")
+    torchrun(SCRIPTS / "hf_ddp.py", str(tmp_path), "stop")  # a lone stop would hang DDP
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0]["global_step"] == ranks[1]["global_step"] < 8
+    assert "gap_threshold" in ranks[0]["alerts"]

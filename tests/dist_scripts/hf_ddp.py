@@ -1,0 +1,84 @@
+"""A 2-rank Hugging Face Trainer run on CPU (gloo), launched with torchrun.
+
+    torchrun --nproc_per_node 2 hf_ddp.py OUT_DIR MODE     (MODE: plain | stop)
+
+Rank 0 writes the final weights and, per rank, the global step reached; `stop` asks
+every rank to stop on the first alert (a rank that did not stop would hang DDP).
+"""
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+import transformers
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from conftest import VOCAB, tiny_model
+from training_fixtures import probe_ids
+
+from redundancy_monitor import AlertConfig
+from redundancy_monitor.hf import RedundancyMonitorTrainerCallback
+
+
+class TokenDataset(torch.utils.data.Dataset):
+    def __init__(self, n_seq=96, seq_len=16, seed=3):
+        g = torch.Generator().manual_seed(seed)
+        self.data = torch.randint(0, VOCAB, (n_seq, seq_len), generator=g)
+
+    def __len__(self):
+        return len(self.data)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.data[i], "labels": self.data[i]}
+
+
+def main() -> None:
+    out, mode = Path(sys.argv[1]), sys.argv[2]
+    torch.set_num_threads(1)
+    extra = {}
+    if mode == "stop":
+        extra = dict(alerts=AlertConfig(gap_threshold=-10.0, hysteresis=2), stop_on_alert=True)
+    callback = RedundancyMonitorTrainerCallback(
+        probe_ids(),
+        every_n_steps=2,
+        log_spaced=False,
+        pairs="window:2",
+        log_dir=str(out / "tb"),
+        **extra,
+    )
+    args = transformers.TrainingArguments(
+        output_dir=str(out),
+        per_device_train_batch_size=4,
+        learning_rate=3e-3,
+        report_to=[],
+        use_cpu=True,
+        ddp_backend="gloo",
+        save_strategy="no",
+        logging_strategy="no",
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+        seed=0,
+        max_steps=8,
+    )
+    model = tiny_model("gpt_neox", 4).train()
+    trainer = transformers.Trainer(
+        model=model, args=args, train_dataset=TokenDataset(), callbacks=[callback]
+    )
+    trainer.train()
+    rank = torch.distributed.get_rank()
+    (out / f"rank{rank}.json").write_text(
+        json.dumps(
+            {
+                "global_step": trainer.state.global_step,
+                "probes": callback.monitor.n_probes,
+                "alerts": [a.rule for a in callback.monitor.alerts],
+            }
+        )
+    )
+    if rank == 0:
+        torch.save(model.state_dict(), out / "final.pt")
+
+
+if __name__ == "__main__":
+    main()
