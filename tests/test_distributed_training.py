@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import tiny_model
-from test_distributed_probe import free_port
+from test_distributed_probe import free_port, torchrun
 from training_fixtures import probe_ids
 
 from redundancy_monitor import probe
