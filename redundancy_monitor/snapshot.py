@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from redundancy_monitor.blocks import unwrap_model
+from redundancy_monitor.errors import UnsupportedModelError
 
 
 class ShadowModel:
@@ -51,8 +52,14 @@ class ShadowModel:
         self._shapes = [(t.shape, t.dtype, t.device) for t in tensors]
 
     def capture(self, model: nn.Module) -> nn.Module:
-        """Copy the current weights of `model` (unwrapped) into the shadow and return it."""
+        """Copy the current weights of `model` (unwrapped) into the shadow and return it.
+
+        For a model sharded with FSDP2 (`fully_shard`) this gathers the full parameters:
+        a collective that every rank must call at the same step.
+        """
         source = unwrap_model(model)
+        if any(_is_dtensor(p) for p in source.parameters()):
+            return self._capture_sharded(source)
         tensors = self._tensors(source)
         if self.shadow is None or not self._matches(source, tensors):
             self._build(source, tensors)
@@ -79,6 +86,9 @@ class ShadowModel:
         with torch.cuda.stream(self.stream):
             yield
 
+    def _capture_sharded(self, source: nn.Module) -> nn.Module:
+        return _capture_sharded_into(self, source)
+
     def fence(self) -> None:
         """Make the training stream wait for the last copy (call before weights change).
 
@@ -93,3 +103,62 @@ class ShadowModel:
         if self.stream is None:
             return contextlib.nullcontext()
         return torch.cuda.stream(self.stream)
+
+
+def _is_dtensor(tensor) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # torch without distributed support
+        return False
+    return isinstance(tensor, DTensor)
+
+
+def _unsharded_class(module: nn.Module) -> type:
+    """The model's own class: `fully_shard` swaps in a subclass named FSDP<Class>."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return next(c for c in type(module).__mro__ if not issubclass(c, FSDPModule))
+
+
+def _plain_copy(source: nn.Module) -> nn.Module:
+    """A new, unsharded instance of a sharded Hugging Face model (weights filled later)."""
+    config = getattr(source, "config", None)
+    cls = _unsharded_class(source)
+    if config is None or not hasattr(cls, "_from_config"):
+        raise UnsupportedModelError(
+            f"{cls.__name__} is sharded with FSDP2 and has no Hugging Face config, so the "
+            "monitor cannot build an unsharded copy to probe; probe a Hugging Face model, "
+            "or train with DDP"
+        )
+    first = next(source.parameters())
+    dtype = first.dtype
+    shadow = cls._from_config(config).to(dtype=dtype, device=first.device)
+    for p in shadow.parameters():
+        p.requires_grad_(False)
+    return shadow.eval()
+
+
+def _capture_sharded_into(holder: ShadowModel, source: nn.Module) -> nn.Module:
+    full = {
+        name: (p.full_tensor() if _is_dtensor(p) else p).detach()
+        for name, p in source.named_parameters()
+    }
+    if holder.shadow is None or holder._source_id != id(source):
+        holder.shadow = None
+        holder.shadow = _plain_copy(source)
+        holder._source_id = id(source)
+    targets = dict(holder.shadow.named_parameters())
+    targets.update(holder.shadow.named_buffers())
+    missing = sorted(set(full) - set(targets))
+    if missing:
+        raise UnsupportedModelError(
+            f"the unsharded copy has no parameters named {missing[:3]}; the sharded model's "
+            "names must match its Hugging Face class"
+        )
+    with torch.no_grad():
+        for name, tensor in full.items():
+            targets[name].copy_(tensor)
+        for name, buffer in source.named_buffers():
+            if name in targets:
+                targets[name].copy_(buffer.full_tensor() if _is_dtensor(buffer) else buffer)
+    return holder.shadow

@@ -101,3 +101,36 @@ def test_an_alert_that_stops_training_stops_every_rank_at_the_same_step(tmp_path
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert ranks[0]["global_step"] == ranks[1]["global_step"] < 8
     assert "gap_threshold" in ranks[0]["alerts"]
+
+
+def test_fsdp2_sharded_model_is_gathered_at_the_scheduled_step_and_probed(tmp_path):
+    torchrun(SCRIPTS / "fsdp2_loop.py", str(tmp_path))
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0] == ranks[1] == {"probes": 4, "failures": 0}
+    probes = probes_by_step(tmp_path / "redundancy.jsonl")
+    assert sorted(probes) == [0, 3, 6, 7]
+    assert_equals_single_process_probe(probes[7], tmp_path / "final.pt")
+
+
+def test_lightning_fsdp1_strategy_is_refused_at_setup_with_advice():
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    from redundancy_monitor.errors import InvalidConfigError
+    from redundancy_monitor.lightning import refuse_unsupported_strategy
+
+    with pytest.raises(InvalidConfigError, match="FSDP2"):
+        refuse_unsupported_strategy(FSDPStrategy())
+
+
+def test_deepspeed_zero3_is_refused_at_setup():
+    """deepspeed is not installed here; a strategy object of that name and config stands in."""
+    from redundancy_monitor.errors import InvalidConfigError
+    from redundancy_monitor.lightning import refuse_unsupported_strategy
+
+    DeepSpeedStrategy = type("DeepSpeedStrategy", (), {})
+    zero3, zero2 = DeepSpeedStrategy(), DeepSpeedStrategy()
+    zero3.config = {"zero_optimization": {"stage": 3}}
+    zero2.config = {"zero_optimization": {"stage": 2}}
+    with pytest.raises(InvalidConfigError, match="ZeRO-3"):
+        refuse_unsupported_strategy(zero3)
+    refuse_unsupported_strategy(zero2)  # stage 2 keeps whole parameters: allowed
