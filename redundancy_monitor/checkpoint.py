@@ -164,6 +164,29 @@ def tokenize(tokenizer, text: str) -> torch.Tensor:
     return torch.tensor(ids, dtype=torch.long)
 
 
+def check_batch_shape(n_seq: int, seq_len: int) -> None:
+    if n_seq < 1 or seq_len < 2:
+        raise CheckpointError(f"need --n-seq >= 1 and --seq-len >= 2, got {n_seq} and {seq_len}")
+
+
+def probe_batch_from_text(tokenizer, text: str, n_seq: int, seq_len: int) -> torch.Tensor:
+    """Up to `n_seq` consecutive sequences of `seq_len` tokens from the start of `text`
+    (all of it may be used: nothing is held out).
+
+    Raises:
+        CheckpointError: bad sizes, or too little text for one sequence.
+    """
+    check_batch_shape(n_seq, seq_len)
+    ids = tokenize(tokenizer, text)
+    n = min(n_seq, len(ids) // seq_len)
+    if n == 0:
+        raise CheckpointError(
+            f"the text has {len(ids)} tokens, too few for one sequence of --seq-len {seq_len}; "
+            "pass more text or a smaller --seq-len"
+        )
+    return ids[: n * seq_len].reshape(n, seq_len)
+
+
 def split_text(
     tokenizer, text: str, n_seq: int, seq_len: int, heldout_text: str | None = None
 ) -> TextSplit:
@@ -175,8 +198,7 @@ def split_text(
     Raises:
         CheckpointError: too little text for one sequence, or for a held-out part.
     """
-    if n_seq < 1 or seq_len < 2:
-        raise CheckpointError(f"need --n-seq >= 1 and --seq-len >= 2, got {n_seq} and {seq_len}")
+    check_batch_shape(n_seq, seq_len)
     ids = tokenize(tokenizer, text)
     usable = len(ids) if heldout_text is not None else len(ids) // 2
     n = min(n_seq, usable // seq_len)

@@ -197,14 +197,13 @@ def add_replay_parser(sub) -> None:
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
+    from redundancy_monitor.checkpoint import probe_batch_from_text, read_text
     from redundancy_monitor.replay import (
         ModelLoader,
-        batch_from_text,
         build_module,
         find_checkpoints,
         find_tokenizer,
         load_tokenizer,
-        read_probe_text,
         replay,
     )
 
@@ -212,7 +211,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
     if args.model_config is None and any(c.kind == "lightning" for c in checkpoints):
         build_module(None)  # raises the error that says what to pass
     tokenizer = load_tokenizer(args.tokenizer or find_tokenizer(checkpoints))
-    ids = batch_from_text(tokenizer, read_probe_text(args.text), args.n_seq, args.seq_len)
+    ids = probe_batch_from_text(tokenizer, read_text([args.text]), args.n_seq, args.seq_len)
     loader = ModelLoader(args.model_config, args.dtype, args.device)
     if not args.no_progress:
         from transformers.utils import logging as hf_logging

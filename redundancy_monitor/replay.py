@@ -314,31 +314,6 @@ def find_tokenizer(checkpoints: Sequence[CheckpointRef]) -> Path:
     )
 
 
-def batch_from_text(tokenizer, text: str, n_seq: int, seq_len: int) -> torch.Tensor:
-    """Up to `n_seq` consecutive sequences of `seq_len` tokens from the start of `text`.
-
-    Raises:
-        CheckpointError: bad sizes, or too little text for one sequence.
-    """
-    if n_seq < 1 or seq_len < 2:
-        raise CheckpointError(f"need --n-seq >= 1 and --seq-len >= 2, got {n_seq} and {seq_len}")
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    n = min(n_seq, len(ids) // seq_len)
-    if n == 0:
-        raise CheckpointError(
-            f"the text has {len(ids)} tokens, too few for one sequence of --seq-len {seq_len}; "
-            "pass more text or a smaller --seq-len"
-        )
-    return torch.tensor(ids[: n * seq_len], dtype=torch.long).reshape(n, seq_len)
-
-
-def read_probe_text(path: str | os.PathLike) -> str:
-    try:
-        return Path(path).read_text(encoding="utf-8", errors="replace")
-    except OSError as exc:
-        raise CheckpointError(f"cannot read --text {path}: {exc.strerror}") from None
-
-
 # ----- the replay -----------------------------------------------------------------------
 
 

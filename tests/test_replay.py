@@ -11,13 +11,13 @@ from checkpoint_runs import SEQ_LEN, corpus, hf_trainer_checkpoints, lightning_c
 from run_folders import run_cli
 
 from redundancy_monitor.alerts import AlertConfig
+from redundancy_monitor.checkpoint import probe_batch_from_text
 from redundancy_monitor.cli import main
 from redundancy_monitor.errors import CheckpointError, MonitorStateError
 from redundancy_monitor.jsonl import read_records
 from redundancy_monitor.probe import probe
 from redundancy_monitor.replay import (
     ModelLoader,
-    batch_from_text,
     find_checkpoints,
     load_tokenizer,
     replay,
@@ -49,7 +49,9 @@ def hf_run(tmp_path_factory):
 @pytest.fixture(scope="module")
 def probe_ids(hf_run):
     root, text = hf_run
-    return batch_from_text(load_tokenizer(root / "checkpoint-4"), text.read_text(), N_SEQ, SEQ_LEN)
+    return probe_batch_from_text(
+        load_tokenizer(root / "checkpoint-4"), text.read_text(), N_SEQ, SEQ_LEN
+    )
 
 
 @pytest.fixture(scope="module")
