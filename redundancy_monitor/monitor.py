@@ -409,7 +409,7 @@ class RedundancyMonitor:
     def _sink_failed(self, sink: Sink, method: str, exc: Exception) -> None:
         """Count and log a sink error; alert when a working sink starts failing."""
         name = f"{type(sink).__name__}.{method}"
-        if not self.sink_health.failed(sink):
+        if not self.sink_health.failed(sink, method):
             log.warning("redundancy monitor: sink %s failed again: %s", name, exc)
             return
         log.error("redundancy monitor: sink %s failed", name, exc_info=exc)

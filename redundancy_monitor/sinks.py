@@ -82,23 +82,24 @@ class SinkHealth:
     """Which sinks are failing now, and how many sink calls have failed in all.
 
     A sink's first failure after it worked is news (the monitor alerts); further failures
-    are only counted, until a write through that sink succeeds again.
+    are only counted until the call that failed first succeeds again (another call
+    succeeding proves little: a TensorBoard writer may take text but not scalars).
     """
 
     def __init__(self) -> None:
         self.n_errors = 0
-        self._failing: set[int] = set()
+        self._failing: dict[int, str] = {}  # id(sink) -> the method that failed first
 
-    def failed(self, sink: Sink) -> bool:
+    def failed(self, sink: Sink, method: str) -> bool:
         """Count a failure; True if `sink` was working until now."""
         self.n_errors += 1
         new = id(sink) not in self._failing
-        self._failing.add(id(sink))
+        self._failing.setdefault(id(sink), method)
         return new
 
     def ok(self, sink: Sink, method: str) -> None:
-        if method.startswith("write_"):  # flush/close succeeding proves little
-            self._failing.discard(id(sink))
+        if self._failing.get(id(sink)) == method:
+            del self._failing[id(sink)]
 
     @property
     def n_failing(self) -> int:
