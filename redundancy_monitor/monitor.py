@@ -29,6 +29,7 @@ from redundancy_monitor.schedule import DEFAULT_EVERY_N_STEPS, ProbeSchedule
 from redundancy_monitor.sinks import ProbeRecord, Sink, SinkHealth
 from redundancy_monitor.snapshot import ShadowModel
 from redundancy_monitor.trajectory_guard import TrajectoryGuard, check_policy
+from redundancy_monitor.variants import check_protocols, parse_pairs
 
 log = logging.getLogger("redundancy_monitor")
 STATE_VERSION = 1
@@ -71,8 +72,10 @@ class RedundancyMonitor:
         close_timeout: seconds `close()` waits for a running probe before cancelling it.
 
     Raises:
-        InvalidConfigError: an unknown executor or rule name, a non-string blocks/head.
+        InvalidConfigError: an unknown executor, rule name or mismatch policy, a
+            non-string blocks/head.
         InvalidBatchError: a probe batch that cannot be used.
+        InvalidPairsError, InvalidProtocolError: a malformed pair set or protocol name.
 
     Example:
         >>> monitor = RedundancyMonitor(probe_ids, every_n_steps=200, jsonl_path="r.jsonl")
@@ -124,9 +127,10 @@ class RedundancyMonitor:
         self.schedule = schedule or ProbeSchedule(
             every_n_steps, log_spaced, tuple(steps), at_train_end
         )
+        parse_pairs(pairs, 2 if isinstance(pairs, str) else 1 << 20)  # fail here, not per probe
         self.probe_kwargs = dict(
             pairs=pairs,
-            protocols=tuple(protocols),
+            protocols=check_protocols(protocols),
             thresholds=thresholds,
             blocks=blocks,
             head=head,
