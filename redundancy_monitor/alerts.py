@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from redundancy_monitor.errors import InvalidConfigError
+from redundancy_monitor.removal import greedy_non_adjacent, removability
 from redundancy_monitor.result import ProbeResult
 
 RULES = (
@@ -24,6 +25,7 @@ RULES = (
     "regime_change",
     "nonfinite",
     "probe_failure",
+    "sink_failure",
 )
 
 
@@ -64,6 +66,8 @@ class AlertConfig:
         regime_change: fire when the SPEC-4 regime changes.
         nonfinite: fire when a probe measures a non-finite distance.
         probe_failure: fire when a probe raises.
+        sink_failure: fire when a sink (record file, TensorBoard, a logger) that worked
+            starts failing; once per outage of each sink, cooldown applies.
         hysteresis: consecutive probes a condition must hold (and then fail) for.
         cooldown_steps: minimum optimizer steps between two firings of one rule.
 
@@ -82,6 +86,7 @@ class AlertConfig:
     regime_change: bool = True
     nonfinite: bool = True
     probe_failure: bool = True
+    sink_failure: bool = True
     hysteresis: int = 2
     cooldown_steps: int = 0
 
@@ -104,37 +109,20 @@ class AlertConfig:
             raise InvalidConfigError(f"growth_floor must be > 0, got {self.growth_floor}")
 
 
-def _removal_set(result: ProbeResult, distance: str, budget: int) -> set[int]:
-    """SPEC 5 selection: the `budget` most removable layers, never two adjacent ones.
-
-    Removability of layer l = min of the protocol's distance over probed adjacent pairs
-    containing l. Kept private here so the monitor does not depend on offline removal
-    code; it implements the same rule.
-    """
-    removability: dict[int, float] = {}
-    for r in result.pairs:
-        d = getattr(r, distance)
-        if r.distance != 1 or d is None or not math.isfinite(d):
-            continue
-        for layer in (r.i, r.j):
-            removability[layer] = min(d, removability.get(layer, math.inf))
-    chosen: set[int] = set()
-    for layer in sorted(removability, key=lambda x: (removability[x], x)):
-        if len(chosen) == budget:
-            break
-        if layer - 1 not in chosen and layer + 1 not in chosen:
-            chosen.add(layer)
-    return chosen
-
-
 def removal_overlap(result: ProbeResult, budget: int) -> tuple[float | None, set[int], set[int]]:
-    """Jaccard overlap of the replacement- and interchange-guided removal sets at `budget`."""
-    by_repl = _removal_set(result, "d_repl", budget)
-    by_int = _removal_set(result, "d_int", budget)
+    """Jaccard overlap of the replacement- and interchange-guided removal sets at `budget`
+    (the SPEC 5 selection of `redundancy_monitor.removal`)."""
+    by_repl = _removal_set(result, "replacement", budget)
+    by_int = _removal_set(result, "interchange", budget)
     union = by_repl | by_int
     if not union:
         return None, by_repl, by_int
     return len(by_repl & by_int) / len(union), by_repl, by_int
+
+
+def _removal_set(result: ProbeResult, protocol: str, budget: int) -> set[int]:
+    """Up to `budget` layers picked by the SPEC 5 rule (fewer when fewer can be picked)."""
+    return set(greedy_non_adjacent(removability(result, protocol))[:budget])
 
 
 @dataclass
@@ -235,6 +223,24 @@ class AlertEngine:
         )
         # A failure is an event, not a level: re-arm at once so the next one reports too.
         self.rules["probe_failure"].active = False
+        return [alert] if alert else []
+
+    def observe_sink_failure(self, step: int, sink: str, error: BaseException) -> list[Alert]:
+        """A sink that worked has started failing (the monitor reports each outage once)."""
+        if not self.config.sink_failure:
+            return []
+        alert = self._update(
+            "sink_failure",
+            step,
+            True,
+            None,
+            None,
+            f"step {step}: {sink} failed ({type(error).__name__}: {error}); training and "
+            "probing continue, records that could not be written are retried or counted "
+            "in n_sink_errors",
+            hysteresis=1,
+        )
+        self.rules["sink_failure"].active = False  # an event, like a probe failure
         return [alert] if alert else []
 
     def _growth(self, step: int, value: float | None) -> Alert | None:

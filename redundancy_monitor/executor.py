@@ -7,16 +7,19 @@ training thread never waits unless asked to with `drain()`.
 
 from __future__ import annotations
 
-import concurrent.futures
+import logging
+import threading
 import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from redundancy_monitor.cancel import CancelToken, set_current_token
 from redundancy_monitor.errors import InvalidConfigError
 from redundancy_monitor.result import ProbeResult
 
 EXECUTORS = ("background", "inline")
+log = logging.getLogger("redundancy_monitor")
 
 
 @dataclass
@@ -59,57 +62,102 @@ class InlineExecutor:
         done, self._done = self._done, []
         return done
 
-    def drain(self) -> list[ProbeOutcome]:
+    def drain(self, timeout: float | None = None) -> list[ProbeOutcome]:
         return self.poll()
 
-    def close(self) -> None:
-        self._done.clear()
+    def close(self, timeout: float | None = None) -> list[ProbeOutcome]:
+        return self.poll()
 
 
 class BackgroundExecutor:
-    """Runs each probe in one worker thread; a new probe is refused while one runs."""
+    """Runs each probe in a daemon worker thread; a new probe is refused while one runs.
+
+    A daemon thread (not a thread pool, whose workers the interpreter joins at exit) so
+    that a probe still running when the process ends can never keep it alive.
+    `close(timeout)` waits a bounded time, then cancels, then abandons.
+    """
+
+    #: seconds `close` waits after cancelling before it abandons the worker.
+    CANCEL_GRACE = 1.0
 
     def __init__(self) -> None:
-        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
-        self._future: concurrent.futures.Future | None = None
+        self._thread: threading.Thread | None = None
+        self._token: CancelToken | None = None
+        self._outcome: ProbeOutcome | None = None
+        self._submit_seconds = 0.0
+        self.n_cancelled = self.n_abandoned = 0
 
     def busy(self) -> bool:
-        return self._future is not None and not self._future.done()
+        return self._thread is not None and self._thread.is_alive()
 
     def submit(self, step: int, job: Callable[[], ProbeResult], blocked: float) -> None:
         if self.busy():
             raise RuntimeError("a probe is already running; check busy() first")
-        if self._pool is None:
-            self._pool = concurrent.futures.ThreadPoolExecutor(
-                max_workers=1, thread_name_prefix="redundancy-probe"
-            )
         started = time.perf_counter()
-        self._future = self._pool.submit(_run, step, job, blocked)
+        token = CancelToken()
+        box: list[ProbeOutcome] = []
+
+        def work() -> None:
+            set_current_token(token)
+            try:
+                box.append(_run(step, job, blocked))
+            finally:
+                set_current_token(None)
+
+        self._token, self._box = token, box
+        self._thread = threading.Thread(target=work, name=f"redundancy-probe-{step}", daemon=True)
+        self._thread.start()
         self._submit_seconds = time.perf_counter() - started
 
     def _collect(self) -> list[ProbeOutcome]:
-        outcome = self._future.result()
+        outcome = (
+            self._box[0]
+            if self._box
+            else ProbeOutcome(
+                int(self._thread.name.rsplit("-", 1)[-1]), None, "the probe thread died", 0.0, 0.0
+            )
+        )
+        self._thread = self._token = None
         outcome.blocked_seconds += self._submit_seconds
-        self._future = None
         return [outcome]
 
     def poll(self) -> list[ProbeOutcome]:
-        if self._future is None or not self._future.done():
+        if self._thread is None or self._thread.is_alive():
             return []
         return self._collect()
 
-    def drain(self) -> list[ProbeOutcome]:
-        """Wait for the running probe, if any, and return its outcome."""
-        if self._future is None:
+    def drain(self, timeout: float | None = None) -> list[ProbeOutcome]:
+        """Wait (at most `timeout` seconds; None: until done) for the running probe."""
+        if self._thread is None:
             return []
-        concurrent.futures.wait([self._future])
-        return self._collect()
+        self._thread.join(timeout)
+        return self.poll()
 
-    def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=True)
-            self._pool = None
-        self._future = None
+    def close(self, timeout: float | None = None) -> list[ProbeOutcome]:
+        """Stop the worker within about ``timeout + CANCEL_GRACE`` seconds.
+
+        Waits up to `timeout` for the running probe to finish (its outcome is returned),
+        then cancels it and waits `CANCEL_GRACE` more; a probe that still runs (stuck in
+        one long kernel) is abandoned: its daemon thread ends with the process and its
+        result is dropped.
+        """
+        done = self.drain(timeout)
+        if self._thread is None:
+            return done
+        self._token.cancel()
+        self._thread.join(self.CANCEL_GRACE)
+        if self._thread.is_alive():
+            self.n_abandoned += 1
+            log.warning(
+                "redundancy monitor: abandoned a probe that did not stop within %.1f s of "
+                "being cancelled; its result is dropped",
+                self.CANCEL_GRACE,
+            )
+        else:
+            self.n_cancelled += 1
+            log.info("redundancy monitor: cancelled the running probe at shutdown")
+        self._thread = self._token = None
+        return []
 
 
 def make_executor(kind: str) -> InlineExecutor | BackgroundExecutor:

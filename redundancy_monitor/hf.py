@@ -52,6 +52,10 @@ class RedundancyMonitorTrainerCallback(TrainerCallback, ExportableState):
     On resume the monitor state is read back from the checkpoint's ``trainer_state.json``
     (whether or not ``restore_callback_states_from_checkpoint`` is set).
 
+    The HF Trainer has no exception hook: when training raises (or Ctrl-C), nothing closes
+    the monitor. A running probe is in a daemon thread, so the process still exits; to
+    keep its result, call ``cb.monitor.close()`` in a ``finally`` around ``train()``.
+
     Example:
         >>> cb = RedundancyMonitorTrainerCallback(probe_ids, every_n_steps=200)
         >>> Trainer(model, args, train_dataset=ds, callbacks=[cb]).train()

@@ -197,6 +197,8 @@ class RedundancyMonitorCallback(Callback):
         self._apply_requests(trainer)
 
     def on_exception(self, trainer, pl_module, exception) -> None:
+        # Also reached on KeyboardInterrupt. Bounded: a running probe gets close_timeout
+        # seconds, is then cancelled, and abandoned if it still runs a second later.
         self.monitor.close()
 
     def teardown(self, trainer, pl_module, stage: str) -> None:

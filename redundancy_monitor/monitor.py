@@ -26,11 +26,15 @@ from redundancy_monitor.probe import probe
 from redundancy_monitor.probe_inputs import from_dataloader, from_texts, ids_and_mask
 from redundancy_monitor.result import ProbeResult, Thresholds
 from redundancy_monitor.schedule import DEFAULT_EVERY_N_STEPS, ProbeSchedule
-from redundancy_monitor.sinks import ProbeRecord, Sink
+from redundancy_monitor.sinks import ProbeRecord, Sink, SinkHealth
 from redundancy_monitor.snapshot import ShadowModel
+from redundancy_monitor.trajectory_guard import TrajectoryGuard, check_policy
+from redundancy_monitor.variants import check_protocols, parse_pairs
 
 log = logging.getLogger("redundancy_monitor")
 STATE_VERSION = 1
+#: Seconds `close()` waits for a running probe before cancelling it (then abandoning it).
+DEFAULT_CLOSE_TIMEOUT = 5.0
 
 
 class RedundancyMonitor:
@@ -65,10 +69,17 @@ class RedundancyMonitor:
             torch.distributed job (None: whenever one with several ranks is running).
             Every rank must then call the hooks; rank 0 alone writes sinks and calls
             `on_alert`; every rank reaches the same alert decisions.
+        on_mismatch: a probe that measured another probe batch, model depth or pair set
+            than the trajectory so far (after a resume, or a model that changed) is
+            ``"refuse"``-d (recorded as a failure; default) or starts a
+            ``"new_baseline"`` (a marker record, a fresh trajectory and alert state).
+        close_timeout: seconds `close()` waits for a running probe before cancelling it.
 
     Raises:
-        InvalidConfigError: an unknown executor or rule name, a non-string blocks/head.
+        InvalidConfigError: an unknown executor, rule name or mismatch policy, a
+            non-string blocks/head.
         InvalidBatchError: a probe batch that cannot be used.
+        InvalidPairsError, InvalidProtocolError: a malformed pair set or protocol name.
 
     Example:
         >>> monitor = RedundancyMonitor(probe_ids, every_n_steps=200, jsonl_path="r.jsonl")
@@ -107,6 +118,8 @@ class RedundancyMonitor:
         jsonl_path: str | os.PathLike | None = None,
         sinks: Sequence[Sink] = (),
         distributed: bool | None = None,
+        on_mismatch: str = "refuse",
+        close_timeout: float = DEFAULT_CLOSE_TIMEOUT,
     ):
         for name, value in (("blocks", blocks), ("head", head)):
             if value is not None and not isinstance(value, str):
@@ -115,12 +128,14 @@ class RedundancyMonitor:
                     f"model, so a module object of the original cannot be used; got "
                     f"{type(value).__name__}"
                 )
+        self.on_mismatch = check_policy(on_mismatch)
         self.schedule = schedule or ProbeSchedule(
             every_n_steps, log_spaced, tuple(steps), at_train_end
         )
+        parse_pairs(pairs, 2 if isinstance(pairs, str) else 1 << 20)  # fail here, not per probe
         self.probe_kwargs = dict(
             pairs=pairs,
-            protocols=tuple(protocols),
+            protocols=check_protocols(protocols),
             thresholds=thresholds,
             blocks=blocks,
             head=head,
@@ -163,6 +178,10 @@ class RedundancyMonitor:
         self.n_probes = self.n_failures = self.n_skipped_busy = 0
         self.stop_requested = False
         self.checkpoint_requested = False
+        self.close_timeout = close_timeout
+        self.trajectory_guard = TrajectoryGuard()
+        self.earlier_trajectories: list[list[dict[str, Any]]] = []
+        self.sink_health = SinkHealth()
 
     # ----- the probe batch -------------------------------------------------------------
 
@@ -209,12 +228,15 @@ class RedundancyMonitor:
         self._check_sha()
 
     def _check_sha(self) -> None:
+        if self.on_mismatch == "new_baseline":
+            return  # the first probe with the new batch starts a new trajectory
         if self._ids is not None and self._expected_sha not in (None, self.batch_sha256):
             raise MonitorStateError(
                 "the restored monitor state was recorded with another probe batch "
                 f"(sha256 {self._expected_sha[:12]}..., now {self.batch_sha256[:12]}...); "
                 "trajectories would not be comparable. Pass the same probe batch when "
-                "resuming, or start a new monitor without loading the state."
+                "resuming, pass on_mismatch='new_baseline' to start a new trajectory, or "
+                "start a new monitor without loading the state."
             )
 
     # ----- the hooks adapters call -----------------------------------------------------
@@ -315,10 +337,23 @@ class RedundancyMonitor:
         self._handle(self._ranks.merge(outcome))
         return True
 
-    def close(self) -> None:
-        if self._ranks is None:  # with several ranks, a probe not gathered yet is dropped:
-            self.drain()  # close() may run on one rank only (an exception), so no collective
-        self._executor.close()
+    @property
+    def n_sink_errors(self) -> int:
+        """How many sink calls raised (each is logged; a sink's first failure is alerted)."""
+        return self.sink_health.n_errors
+
+    def close(self, timeout: float | None = None) -> None:
+        """Shut down within a bound: wait up to `timeout` seconds (default
+        `close_timeout`) for a running probe and log it; otherwise cancel it, and abandon
+        it if it does not stop within a second more. Then close the sinks. Never hangs."""
+        timeout = self.close_timeout if timeout is None else timeout
+        outcomes = self._executor.close(timeout)
+        # With several ranks a share not gathered yet is dropped: close() may run on one
+        # rank only (after an exception), so it must not enter a collective.
+        for outcome in outcomes if self._ranks is None else ():
+            self._handle(outcome)
+        if getattr(self._executor, "n_abandoned", 0):
+            self._shadow = ShadowModel()  # the abandoned thread may still read the old copy
         self._emit("close")
 
     # ----- probing -----------------------------------------------------------------------
@@ -369,6 +404,8 @@ class RedundancyMonitor:
         try:
             if outcome.error is not None:
                 self._failed(outcome.step, outcome.error)
+            elif (change := self.trajectory_guard.check(outcome.result)) is not None:
+                self._mismatched(outcome, change)
             else:
                 self._record(outcome)
         except Exception:  # a broken sink or callback is logged, never raised into training
@@ -380,6 +417,33 @@ class RedundancyMonitor:
             log.error("redundancy probe at step %d failed: %s", step, error)
         self._emit("write_failure", step, error)
         self._deliver(self.alert_engine.observe_failure(step, error))
+
+    def _mismatched(self, outcome: ProbeOutcome, change: str) -> None:
+        """A probe not comparable with the trajectory: refuse it, or start a new one."""
+        if self.on_mismatch == "refuse":
+            self._failed(
+                outcome.step,
+                f"MonitorStateError: the probe at step {outcome.step} measured {change}; it "
+                "is not comparable with the earlier probes and was not recorded. Probe the "
+                "same model depth with the same batch and pairs, or pass "
+                "on_mismatch='new_baseline' to start a new trajectory from such a probe.",
+            )
+            return
+        old = self.trajectory_guard.restart(outcome.result)
+        log.warning("redundancy monitor: new baseline at step %d: %s", outcome.step, change)
+        if self.history:
+            self.earlier_trajectories.append(self.history)
+        self.history = []
+        self.alert_engine = AlertEngine(self.alert_engine.config)
+        marker = {
+            "type": "new_baseline",
+            "step": outcome.step,
+            "reason": change,
+            "previous": old,
+            "current": self.trajectory_guard.identity,
+        }
+        self._emit("write_marker", marker)
+        self._record(outcome)
 
     def _record(self, outcome: ProbeOutcome) -> None:
         result = outcome.result
@@ -422,8 +486,20 @@ class RedundancyMonitor:
         for sink in self.sinks:
             try:
                 getattr(sink, method)(*args)
-            except Exception:
-                log.exception("redundancy monitor: sink %s.%s failed", type(sink).__name__, method)
+            except Exception as exc:
+                self._sink_failed(sink, method, exc)
+            else:
+                self.sink_health.ok(sink, method)
+
+    def _sink_failed(self, sink: Sink, method: str, exc: Exception) -> None:
+        """Count and log a sink error; alert when a working sink starts failing."""
+        name = f"{type(sink).__name__}.{method}"
+        if not self.sink_health.failed(sink, method):
+            log.warning("redundancy monitor: sink %s failed again: %s", name, exc)
+            return
+        log.error("redundancy monitor: sink %s failed", name, exc_info=exc)
+        step = self.last_step if self.last_step is not None else 0
+        self._deliver(self.alert_engine.observe_sink_failure(step, name, exc))
 
     # ----- trajectories and resume -------------------------------------------------------
 
@@ -448,6 +524,10 @@ class RedundancyMonitor:
             "n_probes": self.n_probes,
             "n_failures": self.n_failures,
             "n_skipped_busy": self.n_skipped_busy,
+            "n_sink_errors": self.n_sink_errors,
+            "pairs_spec": _pairs_spec(self.probe_kwargs["pairs"]),
+            "trajectory": self.trajectory_guard.identity,
+            "earlier_trajectories": [[dict(h) for h in t] for t in self.earlier_trajectories],
             "history": [dict(h) for h in self.history],
             "alerts": [a.to_dict() for a in self.alerts],
             "alert_engine": self.alert_engine.state_dict(),
@@ -466,6 +546,13 @@ class RedundancyMonitor:
             )
         self._expected_sha = state.get("batch_sha256")
         self._check_sha()
+        self._check_pairs(state.get("pairs_spec"))
+        identity = state.get("trajectory") or (
+            {"batch_sha256": self._expected_sha} if self._expected_sha else None
+        )
+        self.trajectory_guard = TrajectoryGuard(identity)
+        self.earlier_trajectories = [list(t) for t in state.get("earlier_trajectories", [])]
+        self.sink_health.n_errors = state.get("n_sink_errors", 0)
         self.last_step = state.get("last_step")
         self.probed_steps = list(state.get("probed_steps", []))
         self.n_probes = state.get("n_probes", 0)
@@ -475,6 +562,22 @@ class RedundancyMonitor:
         self.alerts = [Alert(**a) for a in state.get("alerts", [])]
         self.alert_engine.load_state_dict(state.get("alert_engine", {}))
         self._resumed_at = self.last_step
+
+    def _check_pairs(self, saved) -> None:
+        now = _pairs_spec(self.probe_kwargs["pairs"])
+        if self.on_mismatch == "refuse" and saved is not None and saved != now:
+            raise MonitorStateError(
+                f"the restored monitor state was recorded with pairs={saved!r}, this monitor "
+                f"probes pairs={now!r}; trajectories would not be comparable. Pass the same "
+                "pairs when resuming, or on_mismatch='new_baseline' to start a new trajectory."
+            )
+
+
+def _pairs_spec(pairs) -> str | list[list[int]]:
+    """The pair-set spec as JSON (a name, or sorted [i, j] lists)."""
+    if isinstance(pairs, str):
+        return pairs.strip().lower()
+    return sorted(sorted(int(x) for x in p) for p in pairs)
 
 
 def _rule_set(value: bool | Collection[str], name: str) -> frozenset[str]:

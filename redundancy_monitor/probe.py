@@ -11,6 +11,7 @@ from torch import nn
 from redundancy_monitor import __version__
 from redundancy_monitor.batch import ProbeBatch, make_batch
 from redundancy_monitor.blocks import find_blocks, find_head, unwrap_model
+from redundancy_monitor.cancel import CancellableProgress, current_token
 from redundancy_monitor.engine import (
     DEFAULT_LOGIT_ELEMENTS,
     EngineOptions,
@@ -245,9 +246,11 @@ def probe(
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(variants), desc="probe variants", unit="variant")
+    token = current_token()  # set in a monitor's worker thread: stop early when asked
+    tracker = bar if token is None else CancellableProgress(bar, token)
     try:
         distances, oom_retries = distances_with_retry(
-            root, block_list, head_module, batch, variants, options, bar
+            root, block_list, head_module, batch, variants, options, tracker
         )
     finally:
         if bar is not None:

@@ -68,11 +68,42 @@ class Sink:
     def write_resume(self, step: int) -> None:
         pass
 
+    def write_marker(self, marker: dict) -> None:
+        """A JSON-safe event record with at least ``type`` and ``step`` (a new baseline)."""
+
     def flush(self) -> None:
         pass
 
     def close(self) -> None:
         self.flush()
+
+
+class SinkHealth:
+    """Which sinks are failing now, and how many sink calls have failed in all.
+
+    A sink's first failure after it worked is news (the monitor alerts); further failures
+    are only counted until the call that failed first succeeds again (another call
+    succeeding proves little: a TensorBoard writer may take text but not scalars).
+    """
+
+    def __init__(self) -> None:
+        self.n_errors = 0
+        self._failing: dict[int, str] = {}  # id(sink) -> the method that failed first
+
+    def failed(self, sink: Sink, method: str) -> bool:
+        """Count a failure; True if `sink` was working until now."""
+        self.n_errors += 1
+        new = id(sink) not in self._failing
+        self._failing.setdefault(id(sink), method)
+        return new
+
+    def ok(self, sink: Sink, method: str) -> None:
+        if self._failing.get(id(sink)) == method:
+            del self._failing[id(sink)]
+
+    @property
+    def n_failing(self) -> int:
+        return len(self._failing)
 
 
 class MetricsSink(Sink):

@@ -130,6 +130,10 @@ class TensorBoardSink(Sink):
     def write_failure(self, step: int, error: str) -> None:
         self.writer.add_text(f"{PREFIX}/failures", f"```\n{error}\n```", step)
 
+    def write_marker(self, marker: dict) -> None:
+        text = f"**{marker['type']}**: {marker.get('reason', '')}"
+        self.writer.add_text(f"{PREFIX}/markers", text, marker["step"])
+
     def flush(self) -> None:
         if self._writer is not None:
             self._writer.flush()
