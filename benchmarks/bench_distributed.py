@@ -15,6 +15,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -53,7 +54,7 @@ def free_port() -> int:
 
 def run(nproc: int, threads: int, layers: int) -> float:
     here = Path(__file__).parent
-    script = here / "_dist_worker.py"
+    script = Path(tempfile.mkdtemp()) / "dist_worker.py"
     script.write_text(WORKER)
     try:
         if nproc == 1:
