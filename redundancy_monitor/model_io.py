@@ -82,6 +82,28 @@ def block_hidden(output) -> torch.Tensor:
     return output[0] if isinstance(output, (tuple, list)) else output
 
 
+def block_return_kinds(model: nn.Module, blocks: nn.ModuleList, batch: ProbeBatch) -> list[bool]:
+    """Whether each block returns a tuple (older transformers) or a tensor, from a
+    two-token forward of the batch's first sequence."""
+    kinds = [False] * len(blocks)
+
+    def recorder(slot):
+        def hook(module, args, output):
+            kinds[slot] = isinstance(output, (tuple, list))
+
+        return hook
+
+    mask = batch.attention_mask[:1, :2]
+    short = ProbeBatch(batch.input_ids[:1, :2], mask, bool((mask == 0).any()), "")
+    handles = [b.register_forward_hook(recorder(s)) for s, b in enumerate(blocks)]
+    try:
+        call_model(model, short)
+    finally:
+        for h in handles:
+            h.remove()
+    return kinds
+
+
 def logit_transform(model: nn.Module):
     """What the model does to the head's output before returning logits (Gemma soft-capping)."""
     cap = getattr(getattr(model, "config", None), "final_logit_softcapping", None)

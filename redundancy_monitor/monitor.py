@@ -20,6 +20,7 @@ from torch import nn
 from redundancy_monitor import __version__
 from redundancy_monitor.alerts import RULES, Alert, AlertConfig, AlertEngine
 from redundancy_monitor.batch import batch_sha256, make_batch
+from redundancy_monitor.engine import DEFAULT_BATCH_TOKENS
 from redundancy_monitor.errors import InvalidConfigError, MonitorStateError
 from redundancy_monitor.executor import ProbeOutcome, make_executor
 from redundancy_monitor.probe import probe
@@ -109,7 +110,7 @@ class RedundancyMonitor:
         thresholds: Thresholds | None = None,
         blocks: str | None = None,
         head: str | None = None,
-        batch_tokens: int = 65536,
+        batch_tokens: int = DEFAULT_BATCH_TOKENS,
         executor: str = "background",
         alerts: AlertConfig | None = None,
         on_alert: Callable[[Alert], Any] | Sequence[Callable[[Alert], Any]] = (),

@@ -16,32 +16,13 @@ from redundancy_monitor.batch import ProbeBatch
 from redundancy_monitor.engine import VariantDistance
 from redundancy_monitor.model_io import (
     SkippedSlot,
-    block_hidden,
+    block_return_kinds,
     blocks_replaced,
     call_model,
     logits_of,
     untouched,
 )
 from redundancy_monitor.variants import Variant
-
-
-def _returns_tuple(blocks: nn.ModuleList, model: nn.Module, batch: ProbeBatch) -> list[bool]:
-    kinds: list[bool] = [False] * len(blocks)
-
-    def recorder(slot):
-        def hook(module, args, output):
-            kinds[slot] = isinstance(output, (tuple, list))
-            block_hidden(output)
-
-        return hook
-
-    handles = [b.register_forward_hook(recorder(s)) for s, b in enumerate(blocks)]
-    try:
-        call_model(model, batch)
-    finally:
-        for h in handles:
-            h.remove()
-    return kinds
 
 
 @contextlib.contextmanager
@@ -77,7 +58,7 @@ def reference_distances(
     results = []
     with untouched(model):
         base = torch.log_softmax(logits_of(call_model(model, batch)).float(), dim=-1)
-        kinds = _returns_tuple(blocks, model, batch)
+        kinds = block_return_kinds(model, blocks, batch)
         for variant in variants:
             with applied(model, blocks, variant, kinds):
                 logq = torch.log_softmax(logits_of(call_model(model, batch)).float(), dim=-1)

@@ -23,7 +23,7 @@ from redundancy_monitor.engine import EngineOptions, variant_distances
 from redundancy_monitor.errors import InvalidBudgetError, InvalidConfigError, InvalidProtocolError
 from redundancy_monitor.model_io import (
     SkippedSlot,
-    block_hidden,
+    block_return_kinds,
     blocks_replaced,
     call_model,
     logits_of,
@@ -175,26 +175,6 @@ def jaccard(a: Iterable[int], b: Iterable[int]) -> float | None:
 # -- the pruned model ---------------------------------------------------------------
 
 
-def _block_returns_tuple(model: nn.Module, blocks: nn.ModuleList, batch: ProbeBatch) -> list[bool]:
-    kinds = [False] * len(blocks)
-
-    def recorder(slot):
-        def hook(module, args, output):
-            kinds[slot] = isinstance(output, (tuple, list))
-            block_hidden(output)
-
-        return hook
-
-    short = make_batch(batch.input_ids[:1, :2], batch.attention_mask[:1, :2])
-    handles = [b.register_forward_hook(recorder(s)) for s, b in enumerate(blocks)]
-    try:
-        call_model(model, short)
-    finally:
-        for h in handles:
-            h.remove()
-    return kinds
-
-
 @contextlib.contextmanager
 def slots_skipped(
     model: nn.Module, blocks: nn.ModuleList, layers: Iterable[int], batch: ProbeBatch
@@ -204,7 +184,7 @@ def slots_skipped(
     `batch` supplies two tokens for a forward that tells how each block returns.
     """
     layers = sorted(set(layers))
-    kinds = _block_returns_tuple(model, blocks, batch)
+    kinds = block_return_kinds(model, blocks, batch)
     with blocks_replaced(blocks, {s: SkippedSlot(blocks[s], kinds[s]) for s in layers}):
         yield
 

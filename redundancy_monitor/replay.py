@@ -16,7 +16,6 @@ import json
 import logging
 import os
 import re
-import tempfile
 import time
 import traceback
 from collections.abc import Callable, Sequence
@@ -28,6 +27,8 @@ import torch
 from torch import nn
 
 from redundancy_monitor.alerts import AlertConfig
+from redundancy_monitor.atomic_json import write_json_atomic
+from redundancy_monitor.engine import DEFAULT_BATCH_TOKENS
 from redundancy_monitor.errors import CheckpointError, InvalidPairsError, InvalidProtocolError
 from redundancy_monitor.executor import ProbeOutcome
 from redundancy_monitor.monitor import RedundancyMonitor
@@ -328,19 +329,6 @@ class ReplayOutcome:
     n_alerts: int = 0
 
 
-def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, allow_nan=False, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _check_settings(saved: dict[str, Any], settings: dict[str, Any], out_dir: Path) -> None:
     changed = [k for k in settings if k in saved and saved[k] != settings[k]]
     if changed:
@@ -362,7 +350,7 @@ def replay(
     protocols: Sequence[str] = ("replacement", "interchange"),
     thresholds: Thresholds | None = None,
     alerts: AlertConfig | None = None,
-    batch_tokens: int = 65536,
+    batch_tokens: int = DEFAULT_BATCH_TOKENS,
     progress: bool = True,
 ) -> ReplayOutcome:
     """Probe `checkpoints` in step order into `out_dir`, resuming a replay already there.
@@ -436,7 +424,7 @@ def replay(
             monitor.record_outcome(result)
             (outcome.failed if result.error else outcome.probed).append(ref.step)
             state = {"settings": settings, "monitor": monitor.state_dict()}
-            _write_json_atomic(state_path, state)
+            write_json_atomic(state_path, state, indent=1)
             bar.update(1)
     finally:
         bar.close()

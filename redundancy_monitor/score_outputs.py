@@ -3,35 +3,19 @@ and a TensorBoard run folder. matplotlib is optional: without it the PNGs are sk
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from redundancy_monitor.atomic_json import write_json_atomic
 from redundancy_monitor.result import PairRecord, ProbeResult
 from redundancy_monitor.score import ScoreRun
 
 TOP_PAIRS = 10
 HEATMAPS = ("d_repl", "d_int", "gap")
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Write JSON to a temporary file in the same folder, then rename it over `path`."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=2, allow_nan=False)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _fmt(x: float | None, digits: int = 4) -> str:

@@ -3,27 +3,14 @@
 from __future__ import annotations
 
 import pytest
-import torch
-from conftest import VOCAB, tiny_model
-from training_fixtures import probe_ids
+from conftest import tiny_model
+from training_fixtures import TokenDataset, probe_ids
 
 from redundancy_monitor import AlertConfig, read_records
 from redundancy_monitor.hf import RedundancyMonitorTrainerCallback
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate", reason="the transformers Trainer needs accelerate")
-
-
-class TokenDataset(torch.utils.data.Dataset):
-    def __init__(self, n_seq=64, seq_len=16, seed=3):
-        g = torch.Generator().manual_seed(seed)
-        self.data = torch.randint(0, VOCAB, (n_seq, seq_len), generator=g)
-
-    def __len__(self):
-        return len(self.data)
-
-    def __getitem__(self, i):
-        return {"input_ids": self.data[i], "labels": self.data[i]}
 
 
 def make_trainer(tmp_path, callbacks, **kw):

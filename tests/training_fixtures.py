@@ -12,6 +12,20 @@ def token_loader(n_seq: int = 32, seq_len: int = 16, batch_size: int = 8, seed: 
     return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(data), batch_size=batch_size)
 
 
+class TokenDataset(torch.utils.data.Dataset):
+    """Random token sequences as the HF Trainer wants them (labels = inputs)."""
+
+    def __init__(self, n_seq=64, seq_len=16, seed=3):
+        g = torch.Generator().manual_seed(seed)
+        self.data = torch.randint(0, VOCAB, (n_seq, seq_len), generator=g)
+
+    def __len__(self):
+        return len(self.data)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.data[i], "labels": self.data[i]}
+
+
 def probe_ids():
     return tiny_batch(n_seq=3, seq_len=16)[0]
 

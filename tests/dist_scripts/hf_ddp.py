@@ -14,23 +14,11 @@ import torch
 import transformers
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from conftest import VOCAB, tiny_model
-from training_fixtures import probe_ids
+from conftest import tiny_model
+from training_fixtures import TokenDataset, probe_ids
 
 from redundancy_monitor import AlertConfig
 from redundancy_monitor.hf import RedundancyMonitorTrainerCallback
-
-
-class TokenDataset(torch.utils.data.Dataset):
-    def __init__(self, n_seq=96, seq_len=16, seed=3):
-        g = torch.Generator().manual_seed(seed)
-        self.data = torch.randint(0, VOCAB, (n_seq, seq_len), generator=g)
-
-    def __len__(self):
-        return len(self.data)
-
-    def __getitem__(self, i):
-        return {"input_ids": self.data[i], "labels": self.data[i]}
 
 
 def main() -> None:
@@ -63,7 +51,7 @@ def main() -> None:
     )
     model = tiny_model("gpt_neox", 4).train()
     trainer = transformers.Trainer(
-        model=model, args=args, train_dataset=TokenDataset(), callbacks=[callback]
+        model=model, args=args, train_dataset=TokenDataset(n_seq=96), callbacks=[callback]
     )
     trainer.train()
     rank = torch.distributed.get_rank()
