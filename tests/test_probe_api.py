@@ -229,3 +229,18 @@ def test_importing_the_package_does_not_import_trainers():
     code = "import sys, redundancy_monitor; print(any(m.split('.')[0] in ('lightning', 'pytorch_lightning', 'transformers') for m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_find_blocks_unwraps_a_peft_style_wrapper():
+    """peft is not a dependency; a wrapper with PEFT's class name and accessor stands in."""
+
+    class PeftModelForCausalLM(nn.Module):
+        def __init__(self, base):
+            super().__init__()
+            self.base_model = nn.ModuleDict({"model": base})
+
+        def get_base_model(self):
+            return self.base_model["model"]
+
+    model = tiny_model("llama", n_layers=3)
+    assert find_blocks(PeftModelForCausalLM(model)) is model.model.layers
