@@ -6,7 +6,7 @@ time over its lower bound (the block and head evaluations it cannot avoid x the 
 time of one block and of one head+KL); peak memory of each path (measured in a fresh
 child process); and the widest logits tensor for adjacent vs all pairs.
 
-    python benchmarks/bench_probe.py            # ~3 minutes on 2 CPU cores
+    python benchmarks/bench_probe.py            # ~8 minutes on 2 CPU cores
     python benchmarks/bench_probe.py --quick    # smaller batch, for a smoke run
 """
 
@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing as mp
+import statistics
 import time
 
 import torch
@@ -136,7 +137,7 @@ def unit_times(model, ids, repeats: int = 3) -> tuple[float, float]:
     return sorted(block_t)[repeats // 2], sorted(head_t)[repeats // 2]
 
 
-def run(n_layers: int, n_seq: int, seq_len: int) -> dict:
+def run(n_layers: int, n_seq: int, seq_len: int, repeats: int = 3) -> dict:
     from redundancy_monitor.engine import variant_distances
     from redundancy_monitor.probe import plan_variants, prepare
     from redundancy_monitor.reference import reference_distances
@@ -148,17 +149,23 @@ def run(n_layers: int, n_seq: int, seq_len: int) -> dict:
     variants = list(
         plan_variants(n_layers, parse_pairs("adjacent", n_layers), ["replacement", "interchange"])
     )
-    variant_distances(root, blocks, head, b, variants[:2])  # warm up kernels
+    variant_distances(root, blocks, head, b, variants)  # warm up kernels and allocator
 
-    t = time.perf_counter()
-    fast = variant_distances(root, blocks, head, b, variants)
-    engine_s = time.perf_counter() - t
-    t = time.perf_counter()
-    ref = reference_distances(root, blocks, b, variants)
-    reference_s = time.perf_counter() - t
+    # Interleave the two paths and keep each one's median, so that drift in the
+    # machine's speed hits both alike.
+    engine_runs, reference_runs = [], []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fast = variant_distances(root, blocks, head, b, variants)
+        engine_runs.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        ref = reference_distances(root, blocks, b, variants)
+        reference_runs.append(time.perf_counter() - t)
+    engine_s = statistics.median(engine_runs)
+    reference_s = statistics.median(reference_runs)
     worst = max(abs(f.mean - r.mean) for f, r in zip(fast, ref, strict=True))
 
-    block_s, head_s = unit_times(model, ids)
+    block_s, head_s = unit_times(model, ids, repeats=7)
     block_evals = n_layers + sum(n_layers - v.first_changed for v in variants)
     head_evals = 1 + len(variants)
     bound_s = block_evals * block_s + head_evals * head_s
