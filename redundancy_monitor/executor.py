@@ -14,6 +14,8 @@ import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import torch
+
 from redundancy_monitor.cancel import CancelToken, set_current_token
 from redundancy_monitor.errors import InvalidConfigError
 from redundancy_monitor.result import ProbeResult
@@ -80,7 +82,8 @@ class BackgroundExecutor:
     #: seconds `close` waits after cancelling before it abandons the worker.
     CANCEL_GRACE = 1.0
 
-    def __init__(self) -> None:
+    def __init__(self, threads: int | None = None) -> None:
+        self.threads = threads
         self._thread: threading.Thread | None = None
         self._token: CancelToken | None = None
         self._outcome: ProbeOutcome | None = None
@@ -97,7 +100,12 @@ class BackgroundExecutor:
         token = CancelToken()
         box: list[ProbeOutcome] = []
 
+        # CPU kernels of the probe use their own, smaller share of the cores (the setting
+        # is per thread), so the probe does not oversubscribe the cores training uses.
+        threads = self.threads or max(1, torch.get_num_threads() // 2)
+
         def work() -> None:
+            torch.set_num_threads(threads)
             set_current_token(token)
             try:
                 box.append(_run(step, job, blocked))
@@ -160,9 +168,9 @@ class BackgroundExecutor:
         return []
 
 
-def make_executor(kind: str) -> InlineExecutor | BackgroundExecutor:
+def make_executor(kind: str, threads: int | None = None) -> InlineExecutor | BackgroundExecutor:
     if kind == "background":
-        return BackgroundExecutor()
+        return BackgroundExecutor(threads)
     if kind == "inline":
         return InlineExecutor()
     raise InvalidConfigError(f"executor must be one of {EXECUTORS}, got {kind!r}")

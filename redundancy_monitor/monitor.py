@@ -70,6 +70,9 @@ class RedundancyMonitor:
             torch.distributed job (None: whenever one with several ranks is running).
             Every rank must then call the hooks; rank 0 alone writes sinks and calls
             `on_alert`; every rank reaches the same alert decisions.
+        probe_threads: CPU threads the background probe uses (default: half of
+            `torch.get_num_threads()`, at least 1), so that it does not oversubscribe
+            the cores training uses; no effect on GPU kernels.
         on_mismatch: a probe that measured another probe batch, model depth or pair set
             than the trajectory so far (after a resume, or a model that changed) is
             ``"refuse"``-d (recorded as a failure; default) or starts a
@@ -119,6 +122,7 @@ class RedundancyMonitor:
         jsonl_path: str | os.PathLike | None = None,
         sinks: Sequence[Sink] = (),
         distributed: bool | None = None,
+        probe_threads: int | None = None,
         on_mismatch: str = "refuse",
         close_timeout: float = DEFAULT_CLOSE_TIMEOUT,
     ):
@@ -143,7 +147,9 @@ class RedundancyMonitor:
             batch_tokens=batch_tokens,
         )
         self.executor_kind = executor
-        self._executor = make_executor(executor)
+        if probe_threads is not None and probe_threads < 1:
+            raise InvalidConfigError(f"probe_threads must be >= 1, got {probe_threads}")
+        self._executor = make_executor(executor, probe_threads)
         self.alert_engine = AlertEngine(alerts or AlertConfig())
         self.on_alert = [on_alert] if callable(on_alert) else list(on_alert)
         self.stop_rules = _rule_set(stop_on_alert, "stop_on_alert")
