@@ -8,6 +8,7 @@ optimizer step, and `train_end()`; everything else happens here.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
@@ -36,6 +37,19 @@ log = logging.getLogger("redundancy_monitor")
 STATE_VERSION = 1
 #: Seconds `close()` waits for a running probe before cancelling it (then abandoning it).
 DEFAULT_CLOSE_TIMEOUT = 5.0
+
+
+@dataclasses.dataclass(frozen=True)
+class _BatchSource:
+    """Where the probe batch comes from, as given to the monitor."""
+
+    probe_batch: Any = None
+    attention_mask: Any = None
+    texts: Sequence[str] | None = None
+    tokenizer: Any = None
+    max_length: int = 128
+    dataloader: Any = None
+    max_sequences: int | None = 8
 
 
 class RedundancyMonitor:
@@ -163,14 +177,8 @@ class RedundancyMonitor:
         self._ids = self._mask = None
         self._expected_sha: str | None = None
         self._resumed_at: int | None = None
-        self._source = (
-            probe_batch,
-            attention_mask,
-            texts,
-            tokenizer,
-            max_length,
-            dataloader,
-            max_sequences,
+        self._source = _BatchSource(
+            probe_batch, attention_mask, texts, tokenizer, max_length, dataloader, max_sequences
         )
         if probe_batch is not None or texts is not None or dataloader is not None:
             self._resolve_batch()
@@ -205,29 +213,26 @@ class RedundancyMonitor:
         dataloader batch this way)."""
         if self._ids is not None:
             return
-        texts, tokenizer, max_length, max_sequences = (self._source[i] for i in (2, 3, 4, 6))
-        self._source = (
-            probe_batch,
-            attention_mask,
-            texts,
-            tokenizer,
-            max_length,
-            dataloader,
-            max_sequences,
+        self._source = dataclasses.replace(
+            self._source,
+            probe_batch=probe_batch,
+            attention_mask=attention_mask,
+            dataloader=dataloader,
         )
         self._resolve_batch()
 
     def _resolve_batch(self) -> None:
-        batch, mask, texts, tokenizer, max_length, dataloader, max_seq = self._source
-        if batch is not None:
-            ids, found_mask = ids_and_mask(batch)
-            mask = found_mask if mask is None else torch.as_tensor(mask)
-        elif texts is not None:
-            if tokenizer is None:
+        source = self._source
+        if source.probe_batch is not None:
+            ids, mask = ids_and_mask(source.probe_batch)
+            if source.attention_mask is not None:
+                mask = torch.as_tensor(source.attention_mask)
+        elif source.texts is not None:
+            if source.tokenizer is None:
                 raise InvalidConfigError("texts need a tokenizer: pass tokenizer=...")
-            ids, mask = from_texts(texts, tokenizer, max_length)
-        elif dataloader is not None:
-            ids, mask = from_dataloader(dataloader, max_seq)
+            ids, mask = from_texts(source.texts, source.tokenizer, source.max_length)
+        elif source.dataloader is not None:
+            ids, mask = from_dataloader(source.dataloader, source.max_sequences)
         else:
             return
         checked = make_batch(ids.detach().cpu(), None if mask is None else mask.detach().cpu())
