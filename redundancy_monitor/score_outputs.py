@@ -13,9 +13,9 @@ import numpy as np
 from redundancy_monitor.atomic_json import write_json_atomic
 from redundancy_monitor.result import PairRecord, ProbeResult
 from redundancy_monitor.score import ScoreRun
+from redundancy_monitor.tensorboard_sink import HEATMAPS, pair_matrix
 
 TOP_PAIRS = 10
-HEATMAPS = ("d_repl", "d_int", "gap")
 
 
 def _fmt(x: float | None, digits: int = 4) -> str:
@@ -115,17 +115,6 @@ def summary_markdown(run: ScoreRun) -> str:
 # -- figures ------------------------------------------------------------------------
 
 
-def pair_matrix(result: ProbeResult, field: str) -> np.ndarray:
-    """L x L matrix of a pair field, symmetric, NaN where the pair was not probed."""
-    n = result.n_layers
-    m = np.full((n, n), np.nan)
-    for r in result.pairs:
-        value = getattr(r, field)
-        if value is not None:
-            m[r.i, r.j] = m[r.j, r.i] = value
-    return m
-
-
 def make_figures(run: ScoreRun) -> dict[str, Any]:
     """name -> matplotlib Figure; raises ImportError without matplotlib."""
     import matplotlib
@@ -137,7 +126,7 @@ def make_figures(run: ScoreRun) -> dict[str, Any]:
     result = run.result
     for field in HEATMAPS:
         fig, ax = plt.subplots(figsize=(5, 4.2))
-        matrix = pair_matrix(result, field)
+        matrix = pair_matrix(result, field, zero_diagonal=False)
         if field == "gap":  # signed: centre a diverging map on zero
             limit = float(np.nanmax(np.abs(matrix))) if np.isfinite(matrix).any() else 1.0
             style = {"cmap": "RdBu_r", "vmin": -limit, "vmax": limit}

@@ -19,15 +19,19 @@ VIRIDIS = np.array(
 DIVERGING = np.array([[33, 102, 172], [247, 247, 247], [178, 24, 43]], dtype=np.float64)
 
 
-def pair_matrix(result: ProbeResult, field: str) -> np.ndarray:
-    """An L x L symmetric matrix of one pair field; NaN where the pair was not probed."""
+def pair_matrix(result: ProbeResult, field: str, zero_diagonal: bool = True) -> np.ndarray:
+    """An L x L symmetric matrix of one pair field; NaN where the pair was not probed.
+
+    With `zero_diagonal`, distances get 0 on the diagonal (R(i<-i) = d_int(i,i) = 0);
+    gap's diagonal stays NaN either way.
+    """
     n = result.n_layers
     m = np.full((n, n), np.nan)
     for r in result.pairs:
         v = getattr(r, field)
         if v is not None:
             m[r.i, r.j] = m[r.j, r.i] = v
-    if field != "gap":
+    if zero_diagonal and field != "gap":
         np.fill_diagonal(m, 0.0)  # R(i<-i) = d_int(i,i) = 0 by definition
     return m
 
