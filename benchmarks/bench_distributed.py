@@ -24,7 +24,7 @@ import json, sys, time
 import torch, torch.distributed as dist
 sys.path.insert(0, sys.argv[1])
 from bench_probe import build, batch
-from redundancy_monitor.distributed import probe_across_ranks
+from redundancy_monitor.monitoring.ranks import probe_across_ranks
 threads, layers = int(sys.argv[2]), int(sys.argv[3])
 torch.set_num_threads(threads)
 if "RANK" in __import__("os").environ:

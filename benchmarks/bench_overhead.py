@@ -26,7 +26,7 @@ from transformers import AutoModelForCausalLM
 
 from redundancy_monitor import RedundancyMonitor
 from redundancy_monitor.demo import demo_data, pythia_config
-from redundancy_monitor.schedule import DEFAULT_EVERY_N_STEPS
+from redundancy_monitor.monitoring.schedule import DEFAULT_EVERY_N_STEPS
 
 
 def train_segment(model, opt, batches, monitor, first_step):

@@ -52,10 +52,10 @@ def _rss_kib(field: str) -> int:
 def _peak_child(kind: str, n_layers: int, n_seq: int, seq_len: int, out) -> None:
     """Run one path in a fresh process; report its peak RSS above the model's footprint."""
     torch.set_num_threads(2)
-    from redundancy_monitor.engine import variant_distances
-    from redundancy_monitor.probe import plan_variants, prepare
-    from redundancy_monitor.reference import reference_distances
-    from redundancy_monitor.variants import parse_pairs
+    from redundancy_monitor.probing.engine import variant_distances
+    from redundancy_monitor.probing.probe import plan_variants, prepare
+    from redundancy_monitor.probing.reference import reference_distances
+    from redundancy_monitor.probing.variants import parse_pairs
 
     model = build(n_layers)
     root, blocks, head, b = prepare(model, batch(n_seq, seq_len))
@@ -83,9 +83,9 @@ def peak_mib(kind: str, n_layers: int, n_seq: int, seq_len: int) -> float:
 def widest_logits(model, ids, pairs: str) -> int:
     """Largest number of logit rows the engine materialises at once (with a small
     `logit_rows` budget, so that chunking, not the batch, sets the bound)."""
-    from redundancy_monitor.engine import EngineOptions, variant_distances
-    from redundancy_monitor.probe import plan_variants, prepare
-    from redundancy_monitor.variants import parse_pairs
+    from redundancy_monitor.probing.engine import EngineOptions, variant_distances
+    from redundancy_monitor.probing.probe import plan_variants, prepare
+    from redundancy_monitor.probing.variants import parse_pairs
 
     root, blocks, head, b = prepare(model, ids)
     L = len(blocks)
@@ -107,9 +107,9 @@ def widest_logits(model, ids, pairs: str) -> int:
 
 def unit_times(model, ids, repeats: int = 3) -> tuple[float, float]:
     """Median time of one block on the batch, and of one head + log-softmax + KL."""
-    from redundancy_monitor.engine import Engine
-    from redundancy_monitor.model_io import untouched
-    from redundancy_monitor.probe import prepare
+    from redundancy_monitor.probing.engine import Engine
+    from redundancy_monitor.probing.model_io import untouched
+    from redundancy_monitor.probing.probe import prepare
 
     root, blocks, head, b = prepare(model, ids)
     with untouched(root):
@@ -121,7 +121,7 @@ def unit_times(model, ids, repeats: int = 3) -> tuple[float, float]:
         hook = blocks[4].register_forward_pre_hook(
             lambda m, a, k: captured.update(args=a, kwargs=k), with_kwargs=True
         )
-        from redundancy_monitor.model_io import call_model
+        from redundancy_monitor.probing.model_io import call_model
 
         call_model(root, b)
         hook.remove()
@@ -138,10 +138,10 @@ def unit_times(model, ids, repeats: int = 3) -> tuple[float, float]:
 
 
 def run(n_layers: int, n_seq: int, seq_len: int, repeats: int = 3) -> dict:
-    from redundancy_monitor.engine import variant_distances
-    from redundancy_monitor.probe import plan_variants, prepare
-    from redundancy_monitor.reference import reference_distances
-    from redundancy_monitor.variants import parse_pairs
+    from redundancy_monitor.probing.engine import variant_distances
+    from redundancy_monitor.probing.probe import plan_variants, prepare
+    from redundancy_monitor.probing.reference import reference_distances
+    from redundancy_monitor.probing.variants import parse_pairs
 
     model = build(n_layers)
     ids = batch(n_seq, seq_len)

@@ -20,9 +20,9 @@ import time
 import torch
 
 from redundancy_monitor import Variant, find_blocks, find_head, make_batch, reference_distances
-from redundancy_monitor.baselines import greedy_deletion_steps
-from redundancy_monitor.model_io import untouched
-from redundancy_monitor.removal import sliding_perplexity
+from redundancy_monitor.probing.model_io import untouched
+from redundancy_monitor.removal.baselines import greedy_deletion_steps
+from redundancy_monitor.removal.cost import sliding_perplexity
 
 
 def build(n_layers: int = 12, width: int = 256, vocab: int = 4096):

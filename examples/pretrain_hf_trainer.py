@@ -18,7 +18,7 @@ from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
 
 from redundancy_monitor import AlertConfig
 from redundancy_monitor.demo import demo_data, pythia_config, trajectory_table
-from redundancy_monitor.hf import RedundancyMonitorTrainerCallback
+from redundancy_monitor.integrations.hf import RedundancyMonitorTrainerCallback
 
 
 class Rows(torch.utils.data.Dataset):

@@ -20,7 +20,7 @@ from transformers import AutoModelForCausalLM
 
 from redundancy_monitor import AlertConfig
 from redundancy_monitor.demo import demo_data, pythia_config, trajectory_table
-from redundancy_monitor.lightning import RedundancyMonitorCallback
+from redundancy_monitor.integrations.lightning import RedundancyMonitorCallback
 
 
 class CausalLM(L.LightningModule):

@@ -1,20 +1,11 @@
 """redundancy-monitor: replacement vs interchange layer redundancy, during training and after.
 
 The probe math lives in `probe`, `engine` and `result`; framework glue lives in
-`redundancy_monitor.lightning` and `redundancy_monitor.hf`, imported only on demand.
+`redundancy_monitor.integrations.lightning` and `redundancy_monitor.integrations.hf`, imported only on demand.
 """
 
 __version__ = "0.1.0"
 
-from redundancy_monitor.baselines import (
-    greedy_deletion,
-    hidden_state_scores,
-    random_sets,
-)
-from redundancy_monitor.batch import ProbeBatch, make_batch
-from redundancy_monitor.blocks import find_blocks, find_head, unwrap_model
-from redundancy_monitor.comparison import RemovalReport, compare_removal
-from redundancy_monitor.engine import EngineOptions, VariantDistance, variant_distances
 from redundancy_monitor.errors import (
     BlockDiscoveryError,
     CheckpointError,
@@ -26,16 +17,12 @@ from redundancy_monitor.errors import (
     RedundancyMonitorError,
     UnsupportedModelError,
 )
-from redundancy_monitor.probe import probe
-from redundancy_monitor.reference import reference_distances
-from redundancy_monitor.removal import (
-    RemovalCost,
-    RemovalPlan,
-    plan_removal,
-    removability,
-    removal_cost,
-)
-from redundancy_monitor.result import (
+from redundancy_monitor.probing.batch import ProbeBatch, make_batch
+from redundancy_monitor.probing.blocks import find_blocks, find_head, unwrap_model
+from redundancy_monitor.probing.engine import EngineOptions, VariantDistance, variant_distances
+from redundancy_monitor.probing.probe import probe
+from redundancy_monitor.probing.reference import reference_distances
+from redundancy_monitor.probing.result import (
     DeletionRecord,
     PairRecord,
     ProbeResult,
@@ -44,16 +31,29 @@ from redundancy_monitor.result import (
     Thresholds,
     summarize,
 )
-from redundancy_monitor.variants import PROTOCOLS, Variant, parse_pairs
+from redundancy_monitor.probing.variants import PROTOCOLS, Variant, parse_pairs
+from redundancy_monitor.removal.baselines import (
+    greedy_deletion,
+    hidden_state_scores,
+    random_sets,
+)
+from redundancy_monitor.removal.cost import (
+    RemovalCost,
+    RemovalPlan,
+    plan_removal,
+    removability,
+    removal_cost,
+)
+from redundancy_monitor.removal.table import RemovalReport, compare_removal
 
 # The training-time monitor is imported on first use: it pulls in threading and sinks
 # that offline users never need. Neither path imports lightning or transformers.
 _LAZY = {
-    "RedundancyMonitor": "redundancy_monitor.monitor",
-    "ProbeSchedule": "redundancy_monitor.schedule",
-    "AlertConfig": "redundancy_monitor.alerts",
-    "Alert": "redundancy_monitor.alerts",
-    "read_records": "redundancy_monitor.jsonl",
+    "RedundancyMonitor": "redundancy_monitor.monitoring.monitor",
+    "ProbeSchedule": "redundancy_monitor.monitoring.schedule",
+    "AlertConfig": "redundancy_monitor.monitoring.alerts",
+    "Alert": "redundancy_monitor.monitoring.alerts",
+    "read_records": "redundancy_monitor.monitoring.jsonl",
 }
 
 

@@ -12,13 +12,13 @@ from pathlib import Path
 import torch
 from conftest import VOCAB, tiny_batch, tiny_model
 
-from redundancy_monitor.alerts import Alert
-from redundancy_monitor.jsonl import JsonlSink
-from redundancy_monitor.monitor import RedundancyMonitor
-from redundancy_monitor.result import PairRecord, ProbeResult, summarize
-from redundancy_monitor.schedule import ProbeSchedule
-from redundancy_monitor.sinks import ProbeRecord
-from redundancy_monitor.tensorboard_sink import TensorBoardSink
+from redundancy_monitor.monitoring.alerts import Alert
+from redundancy_monitor.monitoring.jsonl import JsonlSink
+from redundancy_monitor.monitoring.monitor import RedundancyMonitor
+from redundancy_monitor.monitoring.schedule import ProbeSchedule
+from redundancy_monitor.monitoring.sinks import ProbeRecord
+from redundancy_monitor.monitoring.tensorboard import TensorBoardSink
+from redundancy_monitor.probing.result import PairRecord, ProbeResult, summarize
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -82,5 +82,5 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
     this worktree first on the path."""
     env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
     script = shutil.which("redundancy-monitor")
-    command = [script] if script else [sys.executable, "-m", "redundancy_monitor.cli"]
+    command = [script] if script else [sys.executable, "-m", "redundancy_monitor.tools.cli"]
     return subprocess.run([*command, *args], capture_output=True, text=True, env=env, timeout=240)

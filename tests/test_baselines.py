@@ -18,9 +18,9 @@ from redundancy_monitor import (
     reference_distances,
     removal_cost,
 )
-from redundancy_monitor.baselines import greedy_deletion, hidden_state_scores, random_sets
-from redundancy_monitor.blocks import find_blocks
-from redundancy_monitor.comparison import compare_removal
+from redundancy_monitor.probing.blocks import find_blocks
+from redundancy_monitor.removal.baselines import greedy_deletion, hidden_state_scores, random_sets
+from redundancy_monitor.removal.table import compare_removal
 
 
 def test_greedy_deletion_takes_the_cheapest_deletion_at_each_step():
@@ -74,7 +74,7 @@ def test_block_influence_and_angular_use_block_outputs_not_the_final_norm():
 
 
 def test_block_influence_and_angular_selection_rules():
-    from redundancy_monitor.baselines import HiddenStateScores
+    from redundancy_monitor.removal.baselines import HiddenStateScores
 
     scores = HiddenStateScores((0.5, 0.1, 0.1, 0.3, 0.2), {2: (0.4, 0.3, 0.2, 0.25)})
     assert scores.block_influence_set(1) == (1,)

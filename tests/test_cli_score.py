@@ -16,10 +16,10 @@ import torch
 from score_fixtures import make_text, save_checkpoint
 
 from redundancy_monitor import find_blocks, probe
-from redundancy_monitor.checkpoint import load_checkpoint, split_text
-from redundancy_monitor.cli import main
-from redundancy_monitor.comparison import compare_removal
-from redundancy_monitor.export import prune_model
+from redundancy_monitor.removal.export import prune_model
+from redundancy_monitor.removal.table import compare_removal
+from redundancy_monitor.tools.cli import main
+from redundancy_monitor.tools.loading import load_checkpoint, split_text
 
 ROOT = Path(__file__).parents[1]
 SCRIPT = shutil.which("redundancy-monitor")
@@ -243,7 +243,7 @@ def test_export_with_explicit_layers_out_of_range_is_bad_input(workdir, capsys):
 
 def test_score_module_imports_stay_light():
     code = (
-        "import sys, redundancy_monitor.cli, redundancy_monitor;"
+        "import sys, redundancy_monitor.tools.cli, redundancy_monitor;"
         "print(any(m.startswith(('transformers', 'lightning', 'matplotlib')) for m in sys.modules))"
     )
     env = dict(os.environ, PYTHONPATH=str(ROOT))

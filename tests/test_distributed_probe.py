@@ -13,8 +13,8 @@ import pytest
 from conftest import tiny_batch, tiny_model
 
 from redundancy_monitor import ProbeResult, probe
-from redundancy_monitor.probe import merge_shards, shard_pairs
-from redundancy_monitor.variants import parse_pairs
+from redundancy_monitor.probing.probe import merge_shards, shard_pairs
+from redundancy_monitor.probing.variants import parse_pairs
 
 SCRIPTS = Path(__file__).parent / "dist_scripts"
 

@@ -15,7 +15,7 @@ from test_distributed_probe import free_port, torchrun
 from training_fixtures import probe_ids
 
 from redundancy_monitor import probe
-from redundancy_monitor.jsonl import read_records
+from redundancy_monitor.monitoring.jsonl import read_records
 
 SCRIPTS = Path(__file__).parent / "dist_scripts"
 
@@ -116,7 +116,7 @@ def test_lightning_fsdp1_strategy_is_refused_at_setup_with_advice():
     from lightning.pytorch.strategies import FSDPStrategy
 
     from redundancy_monitor.errors import InvalidConfigError
-    from redundancy_monitor.lightning import refuse_unsupported_strategy
+    from redundancy_monitor.integrations.lightning import refuse_unsupported_strategy
 
     with pytest.raises(InvalidConfigError, match="FSDP2"):
         refuse_unsupported_strategy(FSDPStrategy())
@@ -125,7 +125,7 @@ def test_lightning_fsdp1_strategy_is_refused_at_setup_with_advice():
 def test_deepspeed_zero3_is_refused_at_setup():
     """deepspeed is not installed here; a strategy object of that name and config stands in."""
     from redundancy_monitor.errors import InvalidConfigError
-    from redundancy_monitor.lightning import refuse_unsupported_strategy
+    from redundancy_monitor.integrations.lightning import refuse_unsupported_strategy
 
     DeepSpeedStrategy = type("DeepSpeedStrategy", (), {})
     zero3, zero2 = DeepSpeedStrategy(), DeepSpeedStrategy()

@@ -1,4 +1,4 @@
-"""The fast engine against the one-forward-per-variant reference, and SPEC 2 invariants."""
+"""The fast engine against the one-forward-per-variant reference, and docs/definitions.md §2 invariants."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import torch
 from conftest import ARCHITECTURES, tiny_batch, tiny_model
 
 from redundancy_monitor import Variant, probe, reference_distances
-from redundancy_monitor.engine import EngineOptions, variant_distances
-from redundancy_monitor.probe import plan_variants, prepare
-from redundancy_monitor.variants import parse_pairs
+from redundancy_monitor.probing.engine import EngineOptions, variant_distances
+from redundancy_monitor.probing.probe import plan_variants, prepare
+from redundancy_monitor.probing.variants import parse_pairs
 
 ATOL, RTOL = 1e-5, 1e-4
 

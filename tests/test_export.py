@@ -7,8 +7,8 @@ import torch
 from conftest import tiny_batch, tiny_config, tiny_model
 
 from redundancy_monitor import InvalidBudgetError, find_blocks, make_batch
-from redundancy_monitor.export import export_pruned, prune_model
-from redundancy_monitor.removal import slots_skipped
+from redundancy_monitor.removal.cost import slots_skipped
+from redundancy_monitor.removal.export import export_pruned, prune_model
 
 
 def mixed_attention_qwen3(n_layers: int = 6):

@@ -7,7 +7,7 @@ from conftest import tiny_model
 from training_fixtures import TokenDataset, probe_ids
 
 from redundancy_monitor import AlertConfig, read_records
-from redundancy_monitor.hf import RedundancyMonitorTrainerCallback
+from redundancy_monitor.integrations.hf import RedundancyMonitorTrainerCallback
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate", reason="the transformers Trainer needs accelerate")

@@ -8,7 +8,7 @@ import pytest
 from training_fixtures import lightning_module, lightning_trainer, probe_ids, token_loader
 
 from redundancy_monitor import AlertConfig, read_records
-from redundancy_monitor.lightning import RedundancyMonitorCallback
+from redundancy_monitor.integrations.lightning import RedundancyMonitorCallback
 
 pytest.importorskip("lightning")
 

@@ -1,12 +1,12 @@
-"""Alert rules (SPEC 6) on hand-built probe results: hysteresis, cooldown, each rule."""
+"""Alert rules (docs/definitions.md §6) on hand-built probe results: hysteresis, cooldown, each rule."""
 
 from __future__ import annotations
 
 import pytest
 
-from redundancy_monitor.alerts import AlertConfig, AlertEngine, removal_overlap
 from redundancy_monitor.errors import InvalidConfigError
-from redundancy_monitor.result import PairRecord, ProbeResult, summarize
+from redundancy_monitor.monitoring.alerts import AlertConfig, AlertEngine, removal_overlap
+from redundancy_monitor.probing.result import PairRecord, ProbeResult, summarize
 
 ONLY_GAP = dict(growth_factor=None, overlap_threshold=None, regime_change=False)
 

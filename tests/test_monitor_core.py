@@ -13,7 +13,7 @@ import pytest
 import torch
 from conftest import tiny_batch, tiny_model
 
-import redundancy_monitor.monitor as monitor_module
+import redundancy_monitor.monitoring.monitor as monitor_module
 from redundancy_monitor import AlertConfig, RedundancyMonitor, probe, read_records
 from redundancy_monitor.errors import InvalidConfigError, MonitorStateError
 

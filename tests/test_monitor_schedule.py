@@ -1,7 +1,7 @@
 import pytest
 
 from redundancy_monitor.errors import InvalidConfigError, RedundancyMonitorError
-from redundancy_monitor.schedule import ProbeSchedule
+from redundancy_monitor.monitoring.schedule import ProbeSchedule
 
 
 def test_periodic_plus_log_spaced_steps_below_the_period():

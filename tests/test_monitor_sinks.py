@@ -7,11 +7,11 @@ import json
 import numpy as np
 import pytest
 
-from redundancy_monitor.alerts import Alert
-from redundancy_monitor.jsonl import JsonlSink, RecordFileError, read_records
-from redundancy_monitor.result import PairRecord, ProbeResult, summarize
-from redundancy_monitor.sinks import ProbeRecord
-from redundancy_monitor.tensorboard_sink import MISSING, VIRIDIS, heatmap_image, pair_matrix
+from redundancy_monitor.monitoring.alerts import Alert
+from redundancy_monitor.monitoring.jsonl import JsonlSink, RecordFileError, read_records
+from redundancy_monitor.monitoring.sinks import ProbeRecord
+from redundancy_monitor.monitoring.tensorboard import MISSING, VIRIDIS, heatmap_image, pair_matrix
+from redundancy_monitor.probing.result import PairRecord, ProbeResult, summarize
 
 
 def small_result(gap=0.1):

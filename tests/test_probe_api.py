@@ -23,7 +23,7 @@ from redundancy_monitor import (
     parse_pairs,
     probe,
 )
-from redundancy_monitor.probe import prepare
+from redundancy_monitor.probing.probe import prepare
 
 BLOCK_PATHS = {
     "gpt_neox": "gpt_neox.layers",

@@ -11,8 +11,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from redundancy_monitor import InvalidPairsError, Variant, parse_pairs
-from redundancy_monitor.engine import variant_distances
-from redundancy_monitor.probe import prepare
+from redundancy_monitor.probing.engine import variant_distances
+from redundancy_monitor.probing.probe import prepare
 
 FAST = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

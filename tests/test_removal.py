@@ -1,4 +1,4 @@
-"""Removal guidance: removability rule, selection, d_del and held-out perplexity (SPEC 5)."""
+"""Removal guidance: removability rule, selection, d_del and held-out perplexity (docs/definitions.md §5)."""
 
 from __future__ import annotations
 
@@ -25,8 +25,8 @@ from redundancy_monitor import (
     removal_cost,
     summarize,
 )
-from redundancy_monitor.blocks import find_blocks
-from redundancy_monitor.removal import greedy_non_adjacent, jaccard, window_plan
+from redundancy_monitor.probing.blocks import find_blocks
+from redundancy_monitor.removal.cost import greedy_non_adjacent, jaccard, window_plan
 
 
 def hand_result(n_layers: int, pairs: dict[tuple[int, int], tuple[float, float]]) -> ProbeResult:

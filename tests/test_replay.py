@@ -10,20 +10,20 @@ import torch
 from checkpoint_runs import SEQ_LEN, corpus, hf_trainer_checkpoints, lightning_checkpoints
 from run_folders import run_cli
 
-from redundancy_monitor.alerts import AlertConfig
-from redundancy_monitor.checkpoint import probe_batch_from_text
-from redundancy_monitor.cli import main
 from redundancy_monitor.errors import CheckpointError, MonitorStateError
-from redundancy_monitor.jsonl import read_records
-from redundancy_monitor.probe import probe
-from redundancy_monitor.replay import (
+from redundancy_monitor.monitoring.alerts import AlertConfig
+from redundancy_monitor.monitoring.jsonl import read_records
+from redundancy_monitor.probing.probe import probe
+from redundancy_monitor.tools.cli import main
+from redundancy_monitor.tools.loading import probe_batch_from_text
+from redundancy_monitor.tools.records import load_run
+from redundancy_monitor.tools.replay import (
     ModelLoader,
     find_checkpoints,
     load_tokenizer,
     replay,
 )
-from redundancy_monitor.report import write_report
-from redundancy_monitor.run_records import load_run
+from redundancy_monitor.tools.report import write_report
 
 N_SEQ = 2
 # Always-true gap condition with hysteresis 2: it fires at the second probe of a series,

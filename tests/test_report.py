@@ -22,8 +22,8 @@ from run_folders import (
     write_records,
 )
 
-from redundancy_monitor.report import write_report
-from redundancy_monitor.run_records import RunFolderError, load_run
+from redundancy_monitor.tools.records import RunFolderError, load_run
+from redundancy_monitor.tools.report import write_report
 
 ALWAYS = ("gap_trajectory", "ir_by_distance", "heatmaps", "gap_vs_depth", "alert_timeline")
 
@@ -133,8 +133,8 @@ def test_failures_alerts_and_non_finite_pairs_are_reported(tmp_path):
 def test_measured_removal_table_adds_cost_curves_and_the_recommendation(tmp_path):
     from conftest import tiny_batch, tiny_model
 
-    from redundancy_monitor.comparison import compare_removal
-    from redundancy_monitor.probe import probe
+    from redundancy_monitor.probing.probe import probe
+    from redundancy_monitor.removal.table import compare_removal
 
     model = tiny_model("llama", n_layers=5)
     ids, _ = tiny_batch(n_seq=2, seq_len=12)
@@ -183,7 +183,7 @@ def test_without_matplotlib_the_report_says_how_to_install_it(tmp_path):
     write_records(tmp_path, probes=[(3, hand_result([0.2, 0.1], [0.05, 0.1]))])
     code = (
         "import sys; sys.modules['matplotlib'] = None\n"
-        "from redundancy_monitor.cli import main\n"
+        "from redundancy_monitor.tools.cli import main\n"
         f"raise SystemExit(main(['report', {str(tmp_path)!r}]))"
     )
     done = subprocess.run(
@@ -208,7 +208,7 @@ def test_no_finite_adjacent_pair_means_no_removal_selection(tmp_path):
 def test_report_finds_the_records_a_lightning_callback_wrote_below_the_root(tmp_path):
     from training_fixtures import lightning_module, lightning_trainer, probe_ids, token_loader
 
-    from redundancy_monitor.lightning import RedundancyMonitorCallback
+    from redundancy_monitor.integrations.lightning import RedundancyMonitorCallback
 
     cb = RedundancyMonitorCallback(probe_ids(), every_n_steps=2, log_spaced=False)
     lightning_trainer(tmp_path, [cb], max_steps=4).fit(lightning_module(), token_loader())
@@ -219,7 +219,7 @@ def test_report_finds_the_records_a_lightning_callback_wrote_below_the_root(tmp_
 
 
 def test_the_browser_check_catches_a_broken_image_and_a_network_fetch(tmp_path):
-    from redundancy_monitor.report import CHECK_SCRIPT, CSP
+    from redundancy_monitor.tools.report import CHECK_SCRIPT, CSP
 
     page = tmp_path / "bad.html"
     page.write_text(

@@ -1,4 +1,4 @@
-"""SPEC 4 summary scalars and regime, from hand-made pair records."""
+"""docs/definitions.md §4 summary scalars and regime, from hand-made pair records."""
 
 from __future__ import annotations
 

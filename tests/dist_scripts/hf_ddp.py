@@ -18,7 +18,7 @@ from conftest import tiny_model
 from training_fixtures import TokenDataset, probe_ids
 
 from redundancy_monitor import AlertConfig
-from redundancy_monitor.hf import RedundancyMonitorTrainerCallback
+from redundancy_monitor.integrations.hf import RedundancyMonitorTrainerCallback
 
 
 def main() -> None:

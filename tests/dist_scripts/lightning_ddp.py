@@ -19,8 +19,8 @@ import lightning.pytorch as L
 from conftest import tiny_model
 from training_fixtures import probe_ids, token_loader
 
-import redundancy_monitor.monitor as monitor_module
-from redundancy_monitor.lightning import RedundancyMonitorCallback
+import redundancy_monitor.monitoring.monitor as monitor_module
+from redundancy_monitor.integrations.lightning import RedundancyMonitorCallback
 
 FAIL = tuple(int(x) for x in os.environ.get("RM_TEST_FAIL", "-1,-1").split(","))
 _real_probe = monitor_module.probe

@@ -10,7 +10,7 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from conftest import tiny_batch, tiny_model
 
-from redundancy_monitor.distributed import probe_across_ranks
+from redundancy_monitor.monitoring.ranks import probe_across_ranks
 
 dist.init_process_group("gloo")
 torch.set_num_threads(1)

@@ -11,7 +11,7 @@ ROOT = Path(__file__).parents[2]
 if str(TESTS) not in sys.path:
     sys.path.insert(0, str(TESTS))
 
-from redundancy_monitor.engine import Engine  # noqa: E402
+from redundancy_monitor.probing.engine import Engine  # noqa: E402
 
 
 def slow_engine(monkeypatch, seconds_per_group: float, started=None):

@@ -1,5 +1,5 @@
 """Bad input through the training-time monitor (the engine's cases, caught when the
-monitor is built rather than at every probe), and property tests of the SPEC 5 removal
+monitor is built rather than at every probe), and property tests of the docs/definitions.md §5 removal
 selection, which the alert rules share with `plan_removal`."""
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from redundancy_monitor import RedundancyMonitor
-from redundancy_monitor.alerts import AlertConfig, removal_overlap
 from redundancy_monitor.errors import (
     InvalidBatchError,
     InvalidBudgetError,
@@ -21,8 +20,9 @@ from redundancy_monitor.errors import (
     InvalidProtocolError,
     RedundancyMonitorError,
 )
-from redundancy_monitor.removal import greedy_non_adjacent, plan_removal, removability
-from redundancy_monitor.result import PairRecord, ProbeResult, summarize
+from redundancy_monitor.monitoring.alerts import AlertConfig, removal_overlap
+from redundancy_monitor.probing.result import PairRecord, ProbeResult, summarize
+from redundancy_monitor.removal.cost import greedy_non_adjacent, plan_removal, removability
 
 IDS = torch.ones(2, 4, dtype=torch.long)
 

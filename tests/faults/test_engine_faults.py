@@ -13,7 +13,7 @@ sys.path.insert(0, str(Path(__file__).parents[1]))
 from conftest import tiny_batch, tiny_config, tiny_model
 
 from redundancy_monitor import UnsupportedModelError, probe
-from redundancy_monitor.engine import Engine
+from redundancy_monitor.probing.engine import Engine
 
 
 def test_out_of_memory_is_retried_with_smaller_chunks(monkeypatch):

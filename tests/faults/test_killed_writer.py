@@ -13,13 +13,13 @@ import warnings
 import pytest
 from fault_fixtures import ROOT
 
-from redundancy_monitor.jsonl import JsonlSink, read_records
+from redundancy_monitor.monitoring.jsonl import JsonlSink, read_records
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="needs SIGKILL")
 
 DIES_MID_LINE = """
 import os, signal, sys
-import redundancy_monitor.jsonl as jsonl
+import redundancy_monitor.monitoring.jsonl as jsonl
 sink = jsonl.JsonlSink(sys.argv[1])
 for step in range(3):
     sink.write_failure(step, "complete")
@@ -33,7 +33,7 @@ sink.write_failure(3, "x" * 2_000_000)
 
 WRITES_FOREVER = """
 import sys
-from redundancy_monitor.jsonl import JsonlSink
+from redundancy_monitor.monitoring.jsonl import JsonlSink
 sink = JsonlSink(sys.argv[1])
 step = 0
 while True:

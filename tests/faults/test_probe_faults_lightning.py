@@ -10,9 +10,9 @@ import torch
 from fault_fixtures import event_accumulator, scalar_steps, text_steps
 from training_fixtures import lightning_module, lightning_trainer, probe_ids, token_loader
 
-import redundancy_monitor.monitor as monitor_module
+import redundancy_monitor.monitoring.monitor as monitor_module
 from redundancy_monitor import AlertConfig, read_records
-from redundancy_monitor.engine import Engine
+from redundancy_monitor.probing.engine import Engine
 
 pytest.importorskip("lightning")
 QUIET = AlertConfig(
@@ -21,7 +21,7 @@ QUIET = AlertConfig(
 
 
 def run(tmp_path, callbacks, max_steps=6, **kw):
-    from redundancy_monitor.lightning import RedundancyMonitorCallback
+    from redundancy_monitor.integrations.lightning import RedundancyMonitorCallback
 
     kw.setdefault("executor", "inline")
     cb = RedundancyMonitorCallback(

@@ -14,7 +14,7 @@ import pytest
 from conftest import tiny_batch, tiny_model
 from fault_fixtures import ROOT, slow_engine
 
-import redundancy_monitor.monitor as monitor_module
+import redundancy_monitor.monitoring.monitor as monitor_module
 from redundancy_monitor import RedundancyMonitor, read_records
 
 IDS = tiny_batch(3, 16)[0]  # batch_tokens=48: one variant per group, 9 groups
@@ -90,7 +90,7 @@ def test_a_crash_in_lightning_training_stops_the_probe_within_the_bound(tmp_path
     from lightning.pytorch import Callback
     from training_fixtures import lightning_module, lightning_trainer, probe_ids, token_loader
 
-    from redundancy_monitor.lightning import RedundancyMonitorCallback
+    from redundancy_monitor.integrations.lightning import RedundancyMonitorCallback
 
     class Crash(Exception):
         pass
@@ -119,7 +119,7 @@ sys.path.insert(0, sys.argv[1])
 from fault_fixtures import Engine
 from lightning.pytorch import Callback
 from training_fixtures import lightning_module, lightning_trainer, probe_ids, token_loader
-from redundancy_monitor.lightning import RedundancyMonitorCallback
+from redundancy_monitor.integrations.lightning import RedundancyMonitorCallback
 
 real = Engine._token_kl
 def slow(self, finals, k):

@@ -13,9 +13,9 @@ import pytest
 from conftest import tiny_batch, tiny_model
 from fault_fixtures import event_accumulator, scalar_steps
 
-import redundancy_monitor.jsonl as jsonl_module
+import redundancy_monitor.monitoring.jsonl as jsonl_module
 from redundancy_monitor import AlertConfig, RedundancyMonitor, read_records
-from redundancy_monitor.jsonl import JsonlSink, RecordFileLost
+from redundancy_monitor.monitoring.jsonl import JsonlSink, RecordFileLost
 
 QUIET = AlertConfig(
     gap_threshold=None, growth_factor=None, overlap_threshold=None, regime_change=False
@@ -173,7 +173,7 @@ def test_tensorboard_writer_failing_mid_run_is_counted_alerted_and_training_goes
     from lightning.pytorch import Callback
     from training_fixtures import lightning_module, lightning_trainer, probe_ids, token_loader
 
-    from redundancy_monitor.lightning import RedundancyMonitorCallback
+    from redundancy_monitor.integrations.lightning import RedundancyMonitorCallback
 
     class BreakWriter(Callback):
         """The writer's add_scalar raises for our tags while the step is in 2..3."""

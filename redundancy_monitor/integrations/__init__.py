@@ -1,0 +1,1 @@
+"""Thin adapters from training frameworks (Lightning, the HF Trainer) to the monitor."""

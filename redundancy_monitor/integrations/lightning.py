@@ -1,0 +1,229 @@
+"""Lightning adapter: `RedundancyMonitorCallback`, a thin shell over `RedundancyMonitor`.
+
+Works with ``lightning.pytorch`` and, when only that is installed, ``pytorch_lightning``.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from torch import nn
+
+from redundancy_monitor.errors import InvalidConfigError
+from redundancy_monitor.monitoring.monitor import RedundancyMonitor
+from redundancy_monitor.monitoring.sinks import MetricsSink
+from redundancy_monitor.monitoring.tensorboard import TensorBoardSink
+
+try:
+    from lightning.pytorch import Callback
+except ImportError:  # only the standalone package is installed
+    from pytorch_lightning import Callback
+
+
+def _is_tensorboard_logger(logger) -> bool:
+    # Both lightning.pytorch and pytorch_lightning name their class TensorBoardLogger.
+    return any(cls.__name__ == "TensorBoardLogger" for cls in type(logger).__mro__)
+
+
+def refuse_unsupported_strategy(strategy) -> None:
+    """Fail at setup, not mid-run, for strategies whose snapshot we cannot take."""
+    name = type(strategy).__name__
+    stage = (getattr(strategy, "config", None) or {}).get("zero_optimization", {}).get("stage")
+    if "DeepSpeed" in name and stage == 3:
+        raise InvalidConfigError(
+            "DeepSpeed ZeRO-3 partitions every parameter and the redundancy probe needs whole "
+            "blocks; use ZeRO stage 1/2, DDP, or FSDP2 (ModelParallelStrategy / fully_shard)"
+        )
+    if name == "FSDPStrategy":
+        raise InvalidConfigError(
+            "Lightning's strategy='fsdp' (FSDP1 flat parameters) is not supported by the "
+            "redundancy monitor; shard with FSDP2 instead (ModelParallelStrategy with "
+            "fully_shard in configure_model), or use strategy='ddp'"
+        )
+
+
+def find_language_model(pl_module: nn.Module, model: str | None = None) -> nn.Module:
+    """The causal LM inside a LightningModule: `model` (an attribute path), the module
+    itself when it has an output head, or its only child that has one."""
+    if model is not None:
+        try:
+            return pl_module.get_submodule(model)
+        except AttributeError:
+            raise InvalidConfigError(
+                f"model={model!r} names nothing in {type(pl_module).__name__}; pass the "
+                "attribute path of the language model, e.g. model='model'"
+            ) from None
+    if callable(getattr(pl_module, "get_output_embeddings", None)):
+        return pl_module
+    found = [
+        (name, child)
+        for name, child in pl_module.named_children()
+        if callable(getattr(child, "get_output_embeddings", None))
+    ]
+    if len(found) == 1:
+        return found[0][1]
+    names = [name for name, _ in found] or [name for name, _ in pl_module.named_children()]
+    raise InvalidConfigError(
+        f"could not tell which submodule of {type(pl_module).__name__} is the language model "
+        f"(candidates: {names}); pass model='attribute.path' to RedundancyMonitorCallback"
+    )
+
+
+class RedundancyMonitorCallback(Callback):
+    """Probe layer redundancy while a Lightning `Trainer` trains.
+
+    Args:
+        probe_batch: token ids (or ``(ids, mask)`` or a dict with ``input_ids``); when
+            None and no `texts`/`dataloader` is given, the first batch of the validation
+            loader (else the training loader) is used, cut to `max_sequences` rows.
+        model: attribute path of the language model inside the LightningModule, when
+            it is not found alone.
+        log_dir: folder for our own TensorBoard writer when the trainer has no
+            `TensorBoardLogger` (default ``<default_root_dir>/redundancy``).
+        jsonl_path: the JSON Lines record file (default ``<log dir>/redundancy.jsonl``;
+            False for none).
+        per_pair: also log every pair's d_repl, d_int, gap and ir as scalars.
+        images: log heatmaps of d_repl, d_int and gap.
+        **monitor_kwargs: schedule, pairs, executor, alerts, on_alert, stop_on_alert,
+            checkpoint_on_alert, ...: see `RedundancyMonitor`.
+
+    Raises:
+        InvalidConfigError, InvalidBatchError: as `RedundancyMonitor`.
+
+    Example:
+        >>> cb = RedundancyMonitorCallback(probe_ids, every_n_steps=200)
+        >>> Trainer(callbacks=[cb]).fit(module, loader)
+        >>> cb.monitor.trajectory("gap_mean")
+    """
+
+    def __init__(
+        self,
+        probe_batch=None,
+        *,
+        model: str | None = None,
+        log_dir: str | os.PathLike | None = None,
+        jsonl_path: str | os.PathLike | bool | None = None,
+        per_pair: bool = False,
+        images: bool = True,
+        **monitor_kwargs: Any,
+    ):
+        if "sinks" in monitor_kwargs or "jsonl_path" in monitor_kwargs:
+            raise InvalidConfigError("pass jsonl_path to the callback; sinks are set up by it")
+        self.monitor = RedundancyMonitor(probe_batch, **monitor_kwargs)
+        self.model_path, self.log_dir, self.jsonl_path = model, log_dir, jsonl_path
+        self.per_pair, self.images = per_pair, images
+        self._attached = False
+        self._lm: nn.Module | None = None
+
+    # ----- setup -------------------------------------------------------------------------
+
+    def _attach_sinks(self, trainer) -> None:
+        tensorboard = None
+        for logger in trainer.loggers:
+            if _is_tensorboard_logger(logger) and tensorboard is None:
+                tensorboard = logger
+            else:
+                self.monitor.sinks.append(MetricsSink(logger.log_metrics, self.per_pair))
+        if tensorboard is not None:
+            log_dir = tensorboard.log_dir
+            sink = TensorBoardSink(
+                writer=tensorboard.experiment, per_pair=self.per_pair, images=self.images
+            )
+        else:
+            log_dir = str(self.log_dir or os.path.join(trainer.default_root_dir, "redundancy"))
+            resumed = self.monitor.last_step
+            sink = TensorBoardSink(
+                log_dir=log_dir,
+                per_pair=self.per_pair,
+                images=self.images,
+                purge_step=None if resumed is None else resumed + 1,
+            )
+        self.monitor.sinks.append(sink)
+        self.tensorboard_dir = sink.log_dir
+        if self.jsonl_path is not False:
+            from redundancy_monitor.monitoring.jsonl import JsonlSink
+
+            path = self.jsonl_path or os.path.join(log_dir, "redundancy.jsonl")
+            self.monitor.sinks.append(JsonlSink(path))
+            self.jsonl_file = str(path)
+
+    def _fallback_batch(self, trainer) -> None:
+        if self.monitor.has_probe_batch:
+            return
+        loaders = trainer.val_dataloaders or trainer.train_dataloader
+        if isinstance(loaders, (list, tuple)):
+            loaders = loaders[0] if loaders else None
+        if isinstance(loaders, dict):
+            loaders = next(iter(loaders.values()), None)
+        if loaders is not None:
+            self.monitor.set_probe_batch(dataloader=loaders)
+
+    # ----- hooks -------------------------------------------------------------------------
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        refuse_unsupported_strategy(trainer.strategy)
+
+    def _probes_here(self, trainer) -> bool:
+        # With several ranks every rank probes its share of the pairs (unless the user
+        # turned distributed probing off, in which case rank 0 probes alone).
+        return trainer.is_global_zero or (
+            trainer.world_size > 1 and self.monitor.distributed is not False
+        )
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        if self._probes_here(trainer):
+            self._lm = find_language_model(pl_module, self.model_path)
+            self._fallback_batch(trainer)
+            if not self._attached and trainer.is_global_zero:
+                self._attach_sinks(trainer)
+                self._attached = True
+            self.monitor.start()
+            self.monitor.step(trainer.global_step, self._lm)
+        self._apply_requests(trainer)
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        if self._probes_here(trainer):
+            self.monitor.before_weights_change()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self._probes_here(trainer):
+            self.monitor.step(trainer.global_step, self._lm)
+        self._apply_requests(trainer)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if self._probes_here(trainer):
+            self.monitor.train_end(trainer.global_step, self._lm)
+        self._apply_requests(trainer)
+
+    def on_exception(self, trainer, pl_module, exception) -> None:
+        # Also reached on KeyboardInterrupt. Bounded: a running probe gets close_timeout
+        # seconds, is then cancelled, and abandoned if it still runs a second later.
+        self.monitor.close()
+
+    def teardown(self, trainer, pl_module, stage: str) -> None:
+        self.monitor.close()
+
+    def _apply_requests(self, trainer) -> None:
+        stop, save = self.monitor.stop_requested, self.monitor.checkpoint_requested
+        if trainer.world_size > 1:  # every rank must agree (they do when all ranks probe)
+            if self.monitor.stop_rules:
+                stop = trainer.strategy.reduce_boolean_decision(stop, all=False)
+            if self.monitor.checkpoint_rules:
+                save = trainer.strategy.reduce_boolean_decision(save, all=False)
+        if stop:
+            trainer.should_stop = True
+        if save:
+            self.monitor.checkpoint_requested = False
+            folder = getattr(self, "tensorboard_dir", None) or trainer.default_root_dir
+            trainer.save_checkpoint(
+                os.path.join(folder, f"redundancy-alert-step{trainer.global_step}.ckpt")
+            )
+
+    # ----- resume ------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.monitor.state_dict()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.monitor.load_state_dict(state_dict)

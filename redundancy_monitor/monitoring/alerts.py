@@ -1,0 +1,329 @@
+"""Alert rules for "the gaps diverge" (docs/definitions.md §6), with hysteresis and cooldown.
+
+Each rule looks at one probe and says whether its condition holds. A rule fires when
+its condition has held for `hysteresis` consecutive probes, it is not already active,
+and at least `cooldown_steps` optimizer steps have passed since it last fired. An active
+rule re-arms once its condition has been false for `hysteresis` consecutive probes.
+Non-finite distances and probe failures fire at once (no hysteresis), cooldown still
+applies. The regime rule fires when a new regime has persisted for `hysteresis` probes.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from redundancy_monitor.errors import InvalidConfigError
+from redundancy_monitor.probing.result import ProbeResult
+from redundancy_monitor.removal.cost import greedy_non_adjacent, removability
+
+RULES = (
+    "gap_threshold",
+    "gap_growth",
+    "removal_overlap",
+    "regime_change",
+    "nonfinite",
+    "probe_failure",
+    "sink_failure",
+)
+
+
+@dataclass(frozen=True)
+class Alert:
+    """One alert: which rule, at which step, the value against the threshold, and why."""
+
+    step: int
+    rule: str
+    value: float | None
+    threshold: float | None
+    message: str
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        for key in ("value", "threshold"):
+            if isinstance(out[key], float) and not math.isfinite(out[key]):
+                out[key] = None
+        return out
+
+
+@dataclass(frozen=True)
+class AlertConfig:
+    """Which rules run and their thresholds. Set a rule's threshold to None to turn it off.
+
+    Args:
+        gap_metric: summary scalar the gap rules watch (any key of
+            `ProbeSummary.scalars()`, e.g. ``"gap_median"``, ``"gap_max"``, ``"d1/gap_mean"``).
+        gap_threshold: fire when the metric exceeds this many nats.
+        growth_factor: fire when the metric exceeds this multiple of its baseline value.
+        baseline_step: the first probe at or after this step is the baseline.
+        growth_floor: baseline magnitudes below this count as this (a gap near 0 at
+            initialisation would otherwise make any growth look infinite).
+        overlap_budget: size of the removal sets compared (None: a quarter of the layers,
+            at least 1); the rule is off when `overlap_threshold` is None.
+        overlap_threshold: fire when the Jaccard overlap of the replacement-guided and
+            interchange-guided removal sets is below this.
+        regime_change: fire when the regime (docs/definitions.md §4) changes.
+        nonfinite: fire when a probe measures a non-finite distance.
+        probe_failure: fire when a probe raises.
+        sink_failure: fire when a sink (record file, TensorBoard, a logger) that worked
+            starts failing; once per outage of each sink, cooldown applies.
+        hysteresis: consecutive probes a condition must hold (and then fail) for.
+        cooldown_steps: minimum optimizer steps between two firings of one rule.
+
+    Raises:
+        InvalidConfigError: a non-positive hysteresis, a negative cooldown, a growth factor
+            not above 1 or an overlap threshold outside (0, 1].
+    """
+
+    gap_metric: str = "gap_median"
+    gap_threshold: float | None = 0.10
+    growth_factor: float | None = 3.0
+    baseline_step: int = 0
+    growth_floor: float = 0.01
+    overlap_budget: int | None = None
+    overlap_threshold: float | None = 0.5
+    regime_change: bool = True
+    nonfinite: bool = True
+    probe_failure: bool = True
+    sink_failure: bool = True
+    hysteresis: int = 2
+    cooldown_steps: int = 0
+
+    def __post_init__(self):
+        if not isinstance(self.hysteresis, int) or self.hysteresis < 1:
+            raise InvalidConfigError(f"hysteresis must be an int >= 1, got {self.hysteresis!r}")
+        if self.cooldown_steps < 0:
+            raise InvalidConfigError(f"cooldown_steps must be >= 0, got {self.cooldown_steps}")
+        if self.growth_factor is not None and self.growth_factor <= 1:
+            raise InvalidConfigError(
+                f"growth_factor must be > 1 (or None: rule off), got {self.growth_factor}"
+            )
+        if self.overlap_threshold is not None and not 0 < self.overlap_threshold <= 1:
+            raise InvalidConfigError(
+                f"overlap_threshold must be in (0, 1] (or None), got {self.overlap_threshold}"
+            )
+        if self.overlap_budget is not None and self.overlap_budget < 1:
+            raise InvalidConfigError(f"overlap_budget must be >= 1, got {self.overlap_budget}")
+        if self.growth_floor <= 0:
+            raise InvalidConfigError(f"growth_floor must be > 0, got {self.growth_floor}")
+
+
+def removal_overlap(result: ProbeResult, budget: int) -> tuple[float | None, set[int], set[int]]:
+    """Jaccard overlap of the replacement- and interchange-guided removal sets at `budget`
+    (the docs/definitions.md §5 selection of `redundancy_monitor.removal.cost`)."""
+    by_repl = _removal_set(result, "replacement", budget)
+    by_int = _removal_set(result, "interchange", budget)
+    union = by_repl | by_int
+    if not union:
+        return None, by_repl, by_int
+    return len(by_repl & by_int) / len(union), by_repl, by_int
+
+
+def _removal_set(result: ProbeResult, protocol: str, budget: int) -> set[int]:
+    """Up to `budget` layers picked by the docs/definitions.md §5 rule (fewer when fewer can be picked)."""
+    return set(greedy_non_adjacent(removability(result, protocol))[:budget])
+
+
+@dataclass
+class RuleState:
+    streak: int = 0
+    clear_streak: int = 0
+    active: bool = False
+    last_fired: int | None = None
+
+
+@dataclass
+class AlertEngine:
+    """Evaluates the rules probe after probe; its state round-trips through `state_dict()`."""
+
+    config: AlertConfig = field(default_factory=AlertConfig)
+    rules: dict[str, RuleState] = field(default_factory=lambda: {r: RuleState() for r in RULES})
+    baseline: float | None = None
+    baseline_at: int | None = None
+    regime: str | None = None
+    regime_candidate: str | None = None
+
+    def _cooled(self, rule: str, step: int) -> bool:
+        last = self.rules[rule].last_fired
+        return last is None or step - last >= self.config.cooldown_steps
+
+    def _update(self, rule, step, holds, value, threshold, message, hysteresis=None):
+        """Advance one rule's hysteresis state; return an Alert if it fires now."""
+        k = self.config.hysteresis if hysteresis is None else hysteresis
+        state = self.rules[rule]
+        if not holds:
+            state.streak = 0
+            state.clear_streak += 1
+            if state.clear_streak >= k:
+                state.active = False
+            return None
+        state.clear_streak = 0
+        state.streak += 1
+        if state.streak < k or state.active or not self._cooled(rule, step):
+            return None
+        state.active = True
+        state.last_fired = step
+        return Alert(step, rule, value, threshold, message)
+
+    def observe(self, step: int, result: ProbeResult) -> list[Alert]:
+        """Evaluate every enabled rule on one probe result."""
+        c, alerts = self.config, []
+        scalars = result.summary.scalars()
+        value = scalars.get(c.gap_metric)
+        if c.gap_threshold is not None:
+            holds = value is not None and value > c.gap_threshold
+            alerts.append(
+                self._update(
+                    "gap_threshold",
+                    step,
+                    holds,
+                    value,
+                    c.gap_threshold,
+                    f"step {step}: {c.gap_metric} = {_f(value)} nats is above the threshold "
+                    f"{c.gap_threshold}: replacement and interchange disagree on which layers "
+                    "are redundant",
+                )
+            )
+        if c.growth_factor is not None:
+            alerts.append(self._growth(step, value))
+        if c.overlap_threshold is not None:
+            alerts.append(self._overlap(step, result))
+        if c.regime_change:
+            alerts.append(self._regime(step, result.summary.regime))
+        if c.nonfinite:
+            n_bad = result.summary.n_nonfinite
+            alerts.append(
+                self._update(
+                    "nonfinite",
+                    step,
+                    n_bad > 0,
+                    float(n_bad),
+                    0.0,
+                    f"step {step}: {n_bad} pair(s) have a non-finite distance (NaN/inf logits "
+                    "in the snapshot); the model may be diverging",
+                    hysteresis=1,
+                )
+            )
+        return [a for a in alerts if a is not None]
+
+    def observe_failure(self, step: int, error: str) -> list[Alert]:
+        if not self.config.probe_failure:
+            return []
+        first_line = error.strip().splitlines()[0] if error.strip() else "unknown error"
+        alert = self._update(
+            "probe_failure",
+            step,
+            True,
+            None,
+            None,
+            f"step {step}: the probe failed ({first_line}); training continues and the "
+            "next scheduled probe will be tried",
+            hysteresis=1,
+        )
+        # A failure is an event, not a level: re-arm at once so the next one reports too.
+        self.rules["probe_failure"].active = False
+        return [alert] if alert else []
+
+    def observe_sink_failure(self, step: int, sink: str, error: BaseException) -> list[Alert]:
+        """A sink that worked has started failing (the monitor reports each outage once)."""
+        if not self.config.sink_failure:
+            return []
+        alert = self._update(
+            "sink_failure",
+            step,
+            True,
+            None,
+            None,
+            f"step {step}: {sink} failed ({type(error).__name__}: {error}); training and "
+            "probing continue, records that could not be written are retried or counted "
+            "in n_sink_errors",
+            hysteresis=1,
+        )
+        self.rules["sink_failure"].active = False  # an event, like a probe failure
+        return [alert] if alert else []
+
+    def _growth(self, step: int, value: float | None) -> Alert | None:
+        c = self.config
+        if self.baseline is None and step >= c.baseline_step and value is not None:
+            self.baseline, self.baseline_at = value, step
+        if self.baseline is None or value is None:
+            return self._update("gap_growth", step, False, None, None, "")
+        ratio = value / max(abs(self.baseline), c.growth_floor)
+        return self._update(
+            "gap_growth",
+            step,
+            ratio > c.growth_factor,
+            ratio,
+            c.growth_factor,
+            f"step {step}: {c.gap_metric} = {_f(value)} nats is {ratio:.1f}x its value "
+            f"{_f(self.baseline)} at the baseline probe (step {self.baseline_at}); "
+            f"the protocols are diverging",
+        )
+
+    def _overlap(self, step: int, result: ProbeResult) -> Alert | None:
+        c = self.config
+        budget = c.overlap_budget or max(1, result.n_layers // 4)
+        jaccard, by_repl, by_int = removal_overlap(result, budget)
+        holds = jaccard is not None and jaccard < c.overlap_threshold
+        return self._update(
+            "removal_overlap",
+            step,
+            holds,
+            jaccard,
+            c.overlap_threshold,
+            f"step {step}: at budget {budget} replacement would remove layers "
+            f"{sorted(by_repl)} and interchange layers {sorted(by_int)} (Jaccard "
+            f"{_f(jaccard, 2)} < {c.overlap_threshold}); measure removal cost before pruning",
+        )
+
+    def _regime(self, step: int, regime: str | None) -> Alert | None:
+        if regime is None:
+            return None
+        if self.regime is None:
+            self.regime = regime
+            return None
+        if regime == self.regime:
+            self.regime_candidate = None
+            self.rules["regime_change"].streak = 0
+            return None
+        if regime != self.regime_candidate:
+            self.regime_candidate = regime
+            self.rules["regime_change"].streak = 0
+        old = self.regime
+        alert = self._update(
+            "regime_change",
+            step,
+            True,
+            None,
+            None,
+            f"step {step}: the regime changed from {old} to {regime}",
+        )
+        if self.rules["regime_change"].streak >= self.config.hysteresis:
+            self.regime, self.regime_candidate = regime, None
+            self.rules["regime_change"].streak = 0
+            self.rules["regime_change"].active = False
+        return alert
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "rules": {name: asdict(s) for name, s in self.rules.items()},
+            "baseline": self.baseline,
+            "baseline_at": self.baseline_at,
+            "regime": self.regime,
+            "regime_candidate": self.regime_candidate,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.rules = {r: RuleState() for r in RULES}
+        for name, s in state.get("rules", {}).items():
+            if name in self.rules:
+                self.rules[name] = RuleState(**s)
+        self.baseline = state.get("baseline")
+        self.baseline_at = state.get("baseline_at")
+        self.regime = state.get("regime")
+        self.regime_candidate = state.get("regime_candidate")
+
+
+def _f(x: float | None, digits: int = 4) -> str:
+    return "null" if x is None else f"{x:.{digits}f}"

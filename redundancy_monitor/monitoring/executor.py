@@ -1,0 +1,176 @@
+"""Where a probe runs: a background worker thread, or inline in the training thread.
+
+Both executors take a job (a function returning a `ProbeResult`), run it at most one at
+a time, catch anything it raises, and hand back a `ProbeOutcome` on `poll()`; the
+training thread never waits unless asked to with `drain()`.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from redundancy_monitor.errors import InvalidConfigError
+from redundancy_monitor.probing.cancel import CancelToken, set_current_token
+from redundancy_monitor.probing.result import ProbeResult
+
+EXECUTORS = ("background", "inline")
+log = logging.getLogger("redundancy_monitor")
+
+
+@dataclass
+class ProbeOutcome:
+    """What came of one probe: a result, or the error that stopped it."""
+
+    step: int
+    result: ProbeResult | None
+    error: str | None
+    probe_seconds: float
+    blocked_seconds: float
+
+
+def _run(step: int, job: Callable[[], ProbeResult], blocked: float) -> ProbeOutcome:
+    started = time.perf_counter()
+    try:
+        result, error = job(), None
+    except Exception as exc:  # a probe must never take training down
+        result = None
+        error = f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=8)}"
+    return ProbeOutcome(step, result, error, time.perf_counter() - started, blocked)
+
+
+class InlineExecutor:
+    """Runs each probe synchronously in the caller's thread."""
+
+    def __init__(self) -> None:
+        self._done: list[ProbeOutcome] = []
+
+    def busy(self) -> bool:
+        return False
+
+    def submit(self, step: int, job: Callable[[], ProbeResult], blocked: float) -> None:
+        started = time.perf_counter()
+        outcome = _run(step, job, blocked)
+        outcome.blocked_seconds = blocked + (time.perf_counter() - started)
+        self._done.append(outcome)
+
+    def poll(self) -> list[ProbeOutcome]:
+        done, self._done = self._done, []
+        return done
+
+    def drain(self, timeout: float | None = None) -> list[ProbeOutcome]:
+        return self.poll()
+
+    def close(self, timeout: float | None = None) -> list[ProbeOutcome]:
+        return self.poll()
+
+
+class BackgroundExecutor:
+    """Runs each probe in a daemon worker thread; a new probe is refused while one runs.
+
+    A daemon thread (not a thread pool, whose workers the interpreter joins at exit) so
+    that a probe still running when the process ends can never keep it alive.
+    `close(timeout)` waits a bounded time, then cancels, then abandons.
+    """
+
+    #: seconds `close` waits after cancelling before it abandons the worker.
+    CANCEL_GRACE = 1.0
+
+    def __init__(self, threads: int | None = None) -> None:
+        self.threads = threads
+        self._thread: threading.Thread | None = None
+        self._token: CancelToken | None = None
+        self._outcome: ProbeOutcome | None = None
+        self._submit_seconds = 0.0
+        self.n_cancelled = self.n_abandoned = 0
+
+    def busy(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def submit(self, step: int, job: Callable[[], ProbeResult], blocked: float) -> None:
+        if self.busy():
+            raise RuntimeError("a probe is already running; check busy() first")
+        started = time.perf_counter()
+        token = CancelToken()
+        box: list[ProbeOutcome] = []
+
+        # CPU kernels of the probe use their own, smaller share of the cores (the setting
+        # is per thread), so the probe does not oversubscribe the cores training uses.
+        threads = self.threads or max(1, torch.get_num_threads() // 2)
+
+        def work() -> None:
+            torch.set_num_threads(threads)
+            set_current_token(token)
+            try:
+                box.append(_run(step, job, blocked))
+            finally:
+                set_current_token(None)
+
+        self._token, self._box = token, box
+        self._thread = threading.Thread(target=work, name=f"redundancy-probe-{step}", daemon=True)
+        self._thread.start()
+        self._submit_seconds = time.perf_counter() - started
+
+    def _collect(self) -> list[ProbeOutcome]:
+        outcome = (
+            self._box[0]
+            if self._box
+            else ProbeOutcome(
+                int(self._thread.name.rsplit("-", 1)[-1]), None, "the probe thread died", 0.0, 0.0
+            )
+        )
+        self._thread = self._token = None
+        outcome.blocked_seconds += self._submit_seconds
+        return [outcome]
+
+    def poll(self) -> list[ProbeOutcome]:
+        if self._thread is None or self._thread.is_alive():
+            return []
+        return self._collect()
+
+    def drain(self, timeout: float | None = None) -> list[ProbeOutcome]:
+        """Wait (at most `timeout` seconds; None: until done) for the running probe."""
+        if self._thread is None:
+            return []
+        self._thread.join(timeout)
+        return self.poll()
+
+    def close(self, timeout: float | None = None) -> list[ProbeOutcome]:
+        """Stop the worker within about ``timeout + CANCEL_GRACE`` seconds.
+
+        Waits up to `timeout` for the running probe to finish (its outcome is returned),
+        then cancels it and waits `CANCEL_GRACE` more; a probe that still runs (stuck in
+        one long kernel) is abandoned: its daemon thread ends with the process and its
+        result is dropped.
+        """
+        done = self.drain(timeout)
+        if self._thread is None:
+            return done
+        self._token.cancel()
+        self._thread.join(self.CANCEL_GRACE)
+        if self._thread.is_alive():
+            self.n_abandoned += 1
+            log.warning(
+                "redundancy monitor: abandoned a probe that did not stop within %.1f s of "
+                "being cancelled; its result is dropped",
+                self.CANCEL_GRACE,
+            )
+        else:
+            self.n_cancelled += 1
+            log.info("redundancy monitor: cancelled the running probe at shutdown")
+        self._thread = self._token = None
+        return []
+
+
+def make_executor(kind: str, threads: int | None = None) -> InlineExecutor | BackgroundExecutor:
+    if kind == "background":
+        return BackgroundExecutor(threads)
+    if kind == "inline":
+        return InlineExecutor()
+    raise InvalidConfigError(f"executor must be one of {EXECUTORS}, got {kind!r}")

@@ -1,0 +1,74 @@
+"""Keeping one trajectory one trajectory: a probe is comparable with the earlier ones only
+if it measured the same probe batch, the same model depth and the same pairs.
+
+A resumed run, a model that grew or shrank, or a changed pair set would otherwise mix two
+trajectories in one series without a trace. `TrajectoryGuard` remembers what the first
+probe of the current trajectory measured and tells the monitor, probe after probe, what
+changed. The monitor then refuses the probe (policy ``"refuse"``) or starts a new
+trajectory from it with a marker record (policy ``"new_baseline"``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from redundancy_monitor.errors import InvalidConfigError
+from redundancy_monitor.probing.result import ProbeResult
+
+MISMATCH_POLICIES = ("refuse", "new_baseline")
+
+
+def check_policy(policy: str) -> str:
+    if policy not in MISMATCH_POLICIES:
+        raise InvalidConfigError(
+            f"on_mismatch must be one of {MISMATCH_POLICIES}, got {policy!r}: 'refuse' keeps "
+            "probes of another batch, depth or pair set out of the trajectory; 'new_baseline' "
+            "starts a new trajectory from them"
+        )
+    return policy
+
+
+def trajectory_identity(result: ProbeResult) -> dict[str, Any]:
+    """What makes two probes comparable: batch hash, number of blocks, the requested pairs."""
+    pairs = [[r.i, r.j] for r in result.pairs] + [[s.i, s.j] for s in result.skipped]
+    return {
+        "batch_sha256": result.meta.get("batch_sha256"),
+        "n_layers": result.n_layers,
+        "pairs": sorted(pairs),
+    }
+
+
+def describe_change(old: dict[str, Any], new: dict[str, Any]) -> str | None:
+    """A sentence naming what differs between two identities (keys both have), or None."""
+    changes = []
+    if old.get("n_layers") not in (None, new.get("n_layers")):
+        changes.append(f"a {new['n_layers']}-block model (the trajectory has {old['n_layers']})")
+    sha_old, sha_new = old.get("batch_sha256"), new.get("batch_sha256")
+    if sha_old is not None and sha_new is not None and sha_old != sha_new:
+        changes.append(f"another probe batch (sha256 {sha_new[:12]}..., was {sha_old[:12]}...)")
+    if old.get("pairs") is not None and old["pairs"] != new.get("pairs"):
+        changes.append(f"another pair set ({len(new['pairs'])} pairs, was {len(old['pairs'])})")
+    return "; ".join(changes) or None
+
+
+class TrajectoryGuard:
+    """Remembers the identity of the current trajectory and reports a probe that differs."""
+
+    def __init__(self, identity: dict[str, Any] | None = None):
+        self.identity = identity
+
+    def check(self, result: ProbeResult) -> str | None:
+        """None if `result` continues the trajectory (the first probe starts it)."""
+        new = trajectory_identity(result)
+        if self.identity is None:
+            self.identity = new
+            return None
+        change = describe_change(self.identity, new)
+        if change is None:
+            self.identity = {**self.identity, **new}  # fill keys an older state lacked
+        return change
+
+    def restart(self, result: ProbeResult) -> dict[str, Any] | None:
+        """Make `result` the start of a new trajectory; return the old identity."""
+        old, self.identity = self.identity, trajectory_identity(result)
+        return old

@@ -1,0 +1,604 @@
+"""`RedundancyMonitor`: the framework-agnostic training-time monitor (docs/definitions.md §6).
+
+It owns the schedule, the shadow snapshot, the executor, the sinks, the alert rules and
+the history. A training-framework adapter calls four methods from the training thread:
+`start()`, `step()` after each optimizer step, `before_weights_change()` before each
+optimizer step, and `train_end()`; everything else happens here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import time
+from collections.abc import Callable, Collection, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from redundancy_monitor import __version__
+from redundancy_monitor.errors import InvalidConfigError, MonitorStateError
+from redundancy_monitor.monitoring.alerts import RULES, Alert, AlertConfig, AlertEngine
+from redundancy_monitor.monitoring.executor import ProbeOutcome, make_executor
+from redundancy_monitor.monitoring.guard import TrajectoryGuard, check_policy
+from redundancy_monitor.monitoring.schedule import DEFAULT_EVERY_N_STEPS, ProbeSchedule
+from redundancy_monitor.monitoring.sinks import ProbeRecord, Sink, SinkHealth
+from redundancy_monitor.monitoring.snapshot import ShadowModel
+from redundancy_monitor.probing.batch import batch_sha256, make_batch
+from redundancy_monitor.probing.engine import DEFAULT_BATCH_TOKENS
+from redundancy_monitor.probing.inputs import from_dataloader, from_texts, ids_and_mask
+from redundancy_monitor.probing.probe import probe
+from redundancy_monitor.probing.result import ProbeResult, Thresholds
+from redundancy_monitor.probing.variants import check_protocols, parse_pairs
+
+log = logging.getLogger("redundancy_monitor")
+STATE_VERSION = 1
+#: Seconds `close()` waits for a running probe before cancelling it (then abandoning it).
+DEFAULT_CLOSE_TIMEOUT = 5.0
+
+
+@dataclasses.dataclass(frozen=True)
+class _BatchSource:
+    """Where the probe batch comes from, as given to the monitor."""
+
+    probe_batch: Any = None
+    attention_mask: Any = None
+    texts: Sequence[str] | None = None
+    tokenizer: Any = None
+    max_length: int = 128
+    dataloader: Any = None
+    max_sequences: int | None = 8
+
+
+class RedundancyMonitor:
+    """Probe a model's layer redundancy during training without blocking it.
+
+    At each scheduled optimizer step the weights are copied into a shadow model and
+    `probe()` runs on the copy (in a background thread by default) on one fixed probe
+    batch. Finished results are logged at the step of their snapshot, checked against
+    the alert rules and kept in `history`.
+
+    Args:
+        probe_batch: token ids ``[n_seq, seq_len]``, ``(ids, mask)`` or a dict with
+            ``input_ids`` (and ``attention_mask``). Or give `texts` + `tokenizer`, or
+            `dataloader`; adapters fall back to the first evaluation or training batch.
+        attention_mask: mask for `probe_batch` when it is a plain tensor.
+        texts, tokenizer, max_length: probe texts and the tokenizer to encode them.
+        dataloader: take the first batch of this loader (first `max_sequences` rows).
+        max_sequences: cap on rows taken from a dataloader batch (default 8).
+        every_n_steps, log_spaced, steps, at_train_end: the `ProbeSchedule` (or pass
+            `schedule`).
+        pairs, protocols, thresholds, blocks, head, batch_tokens: passed to `probe()`;
+            `blocks` and `head` must be dotted paths (the probe runs on a copy).
+        executor: ``"background"`` (default; a worker thread, on CUDA a side stream) or
+            ``"inline"`` (synchronous, for debugging and tests).
+        alerts: an `AlertConfig` (defaults as documented there); None for the defaults.
+        on_alert: callables that receive each `Alert`.
+        stop_on_alert: True, or the rule names that should ask the trainer to stop.
+        checkpoint_on_alert: True, or the rule names that should ask for a checkpoint.
+        jsonl_path: the JSON Lines record file (None: no file).
+        sinks: extra `Sink` objects.
+        distributed: share each probe's pairs across the ranks of an initialised
+            torch.distributed job (None: whenever one with several ranks is running).
+            Every rank must then call the hooks; rank 0 alone writes sinks and calls
+            `on_alert`; every rank reaches the same alert decisions.
+        probe_threads: CPU threads the background probe uses (default: half of
+            `torch.get_num_threads()`, at least 1), so that it does not oversubscribe
+            the cores training uses; no effect on GPU kernels.
+        on_mismatch: a probe that measured another probe batch, model depth or pair set
+            than the trajectory so far (after a resume, or a model that changed) is
+            ``"refuse"``-d (recorded as a failure; default) or starts a
+            ``"new_baseline"`` (a marker record, a fresh trajectory and alert state).
+        close_timeout: seconds `close()` waits for a running probe before cancelling it.
+
+    Raises:
+        InvalidConfigError: an unknown executor, rule name or mismatch policy, a
+            non-string blocks/head.
+        InvalidBatchError: a probe batch that cannot be used.
+        InvalidPairsError, InvalidProtocolError: a malformed pair set or protocol name.
+
+    Example:
+        >>> monitor = RedundancyMonitor(probe_ids, every_n_steps=200, jsonl_path="r.jsonl")
+        >>> for step in range(n_steps):
+        ...     monitor.before_weights_change(); optimizer.step()
+        ...     monitor.step(step + 1, model)
+        >>> monitor.train_end(n_steps, model)
+    """
+
+    def __init__(
+        self,
+        probe_batch=None,
+        *,
+        attention_mask=None,
+        texts: Sequence[str] | None = None,
+        tokenizer=None,
+        max_length: int = 128,
+        dataloader=None,
+        max_sequences: int | None = 8,
+        schedule: ProbeSchedule | None = None,
+        every_n_steps: int | None = DEFAULT_EVERY_N_STEPS,
+        log_spaced: bool = True,
+        steps: Sequence[int] = (),
+        at_train_end: bool = True,
+        pairs="adjacent",
+        protocols: Sequence[str] = ("replacement", "interchange"),
+        thresholds: Thresholds | None = None,
+        blocks: str | None = None,
+        head: str | None = None,
+        batch_tokens: int = DEFAULT_BATCH_TOKENS,
+        executor: str = "background",
+        alerts: AlertConfig | None = None,
+        on_alert: Callable[[Alert], Any] | Sequence[Callable[[Alert], Any]] = (),
+        stop_on_alert: bool | Collection[str] = False,
+        checkpoint_on_alert: bool | Collection[str] = False,
+        jsonl_path: str | os.PathLike | None = None,
+        sinks: Sequence[Sink] = (),
+        distributed: bool | None = None,
+        probe_threads: int | None = None,
+        on_mismatch: str = "refuse",
+        close_timeout: float = DEFAULT_CLOSE_TIMEOUT,
+    ):
+        for name, value in (("blocks", blocks), ("head", head)):
+            if value is not None and not isinstance(value, str):
+                raise InvalidConfigError(
+                    f"{name} must be a dotted path string: the probe runs on a copy of the "
+                    f"model, so a module object of the original cannot be used; got "
+                    f"{type(value).__name__}"
+                )
+        self.on_mismatch = check_policy(on_mismatch)
+        self.schedule = schedule or ProbeSchedule(
+            every_n_steps, log_spaced, tuple(steps), at_train_end
+        )
+        parse_pairs(pairs, 2 if isinstance(pairs, str) else 1 << 20)  # fail here, not per probe
+        self.probe_kwargs = dict(
+            pairs=pairs,
+            protocols=check_protocols(protocols),
+            thresholds=thresholds,
+            blocks=blocks,
+            head=head,
+            batch_tokens=batch_tokens,
+        )
+        self.executor_kind = executor
+        if probe_threads is not None and probe_threads < 1:
+            raise InvalidConfigError(f"probe_threads must be >= 1, got {probe_threads}")
+        self._executor = make_executor(executor, probe_threads)
+        self.alert_engine = AlertEngine(alerts or AlertConfig())
+        self.on_alert = [on_alert] if callable(on_alert) else list(on_alert)
+        self.stop_rules = _rule_set(stop_on_alert, "stop_on_alert")
+        self.checkpoint_rules = _rule_set(checkpoint_on_alert, "checkpoint_on_alert")
+        self.sinks: list[Sink] = list(sinks)
+        self.jsonl_path = jsonl_path
+        if jsonl_path is not None:
+            from redundancy_monitor.monitoring.jsonl import JsonlSink
+
+            self.sinks.append(JsonlSink(jsonl_path))
+        self._ids = self._mask = None
+        self._expected_sha: str | None = None
+        self._resumed_at: int | None = None
+        self._source = _BatchSource(
+            probe_batch, attention_mask, texts, tokenizer, max_length, dataloader, max_sequences
+        )
+        if probe_batch is not None or texts is not None or dataloader is not None:
+            self._resolve_batch()
+        self._shadow = ShadowModel()
+        self.distributed = distributed
+        self._ranks = None  # a RankGroup once start() finds a multi-rank job
+        self._pending: tuple[int, ProbeOutcome | None] | None = None  # (step, local failure)
+        self.history: list[dict[str, Any]] = []
+        self.alerts: list[Alert] = []
+        self.last_step: int | None = None
+        self.probed_steps: list[int] = []
+        self.n_probes = self.n_failures = self.n_skipped_busy = 0
+        self.stop_requested = False
+        self.checkpoint_requested = False
+        self.close_timeout = close_timeout
+        self.trajectory_guard = TrajectoryGuard()
+        self.earlier_trajectories: list[list[dict[str, Any]]] = []
+        self.sink_health = SinkHealth()
+
+    # ----- the probe batch -------------------------------------------------------------
+
+    @property
+    def has_probe_batch(self) -> bool:
+        return self._ids is not None
+
+    @property
+    def batch_sha256(self) -> str | None:
+        return None if self._ids is None else batch_sha256(self._ids, self._mask)
+
+    def set_probe_batch(self, probe_batch=None, *, attention_mask=None, dataloader=None) -> None:
+        """Fix the probe batch unless one is fixed already (adapters fall back to a
+        dataloader batch this way)."""
+        if self._ids is not None:
+            return
+        self._source = dataclasses.replace(
+            self._source,
+            probe_batch=probe_batch,
+            attention_mask=attention_mask,
+            dataloader=dataloader,
+        )
+        self._resolve_batch()
+
+    def _resolve_batch(self) -> None:
+        source = self._source
+        if source.probe_batch is not None:
+            ids, mask = ids_and_mask(source.probe_batch)
+            if source.attention_mask is not None:
+                mask = torch.as_tensor(source.attention_mask)
+        elif source.texts is not None:
+            if source.tokenizer is None:
+                raise InvalidConfigError("texts need a tokenizer: pass tokenizer=...")
+            ids, mask = from_texts(source.texts, source.tokenizer, source.max_length)
+        elif source.dataloader is not None:
+            ids, mask = from_dataloader(source.dataloader, source.max_sequences)
+        else:
+            return
+        checked = make_batch(ids.detach().cpu(), None if mask is None else mask.detach().cpu())
+        self._ids, self._mask = checked.input_ids, checked.attention_mask
+        self._check_sha()
+
+    def _check_sha(self) -> None:
+        if self.on_mismatch == "new_baseline":
+            return  # the first probe with the new batch starts a new trajectory
+        if self._ids is not None and self._expected_sha not in (None, self.batch_sha256):
+            raise MonitorStateError(
+                "the restored monitor state was recorded with another probe batch "
+                f"(sha256 {self._expected_sha[:12]}..., now {self.batch_sha256[:12]}...); "
+                "trajectories would not be comparable. Pass the same probe batch when "
+                "resuming, pass on_mismatch='new_baseline' to start a new trajectory, or "
+                "start a new monitor without loading the state."
+            )
+
+    # ----- the hooks adapters call -----------------------------------------------------
+
+    def start(self) -> None:
+        """Call once when training starts (after any `load_state_dict`).
+
+        In a multi-rank job this is a collective (it creates the monitor's gloo group).
+        """
+        if self._ranks is None and self.distributed is not False:
+            from redundancy_monitor.monitoring.ranks import RankGroup, is_distributed
+
+            if is_distributed() and RankGroup.world() > 1:
+                self._ranks = RankGroup()
+                # Ranks may have found different batches (each reads its own data shard):
+                # every rank probes rank 0's, so shares of one probe fit together.
+                ids, mask = self._ranks.broadcast((self._ids, self._mask))
+                if ids is not None:
+                    self._ids, self._mask = ids, mask
+                    self._check_sha()
+            elif self.distributed:
+                raise InvalidConfigError(
+                    "distributed=True but torch.distributed is not initialised with several "
+                    "ranks; call start() after the process group is set up"
+                )
+        if self._resumed_at is not None:
+            self._emit("write_resume", self._resumed_at)
+            self._resumed_at = None
+
+    def step(self, step: int, model: nn.Module) -> None:
+        """Call after every optimizer step with the number of steps done (0 before any).
+
+        Collects finished probes and starts a new one if `step` is due. Steps already
+        seen (gradient-accumulation micro-batches, a resumed run) are ignored.
+        """
+        self.poll()
+        if self.last_step is not None and step <= self.last_step:
+            return
+        self.last_step = step
+        if self.schedule.is_due(step):
+            if self._pending is not None and not self._gather(wait=False):
+                self.n_skipped_busy += 1  # every rank sees the same reduced answer
+                log.info("redundancy probe at step %d skipped: a rank is still probing", step)
+                return
+            self._launch(step, model)
+            self.poll()  # an inline probe is done already
+
+    def before_weights_change(self) -> None:
+        """Call before the optimizer step; on CUDA the step then waits for the last copy."""
+        self._shadow.fence()
+
+    def train_end(self, step: int, model: nn.Module) -> None:
+        """Probe the final weights (if scheduled and not probed yet), wait, flush."""
+        self.poll()
+        self.drain()
+        if self.schedule.at_train_end and step not in self.probed_steps:
+            self.last_step = max(step, self.last_step if self.last_step is not None else step)
+            self._launch(step, model)
+        self.drain()
+        self._emit("flush")
+
+    def poll(self) -> None:
+        """Log probes that finished since the last call (never waits).
+
+        With several ranks a probe is only logged once every rank's share is gathered,
+        which happens at scheduled steps (see `step`), never here.
+        """
+        if self._ranks is not None:
+            return
+        for outcome in self._executor.poll():
+            self._handle(outcome)
+
+    def drain(self) -> None:
+        """Wait for the running probe, if any, and log it (a collective with several ranks)."""
+        if self._ranks is not None:
+            if self._pending is not None:
+                self._gather(wait=True)
+            return
+        for outcome in self._executor.drain():
+            self._handle(outcome)
+
+    def _gather(self, wait: bool) -> bool:
+        """Merge every rank's share of the pending probe and log it on every rank.
+
+        A collective at a schedule-determined step. Without `wait` it first asks whether
+        every rank has finished, and gathers nothing (returns False) if one has not.
+        """
+        step, failure = self._pending
+        if not wait and not self._ranks.all_true(failure is not None or not self._executor.busy()):
+            return False
+        local = self._executor.drain()
+        outcome = failure or (local[0] if local else None)
+        if outcome is None:
+            outcome = ProbeOutcome(
+                step, None, "the probe produced no outcome on this rank", 0.0, 0.0
+            )
+        self._pending = None
+        self._handle(self._ranks.merge(outcome))
+        return True
+
+    @property
+    def n_sink_errors(self) -> int:
+        """How many sink calls raised (each is logged; a sink's first failure is alerted)."""
+        return self.sink_health.n_errors
+
+    def close(self, timeout: float | None = None) -> None:
+        """Shut down within a bound: wait up to `timeout` seconds (default
+        `close_timeout`) for a running probe and log it; otherwise cancel it, and abandon
+        it if it does not stop within a second more. Then close the sinks. Never hangs."""
+        timeout = self.close_timeout if timeout is None else timeout
+        outcomes = self._executor.close(timeout)
+        # With several ranks a share not gathered yet is dropped: close() may run on one
+        # rank only (after an exception), so it must not enter a collective.
+        for outcome in outcomes if self._ranks is None else ():
+            self._handle(outcome)
+        if getattr(self._executor, "n_abandoned", 0):
+            self._shadow = ShadowModel()  # the abandoned thread may still read the old copy
+        self._emit("close")
+
+    # ----- probing -----------------------------------------------------------------------
+
+    def _launch(self, step: int, model: nn.Module) -> None:
+        if self._executor.busy():
+            self.n_skipped_busy += 1
+            log.info(
+                "redundancy probe at step %d skipped: the previous probe is still running", step
+            )
+            return
+        started = time.perf_counter()
+        try:
+            if self._ids is None:
+                raise InvalidConfigError(
+                    "no probe batch: pass probe_batch=, texts= + tokenizer=, or dataloader="
+                )
+            shadow = self._shadow.capture(model)
+        except Exception as exc:  # a snapshot failure must not stop training either
+            failure = ProbeOutcome(step, None, f"{type(exc).__name__}: {exc}", 0.0, 0.0)
+            if self._ranks is None:
+                self._handle(failure)
+            else:  # logged when gathered, so that every rank logs the same thing
+                self.probed_steps.append(step)
+                self._pending = (step, failure)
+            return
+        self.probed_steps.append(step)
+        ids, mask, context = self._ids, self._mask, self._shadow.probe_context()
+        kwargs = dict(self.probe_kwargs)
+        if self._ranks is not None:
+            kwargs["shard"] = (self._ranks.rank, self._ranks.world_size)
+            self._pending = (step, None)
+
+        def job() -> ProbeResult:
+            with context:
+                return probe(shadow, ids, mask, **kwargs)
+
+        self._executor.submit(step, job, time.perf_counter() - started)
+
+    def record_outcome(self, outcome: ProbeOutcome) -> None:
+        """Log a probe computed outside the monitor (offline replay of saved checkpoints)
+        exactly as if it had run here: sinks, alert rules, history and resume state."""
+        self.last_step = max(outcome.step, self.last_step if self.last_step is not None else -1)
+        self.probed_steps.append(outcome.step)
+        self._handle(outcome)
+
+    def _handle(self, outcome: ProbeOutcome) -> None:
+        try:
+            if outcome.error is not None:
+                self._failed(outcome.step, outcome.error)
+            elif (change := self.trajectory_guard.check(outcome.result)) is not None:
+                self._mismatched(outcome, change)
+            else:
+                self._record(outcome)
+        except Exception:  # a broken sink or callback is logged, never raised into training
+            log.exception("redundancy monitor: handling the probe at step %d failed", outcome.step)
+
+    def _failed(self, step: int, error: str) -> None:
+        self.n_failures += 1
+        if self.is_writer:
+            log.error("redundancy probe at step %d failed: %s", step, error)
+        self._emit("write_failure", step, error)
+        self._deliver(self.alert_engine.observe_failure(step, error))
+
+    def _mismatched(self, outcome: ProbeOutcome, change: str) -> None:
+        """A probe not comparable with the trajectory: refuse it, or start a new one."""
+        if self.on_mismatch == "refuse":
+            self._failed(
+                outcome.step,
+                f"MonitorStateError: the probe at step {outcome.step} measured {change}; it "
+                "is not comparable with the earlier probes and was not recorded. Probe the "
+                "same model depth with the same batch and pairs, or pass "
+                "on_mismatch='new_baseline' to start a new trajectory from such a probe.",
+            )
+            return
+        old = self.trajectory_guard.restart(outcome.result)
+        log.warning("redundancy monitor: new baseline at step %d: %s", outcome.step, change)
+        if self.history:
+            self.earlier_trajectories.append(self.history)
+        self.history = []
+        self.alert_engine = AlertEngine(self.alert_engine.config)
+        marker = {
+            "type": "new_baseline",
+            "step": outcome.step,
+            "reason": change,
+            "previous": old,
+            "current": self.trajectory_guard.identity,
+        }
+        self._emit("write_marker", marker)
+        self._record(outcome)
+
+    def _record(self, outcome: ProbeOutcome) -> None:
+        result = outcome.result
+        self.n_probes += 1
+        self.history.append(
+            {
+                "step": outcome.step,
+                "regime": result.summary.regime,
+                "scalars": result.summary.scalars(),
+                "probe_seconds": outcome.probe_seconds,
+                "blocked_seconds": outcome.blocked_seconds,
+            }
+        )
+        record = ProbeRecord(outcome.step, result, outcome.probe_seconds, outcome.blocked_seconds)
+        self._emit("write_probe", record)
+        self._deliver(self.alert_engine.observe(outcome.step, result))
+
+    def _deliver(self, alerts: list[Alert]) -> None:
+        for alert in alerts:
+            self.alerts.append(alert)
+            if self.is_writer:
+                log.warning("redundancy alert [%s] %s", alert.rule, alert.message)
+            self._emit("write_alert", alert)
+            for callback in self.on_alert if self.is_writer else ():
+                try:
+                    callback(alert)
+                except Exception:
+                    log.exception("redundancy monitor: on_alert callback %r failed", callback)
+            self.stop_requested |= alert.rule in self.stop_rules
+            self.checkpoint_requested |= alert.rule in self.checkpoint_rules
+
+    @property
+    def is_writer(self) -> bool:
+        """Whether this process writes records and calls `on_alert` (rank 0, or alone)."""
+        return self._ranks is None or self._ranks.rank == 0
+
+    def _emit(self, method: str, *args) -> None:
+        if not self.is_writer:
+            return
+        for sink in self.sinks:
+            try:
+                getattr(sink, method)(*args)
+            except Exception as exc:
+                self._sink_failed(sink, method, exc)
+            else:
+                self.sink_health.ok(sink, method)
+
+    def _sink_failed(self, sink: Sink, method: str, exc: Exception) -> None:
+        """Count and log a sink error; alert when a working sink starts failing."""
+        name = f"{type(sink).__name__}.{method}"
+        if not self.sink_health.failed(sink, method):
+            log.warning("redundancy monitor: sink %s failed again: %s", name, exc)
+            return
+        log.error("redundancy monitor: sink %s failed", name, exc_info=exc)
+        step = self.last_step if self.last_step is not None else 0
+        self._deliver(self.alert_engine.observe_sink_failure(step, name, exc))
+
+    # ----- trajectories and resume -------------------------------------------------------
+
+    def trajectory(self, name: str = "gap_mean") -> list[tuple[int, float | None]]:
+        """``(step, value)`` of one summary scalar over the probes so far, by step."""
+        return sorted((h["step"], h["scalars"].get(name)) for h in self.history)
+
+    def state_dict(self) -> dict[str, Any]:
+        """JSON-safe state; waits for a running probe so the state includes it.
+
+        With several ranks it does not wait (frameworks call it on rank 0 only): a probe
+        whose shares are not gathered yet is not in the state.
+        """
+        if self._ranks is None:
+            self.drain()
+        return {
+            "state_version": STATE_VERSION,
+            "library_version": __version__,
+            "batch_sha256": self.batch_sha256 or self._expected_sha,
+            "last_step": self.last_step,
+            "probed_steps": list(self.probed_steps),
+            "n_probes": self.n_probes,
+            "n_failures": self.n_failures,
+            "n_skipped_busy": self.n_skipped_busy,
+            "n_sink_errors": self.n_sink_errors,
+            "pairs_spec": _pairs_spec(self.probe_kwargs["pairs"]),
+            "trajectory": self.trajectory_guard.identity,
+            "earlier_trajectories": [[dict(h) for h in t] for t in self.earlier_trajectories],
+            "history": [dict(h) for h in self.history],
+            "alerts": [a.to_dict() for a in self.alerts],
+            "alert_engine": self.alert_engine.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore the schedule position, history, baseline and alert state.
+
+        Raises:
+            MonitorStateError: the state is from a newer format or another probe batch.
+        """
+        if state.get("state_version", 0) > STATE_VERSION:
+            raise MonitorStateError(
+                f"monitor state version {state.get('state_version')} is newer than this "
+                f"library understands ({STATE_VERSION}); upgrade redundancy-monitor"
+            )
+        self._expected_sha = state.get("batch_sha256")
+        self._check_sha()
+        self._check_pairs(state.get("pairs_spec"))
+        identity = state.get("trajectory") or (
+            {"batch_sha256": self._expected_sha} if self._expected_sha else None
+        )
+        self.trajectory_guard = TrajectoryGuard(identity)
+        self.earlier_trajectories = [list(t) for t in state.get("earlier_trajectories", [])]
+        self.sink_health.n_errors = state.get("n_sink_errors", 0)
+        self.last_step = state.get("last_step")
+        self.probed_steps = list(state.get("probed_steps", []))
+        self.n_probes = state.get("n_probes", 0)
+        self.n_failures = state.get("n_failures", 0)
+        self.n_skipped_busy = state.get("n_skipped_busy", 0)
+        self.history = [dict(h) for h in state.get("history", [])]
+        self.alerts = [Alert(**a) for a in state.get("alerts", [])]
+        self.alert_engine.load_state_dict(state.get("alert_engine", {}))
+        self._resumed_at = self.last_step
+
+    def _check_pairs(self, saved) -> None:
+        now = _pairs_spec(self.probe_kwargs["pairs"])
+        if self.on_mismatch == "refuse" and saved is not None and saved != now:
+            raise MonitorStateError(
+                f"the restored monitor state was recorded with pairs={saved!r}, this monitor "
+                f"probes pairs={now!r}; trajectories would not be comparable. Pass the same "
+                "pairs when resuming, or on_mismatch='new_baseline' to start a new trajectory."
+            )
+
+
+def _pairs_spec(pairs) -> str | list[list[int]]:
+    """The pair-set spec as JSON (a name, or sorted [i, j] lists)."""
+    if isinstance(pairs, str):
+        return pairs.strip().lower()
+    return sorted(sorted(int(x) for x in p) for p in pairs)
+
+
+def _rule_set(value: bool | Collection[str], name: str) -> frozenset[str]:
+    if value is True:
+        return frozenset(RULES)
+    if value is False or value is None:
+        return frozenset()
+    rules = frozenset(value)
+    unknown = rules - set(RULES)
+    if unknown:
+        raise InvalidConfigError(f"{name} names unknown rules {sorted(unknown)}; known: {RULES}")
+    return rules

@@ -1,0 +1,125 @@
+"""Where the monitor's records go. A sink gets every probe, alert and failure, in order.
+
+Sinks are called from the training thread only (results are polled there), so a sink
+never needs a lock and framework loggers are never touched from the probe thread.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from redundancy_monitor.monitoring.alerts import Alert
+from redundancy_monitor.probing.result import ProbeResult
+
+PREFIX = "redundancy"
+GAP_CHART = ("gap_mean", "gap_median", "gap_p75", "gap_max")
+
+
+@dataclass
+class ProbeRecord:
+    """One finished probe, at the optimizer step of its snapshot."""
+
+    step: int
+    result: ProbeResult
+    probe_seconds: float
+    blocked_seconds: float
+    wall_time: float = field(default_factory=time.time)
+
+    def to_dict(self) -> dict:
+        return {
+            "type": "probe",
+            "step": self.step,
+            "wall_time": self.wall_time,
+            "probe_seconds": self.probe_seconds,
+            "blocked_seconds": self.blocked_seconds,
+            "result": self.result.to_dict(),
+        }
+
+
+def probe_scalars(result: ProbeResult, per_pair: bool = False) -> dict[str, float]:
+    """``redundancy/<summary scalar>`` (and optionally ``redundancy/pair/i-j/<field>``).
+
+    Undefined values (None) are left out rather than logged as NaN.
+    """
+    out = {f"{PREFIX}/{k}": v for k, v in result.summary.scalars().items() if v is not None}
+    if per_pair:
+        for r in result.pairs:
+            for name in ("d_repl", "d_int", "gap", "ir"):
+                v = getattr(r, name)
+                if v is not None:
+                    out[f"{PREFIX}/pair/{r.i}-{r.j}/{name}"] = v
+    return out
+
+
+class Sink:
+    """Base class: every hook is optional."""
+
+    def write_probe(self, record: ProbeRecord) -> None:
+        pass
+
+    def write_alert(self, alert: Alert) -> None:
+        pass
+
+    def write_failure(self, step: int, error: str) -> None:
+        pass
+
+    def write_resume(self, step: int) -> None:
+        pass
+
+    def write_marker(self, marker: dict) -> None:
+        """A JSON-safe event record with at least ``type`` and ``step`` (a new baseline)."""
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        self.flush()
+
+
+class SinkHealth:
+    """Which sinks are failing now, and how many sink calls have failed in all.
+
+    A sink's first failure after it worked is news (the monitor alerts); further failures
+    are only counted until the call that failed first succeeds again (another call
+    succeeding proves little: a TensorBoard writer may take text but not scalars).
+    """
+
+    def __init__(self) -> None:
+        self.n_errors = 0
+        self._failing: dict[int, str] = {}  # id(sink) -> the method that failed first
+
+    def failed(self, sink: Sink, method: str) -> bool:
+        """Count a failure; True if `sink` was working until now."""
+        self.n_errors += 1
+        new = id(sink) not in self._failing
+        self._failing.setdefault(id(sink), method)
+        return new
+
+    def ok(self, sink: Sink, method: str) -> None:
+        if self._failing.get(id(sink)) == method:
+            del self._failing[id(sink)]
+
+    @property
+    def n_failing(self) -> int:
+        return len(self._failing)
+
+
+class MetricsSink(Sink):
+    """Sends the probe scalars to any ``log_metrics(metrics: dict, step: int)`` function
+    (every Lightning logger has one: CSV, W&B, MLflow, ...).
+
+    Results arrive at the step of their snapshot, which can be earlier than the step the
+    logger last saw; ``redundancy/snapshot_step`` is logged too, for loggers that need a
+    monotonic step and let you pick the x-axis.
+    """
+
+    def __init__(self, log_metrics: Callable[[dict, int], None], per_pair: bool = False):
+        self.log_metrics = log_metrics
+        self.per_pair = per_pair
+
+    def write_probe(self, record: ProbeRecord) -> None:
+        metrics = probe_scalars(record.result, self.per_pair)
+        metrics[f"{PREFIX}/snapshot_step"] = float(record.step)
+        self.log_metrics(metrics, record.step)

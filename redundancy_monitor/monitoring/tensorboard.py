@@ -1,0 +1,150 @@
+"""TensorBoard output: scalars, heatmaps of d_repl / d_int / gap, a gap chart, alerts as text."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from redundancy_monitor.monitoring.alerts import Alert
+from redundancy_monitor.monitoring.sinks import GAP_CHART, PREFIX, ProbeRecord, Sink, probe_scalars
+from redundancy_monitor.probing.result import ProbeResult
+
+HEATMAPS = ("d_repl", "d_int", "gap")
+MISSING = np.array([64, 64, 64], dtype=np.float64)  # pairs not probed
+# Anchors of matplotlib's viridis, enough for a faithful linear interpolation.
+VIRIDIS = np.array(
+    [[68, 1, 84], [59, 82, 139], [33, 145, 140], [94, 201, 98], [253, 231, 37]], dtype=np.float64
+)
+DIVERGING = np.array([[33, 102, 172], [247, 247, 247], [178, 24, 43]], dtype=np.float64)
+
+
+def pair_matrix(result: ProbeResult, field: str, zero_diagonal: bool = True) -> np.ndarray:
+    """An L x L symmetric matrix of one pair field; NaN where the pair was not probed.
+
+    With `zero_diagonal`, distances get 0 on the diagonal (R(i<-i) = d_int(i,i) = 0);
+    gap's diagonal stays NaN either way.
+    """
+    n = result.n_layers
+    m = np.full((n, n), np.nan)
+    for r in result.pairs:
+        v = getattr(r, field)
+        if v is not None:
+            m[r.i, r.j] = m[r.j, r.i] = v
+    if zero_diagonal and field != "gap":
+        np.fill_diagonal(m, 0.0)  # R(i<-i) = d_int(i,i) = 0 by definition
+    return m
+
+
+def _colorize(values: np.ndarray, anchors: np.ndarray) -> np.ndarray:
+    """Map values in [0, 1] to RGB by linear interpolation between anchor colors."""
+    pos = np.clip(values, 0.0, 1.0) * (len(anchors) - 1)
+    low = np.floor(pos).astype(int).clip(0, len(anchors) - 2)
+    frac = (pos - low)[..., None]
+    return anchors[low] * (1 - frac) + anchors[low + 1] * frac
+
+
+def heatmap_image(
+    matrix: np.ndarray, diverging: bool = False, cell: int | None = None
+) -> np.ndarray:
+    """An ``H x W x 3`` uint8 image of `matrix` (row i = slot i), grey where NaN.
+
+    Distances use viridis from 0 to the matrix max; a gap uses blue-white-red centred on
+    0 and scaled by its largest magnitude, so its sign is visible.
+    """
+    finite = np.isfinite(matrix)
+    scale = float(np.abs(matrix[finite]).max()) if finite.any() else 0.0
+    scale = scale if scale > 0 else 1.0
+    if diverging:
+        rgb = _colorize(np.where(finite, matrix / scale * 0.5 + 0.5, 0.5), DIVERGING)
+    else:
+        rgb = _colorize(np.where(finite, matrix / scale, 0.0), VIRIDIS)
+    rgb[~finite] = MISSING
+    cell = cell or max(4, 256 // max(1, matrix.shape[0]))
+    rgb = np.repeat(np.repeat(rgb, cell, axis=0), cell, axis=1)
+    return rgb.round().astype(np.uint8)
+
+
+def custom_scalars_layout() -> dict:
+    """One chart with the gap mean/median/p75/max, one with ir, one with both distances."""
+    tag = f"{PREFIX}/{{}}".format
+    return {
+        "redundancy": {
+            "protocol gap (nats)": ["Multiline", [tag(k) for k in GAP_CHART]],
+            "interchange / replacement ratio": ["Multiline", [tag("ir_mean"), tag("ir_median")]],
+            "distances (nats)": ["Multiline", [tag("d_repl_mean"), tag("d_int_mean")]],
+        }
+    }
+
+
+class TensorBoardSink(Sink):
+    """Writes to a `SummaryWriter` (Lightning's, when it has one) or its own in `log_dir`.
+
+    Args:
+        writer: an existing ``torch.utils.tensorboard.SummaryWriter``; not closed here.
+        log_dir: where to create a writer when `writer` is None.
+        per_pair: also log ``redundancy/pair/i-j/{d_repl,d_int,gap,ir}``.
+        images: log heatmaps of d_repl, d_int and gap at every probe.
+        purge_step: passed to a writer created here; TensorBoard then hides events at
+            or after this step from an earlier, interrupted run.
+    """
+
+    def __init__(
+        self,
+        writer=None,
+        log_dir: str | os.PathLike | None = None,
+        per_pair: bool = False,
+        images: bool = True,
+        purge_step: int | None = None,
+    ):
+        if writer is None and log_dir is None:
+            raise ValueError("TensorBoardSink needs a writer or a log_dir")
+        self._writer, self._owns = writer, writer is None
+        self.log_dir = str(log_dir) if log_dir is not None else writer.get_logdir()
+        self.per_pair, self.images, self.purge_step = per_pair, images, purge_step
+        self._layout_written = False
+
+    @property
+    def writer(self):
+        if self._writer is None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._writer = SummaryWriter(log_dir=self.log_dir, purge_step=self.purge_step)
+        if not self._layout_written:
+            self._writer.add_custom_scalars(custom_scalars_layout())
+            self._layout_written = True
+        return self._writer
+
+    def write_probe(self, record: ProbeRecord) -> None:
+        w, step = self.writer, record.step
+        for tag, value in probe_scalars(record.result, self.per_pair).items():
+            w.add_scalar(tag, value, step)
+        w.add_scalar(f"{PREFIX}/monitor/probe_seconds", record.probe_seconds, step)
+        w.add_scalar(f"{PREFIX}/monitor/blocked_seconds", record.blocked_seconds, step)
+        if record.result.summary.regime is not None:
+            w.add_text(f"{PREFIX}/regime", record.result.summary.regime, step)
+        if self.images:
+            for name in HEATMAPS:
+                image = heatmap_image(pair_matrix(record.result, name), diverging=name == "gap")
+                w.add_image(f"{PREFIX}/heatmap/{name}", image, step, dataformats="HWC")
+
+    def write_alert(self, alert: Alert) -> None:
+        self.writer.add_text(f"{PREFIX}/alerts", f"**{alert.rule}**: {alert.message}", alert.step)
+
+    def write_failure(self, step: int, error: str) -> None:
+        self.writer.add_text(f"{PREFIX}/failures", f"```\n{error}\n```", step)
+
+    def write_marker(self, marker: dict) -> None:
+        text = f"**{marker['type']}**: {marker.get('reason', '')}"
+        self.writer.add_text(f"{PREFIX}/markers", text, marker["step"])
+
+    def flush(self) -> None:
+        if self._writer is not None:
+            self._writer.flush()
+
+    def close(self) -> None:
+        if self._writer is not None and self._owns:
+            self._writer.close()
+            self._writer = None
+        else:
+            self.flush()

@@ -1,0 +1,305 @@
+"""`probe()`: replacement, interchange and deletion distances of one model on one batch."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from redundancy_monitor import __version__
+from redundancy_monitor.errors import InvalidConfigError, UnsupportedModelError
+from redundancy_monitor.probing.batch import ProbeBatch, make_batch
+from redundancy_monitor.probing.blocks import find_blocks, find_head, unwrap_model
+from redundancy_monitor.probing.cancel import CancellableProgress, current_token
+from redundancy_monitor.probing.engine import (
+    DEFAULT_LOGIT_ELEMENTS,
+    EngineOptions,
+    VariantDistance,
+    variant_distances,
+)
+from redundancy_monitor.probing.model_io import vocab_size_of
+from redundancy_monitor.probing.result import (
+    DeletionRecord,
+    PairRecord,
+    ProbeResult,
+    SkippedPair,
+    Thresholds,
+    summarize,
+)
+from redundancy_monitor.probing.variants import (
+    PairSpec,
+    Variant,
+    check_protocols,
+    exchange_mismatch,
+    parse_pairs,
+)
+
+
+def model_device(model: nn.Module) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+def prepare(
+    model: nn.Module,
+    input_ids,
+    attention_mask=None,
+    blocks: str | nn.ModuleList | None = None,
+    head: str | nn.Module | None = None,
+) -> tuple[nn.Module, nn.ModuleList, nn.Module, ProbeBatch]:
+    """Unwrap the model, find its blocks and head, validate the batch and move it there."""
+    root = unwrap_model(model)
+    block_list = find_blocks(root, blocks)
+    if len(block_list) < 2:
+        raise UnsupportedModelError(
+            f"{type(root).__name__} has {len(block_list)} block(s); a probe compares blocks, "
+            "so it needs at least 2"
+        )
+    _check_weights(block_list)
+    head_module = find_head(root, head)
+    batch = make_batch(input_ids, attention_mask, vocab_size_of(root))
+    return root, block_list, head_module, batch.to(model_device(root))
+
+
+def _check_weights(blocks: nn.ModuleList) -> None:
+    """Refuse blocks whose weights a probe cannot run or move."""
+    for s, block in enumerate(blocks):
+        params = list(block.named_parameters())
+        if any(p.is_meta for _, p in params):
+            raise UnsupportedModelError(
+                f"block {s} has parameters on the meta device (no data); load the weights "
+                "first (from_pretrained, or to_empty() then load_state_dict())"
+            )
+        known = {n for n, _ in params} | {n for n, _ in block.named_buffers()}
+        packed = [k for k, v in block.state_dict().items() if k not in known and torch.is_tensor(v)]
+        if packed:
+            raise UnsupportedModelError(
+                f"block {s} keeps weights outside its parameters ({', '.join(packed[:3])}), as "
+                "quantized or packed layers do; their weights cannot be exchanged between "
+                "slots. Probe the unquantized (e.g. bf16) model instead"
+            )
+
+
+def _is_out_of_memory(error: BaseException) -> bool:
+    if isinstance(error, torch.OutOfMemoryError):
+        return True
+    return isinstance(error, RuntimeError) and "can't allocate memory" in str(error)
+
+
+def distances_with_retry(root, block_list, head_module, batch, variants, options, bar, retries=3):
+    """Run the engine; on out-of-memory retry with a quarter of the batch and chunk sizes.
+
+    Returns the distances and how many retries it took.
+    """
+    for attempt in range(retries + 1):
+        try:
+            return variant_distances(
+                root, block_list, head_module, batch, variants, options, bar
+            ), attempt
+        except Exception as error:
+            if not _is_out_of_memory(error) or attempt == retries:
+                raise
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            rows = options.logit_rows or max(
+                8, DEFAULT_LOGIT_ELEMENTS // (vocab_size_of(root) or 1)
+            )
+            options = EngineOptions(
+                logit_rows=max(4, rows // 4), batch_tokens=max(1, options.batch_tokens // 4)
+            )
+            if bar is not None:
+                bar.reset()
+    raise AssertionError("unreachable")
+
+
+def plan_variants(
+    n_layers: int,
+    pairs: list[tuple[int, int]],
+    protocols: Sequence[str],
+    deletion_slots: Sequence[int] | None = None,
+) -> dict[Variant, None]:
+    """The distinct variants the protocols need, in a stable order."""
+    variants: dict[Variant, None] = {}
+    for i, j in pairs:
+        if "replacement" in protocols:
+            variants[Variant.replacement(n_layers, i, j)] = None
+            variants[Variant.replacement(n_layers, j, i)] = None
+        if "interchange" in protocols:
+            variants[Variant.interchange(n_layers, i, j)] = None
+    if "deletion" in protocols:
+        for s in range(n_layers) if deletion_slots is None else deletion_slots:
+            variants[Variant.deletion(n_layers, [s])] = None
+    return variants
+
+
+def shard_pairs(
+    pairs: list[tuple[int, int]], n_layers: int, rank: int, world_size: int
+) -> list[tuple[int, int]]:
+    """This rank's share of the pairs: balanced by the blocks each pair costs.
+
+    Deterministic, so every rank computes the same split without talking. A pair (i, j)
+    costs about (L - i) + (L - j) + (L - i) block evaluations (its three variants'
+    suffixes); pairs go, most costly first, to the least loaded rank.
+    """
+    if not 0 <= rank < world_size:
+        raise InvalidConfigError(f"shard rank {rank} is not in 0..{world_size - 1}")
+    load = [0] * world_size
+    mine = []
+    for i, j in sorted(pairs, key=lambda p: (-(3 * n_layers - 2 * p[0] - p[1]), p)):
+        owner = min(range(world_size), key=lambda r: (load[r], r))
+        load[owner] += 3 * n_layers - 2 * i - j
+        if owner == rank:
+            mine.append((i, j))
+    return sorted(mine)
+
+
+def merge_shards(parts: Sequence[ProbeResult], thresholds: Thresholds | None = None) -> ProbeResult:
+    """One `ProbeResult` from the shards of a probe run on several ranks."""
+    if not parts:
+        raise InvalidConfigError("merge_shards needs at least one shard")
+    hashes = {p.meta.get("batch_sha256") for p in parts}
+    if len(hashes) != 1:
+        raise InvalidConfigError(
+            "shards were measured on different probe batches; every rank must probe the same batch"
+        )
+    thresholds = thresholds or Thresholds(**parts[0].meta.get("thresholds", {}))
+    records = sorted((r for p in parts for r in p.pairs), key=lambda r: (r.i, r.j))
+    skipped = sorted((s for p in parts for s in p.skipped), key=lambda s: (s.i, s.j))
+    deletion = sorted((d for p in parts for d in p.deletion), key=lambda d: d.slot)
+    meta = dict(parts[0].meta)
+    meta.pop("shard", None)
+    meta["n_variants"] = sum(p.meta.get("n_variants", 0) for p in parts)
+    meta["elapsed_s"] = max(p.meta.get("elapsed_s", 0.0) for p in parts)
+    meta["world_size"] = len(parts)
+    return ProbeResult(records, summarize(records, thresholds), skipped, deletion, meta)
+
+
+def probe(
+    model: nn.Module,
+    input_ids,
+    attention_mask=None,
+    pairs: PairSpec = "adjacent",
+    protocols: str | Sequence[str] = ("replacement", "interchange"),
+    blocks: str | nn.ModuleList | None = None,
+    head: str | nn.Module | None = None,
+    thresholds: Thresholds | None = None,
+    logit_rows: int | None = None,
+    batch_tokens: int = EngineOptions.batch_tokens,
+    progress: bool = False,
+    shard: tuple[int, int] | None = None,
+) -> ProbeResult:
+    """Measure replacement and interchange distances of pairs of blocks (docs/definitions.md §2-4).
+
+    Args:
+        model: a causal LM whose decoder blocks form one `nn.ModuleList`.
+        input_ids: ``[n_seq, seq_len]`` integer token ids (the probe batch).
+        attention_mask: optional 0/1 mask of the same shape (left or right padding).
+        pairs: ``"adjacent"`` (default), ``"window:k"``, ``"all"`` or a list of ``(i, j)``.
+        protocols: any of ``"replacement"``, ``"interchange"``, ``"deletion"``.
+        blocks: dotted path of the block list (or the list) when it is not found alone.
+        head: dotted path of the output head when `get_output_embeddings` is absent.
+        thresholds: similarity bands and regime thresholds (docs/definitions.md §4 defaults).
+        logit_rows: token rows of vocabulary-wide logits allowed at once.
+        batch_tokens: tokens run through the stack per forward (variants x batch).
+        progress: show a progress bar over the variants.
+        shard: ``(rank, world_size)``: measure only this rank's share of the pairs (and
+            of the deletion slots); combine the shares with `merge_shards`.
+            `redundancy_monitor.monitoring.ranks.probe_across_ranks` does both.
+
+    Returns:
+        A `ProbeResult`; the model is left bitwise unchanged, in its original mode.
+
+    Raises:
+        InvalidBatchError, InvalidPairsError, InvalidProtocolError, BlockDiscoveryError,
+        UnsupportedModelError: each says what to pass instead.
+
+    Example:
+        >>> result = probe(model, batch_ids, pairs="window:3")
+        >>> print(result.to_table())
+    """
+    started = time.perf_counter()
+    protocols = check_protocols(protocols)
+    thresholds = thresholds or Thresholds()
+    options = EngineOptions(logit_rows=logit_rows, batch_tokens=batch_tokens)
+    root, block_list, head_module, batch = prepare(model, input_ids, attention_mask, blocks, head)
+    n_layers = len(block_list)
+    pair_list = parse_pairs(pairs, n_layers)
+    skipped, usable = [], []
+    for i, j in pair_list:
+        reason = exchange_mismatch(block_list, i, j)
+        if reason is None:
+            usable.append((i, j))
+        else:
+            skipped.append(SkippedPair(i, j, reason))
+    deletion_slots = list(range(n_layers))
+    if shard is not None:
+        rank, world_size = shard
+        usable = shard_pairs(usable, n_layers, rank, world_size)
+        deletion_slots = deletion_slots[rank::world_size]
+        skipped = skipped if rank == 0 else []
+    variants = list(plan_variants(n_layers, usable, protocols, deletion_slots))
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(variants), desc="probe variants", unit="variant")
+    token = current_token()  # set in a monitor's worker thread: stop early when asked
+    tracker = bar if token is None else CancellableProgress(bar, token)
+    try:
+        distances, oom_retries = distances_with_retry(
+            root, block_list, head_module, batch, variants, options, tracker
+        )
+    finally:
+        if bar is not None:
+            bar.close()
+    by_variant: dict[Variant, VariantDistance] = dict(zip(variants, distances, strict=True))
+    records = [_pair_record(n_layers, i, j, protocols, by_variant) for i, j in usable]
+    deletion = []
+    if "deletion" in protocols:
+        for s in deletion_slots:
+            d = by_variant[Variant.deletion(n_layers, [s])]
+            deletion.append(DeletionRecord(s, d.mean, d.last))
+    meta = {
+        "version": __version__,
+        "model_class": type(root).__name__,
+        "dtype": str(next(root.parameters()).dtype).replace("torch.", ""),
+        "device": str(batch.input_ids.device),
+        "n_layers": n_layers,
+        "n_seq": batch.n_seq,
+        "seq_len": batch.seq_len,
+        "n_tokens": batch.n_tokens,
+        "batch_sha256": batch.sha256,
+        "pairs": pairs if isinstance(pairs, str) else "explicit",
+        "protocols": list(protocols),
+        "thresholds": thresholds.__dict__.copy(),
+        "n_variants": len(variants),
+        "oom_retries": oom_retries,
+        "elapsed_s": round(time.perf_counter() - started, 4),
+    }
+    if shard is not None:
+        meta["shard"] = list(shard)
+    return ProbeResult(records, summarize(records, thresholds), skipped, deletion, meta)
+
+
+def _pair_record(n_layers, i, j, protocols, by_variant) -> PairRecord:
+    repl_ij = repl_ji = inter = None
+    if "replacement" in protocols:
+        repl_ij = by_variant[Variant.replacement(n_layers, i, j)]
+        repl_ji = by_variant[Variant.replacement(n_layers, j, i)]
+    if "interchange" in protocols:
+        inter = by_variant[Variant.interchange(n_layers, i, j)]
+
+    def pick(d: VariantDistance | None, attr: str):
+        return None if d is None else getattr(d, attr)
+
+    return PairRecord.build(
+        i,
+        j,
+        pick(repl_ij, "mean"),
+        pick(repl_ji, "mean"),
+        pick(inter, "mean"),
+        last=(pick(repl_ij, "last"), pick(repl_ji, "last"), pick(inter, "last")),
+    )

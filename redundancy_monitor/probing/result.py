@@ -1,0 +1,380 @@
+"""Results of one probe: per-pair records (docs/definitions.md §2), the summary (docs/definitions.md §4), JSON and text."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+import numpy as np
+
+from redundancy_monitor.errors import InvalidConfigError
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """Similarity bands and regime thresholds (docs/definitions.md §4), in nats.
+
+    Args:
+        strong: d below this is strongly swap-similar (paper: 0.05).
+        conditional: d below this (and >= strong) is conditionally similar (0.10).
+        regime_ir: median ir at or below this counts as the protocols disagreeing (0.5).
+        regime_distance: median distance at or above this counts as large (0.10).
+    """
+
+    strong: float = 0.05
+    conditional: float = 0.10
+    regime_ir: float = 0.5
+    regime_distance: float = 0.10
+
+    def __post_init__(self):
+        if not 0 <= self.strong <= self.conditional:
+            raise InvalidConfigError(
+                f"thresholds need 0 <= strong <= conditional, got strong={self.strong}, "
+                f"conditional={self.conditional}"
+            )
+
+
+def _clean(x: float | None) -> float | None:
+    """JSON-safe float: NaN and inf become None."""
+    if x is None:
+        return None
+    x = float(x)
+    return x if math.isfinite(x) else None
+
+
+@dataclass(frozen=True)
+class PairRecord:
+    """Distances of one pair of slots (i < j). Fields are None where not computed/defined."""
+
+    i: int
+    j: int
+    distance: int
+    repl_ij: float | None = None  # R(i <- j): slot i runs block j
+    repl_ji: float | None = None  # R(j <- i)
+    d_repl: float | None = None  # max of the two directions
+    repl_mean: float | None = None
+    d_int: float | None = None
+    gap: float | None = None  # d_repl - d_int
+    ir: float | None = None  # d_int / d_repl (None when d_repl == 0)
+    repl_ij_last: float | None = None
+    repl_ji_last: float | None = None
+    d_repl_last: float | None = None
+    repl_mean_last: float | None = None
+    d_int_last: float | None = None
+    gap_last: float | None = None
+    ir_last: float | None = None
+
+    @classmethod
+    def build(cls, i, j, repl_ij=None, repl_ji=None, d_int=None, last=None) -> PairRecord:
+        """Derive d_repl, gap and ir from the measured distances (and their _last twins)."""
+        values = _derive(repl_ij, repl_ji, d_int)
+        last_values = _derive(*(last or (None, None, None)))
+        return cls(
+            i=i, j=j, distance=j - i, **values, **{f"{k}_last": v for k, v in last_values.items()}
+        )
+
+    def is_finite(self) -> bool:
+        measured = [self.repl_ij, self.repl_ji, self.d_int]
+        return all(x is None or math.isfinite(x) for x in measured)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: (_clean(v) if isinstance(v, float) else v) for k, v in asdict(self).items()}
+
+
+def _derive(repl_ij, repl_ji, d_int) -> dict[str, float | None]:
+    d_repl = repl_mean = gap = ir = None
+    if repl_ij is not None and repl_ji is not None:
+        d_repl = max(repl_ij, repl_ji)
+        repl_mean = (repl_ij + repl_ji) / 2
+    if d_repl is not None and d_int is not None:
+        gap = d_repl - d_int
+        ir = d_int / d_repl if d_repl != 0 else None
+    return {
+        "repl_ij": repl_ij,
+        "repl_ji": repl_ji,
+        "d_repl": d_repl,
+        "repl_mean": repl_mean,
+        "d_int": d_int,
+        "gap": gap,
+        "ir": ir,
+    }
+
+
+@dataclass(frozen=True)
+class SkippedPair:
+    i: int
+    j: int
+    reason: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class DeletionRecord:
+    """d_del({slot}): the distance of the model with one slot skipped."""
+
+    slot: int
+    d_del: float
+    d_del_last: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "slot": self.slot,
+            "d_del": _clean(self.d_del),
+            "d_del_last": _clean(self.d_del_last),
+        }
+
+
+@dataclass(frozen=True)
+class DistanceStats:
+    """Gap and ir statistics over one set of pairs (all pairs, or one pair distance)."""
+
+    n_pairs: int = 0
+    gap_mean: float | None = None
+    gap_median: float | None = None
+    gap_p75: float | None = None
+    gap_max: float | None = None
+    ir_mean: float | None = None
+    ir_median: float | None = None
+
+
+@dataclass(frozen=True)
+class ProbeSummary:
+    """The docs/definitions.md §4 scalars of one probe; these form the trajectories."""
+
+    n_pairs: int = 0
+    n_finite: int = 0
+    n_nonfinite: int = 0
+    gap_mean: float | None = None
+    gap_median: float | None = None
+    gap_p75: float | None = None
+    gap_max: float | None = None
+    ir_mean: float | None = None
+    ir_median: float | None = None
+    d_repl_mean: float | None = None
+    d_repl_median: float | None = None
+    d_int_mean: float | None = None
+    d_int_median: float | None = None
+    pearson: float | None = None
+    spearman: float | None = None
+    repl_strong: int = 0
+    repl_conditional: int = 0
+    repl_not_similar: int = 0
+    int_strong: int = 0
+    int_conditional: int = 0
+    int_not_similar: int = 0
+    frac_int_le_repl: float | None = None
+    regime: str | None = None
+    by_distance: dict[int, DistanceStats] = field(default_factory=dict)
+
+    def scalars(self) -> dict[str, float | None]:
+        """Flat name -> number map (regime excluded), for logging trajectories."""
+        out: dict[str, float | None] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name in ("regime", "by_distance"):
+                continue
+            out[f.name] = _clean(value) if value is not None else None
+        for d, stats in sorted(self.by_distance.items()):
+            for f in fields(stats):
+                value = getattr(stats, f.name)
+                out[f"d{d}/{f.name}"] = _clean(value) if value is not None else None
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            f.name: _clean(getattr(self, f.name))
+            if isinstance(getattr(self, f.name), float)
+            else getattr(self, f.name)
+            for f in fields(self)
+            if f.name != "by_distance"
+        }
+        out["by_distance"] = {
+            str(d): {k: (_clean(v) if isinstance(v, float) else v) for k, v in asdict(s).items()}
+            for d, s in sorted(self.by_distance.items())
+        }
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ProbeSummary:
+        data = dict(data)
+        by = {int(d): DistanceStats(**s) for d, s in data.pop("by_distance", {}).items()}
+        return cls(**data, by_distance=by)
+
+
+def _stats(values: list[float]) -> tuple[float | None, ...]:
+    if not values:
+        return None, None, None, None
+    a = np.asarray(values, dtype=np.float64)
+    return float(a.mean()), float(np.median(a)), float(np.percentile(a, 75)), float(a.max())
+
+
+def _pearson(x: np.ndarray, y: np.ndarray) -> float | None:
+    if len(x) < 2 or np.std(x) == 0 or np.std(y) == 0:
+        return None
+    return float(np.corrcoef(x, y)[0, 1])
+
+
+def _ranks(x: np.ndarray) -> np.ndarray:
+    """Average ranks (ties share the mean rank), as Spearman's rho needs."""
+    order = np.argsort(x, kind="mergesort")
+    ranks = np.empty(len(x), dtype=np.float64)
+    ranks[order] = np.arange(len(x), dtype=np.float64)
+    for value in np.unique(x):
+        tied = x == value
+        if tied.sum() > 1:
+            ranks[tied] = ranks[tied].mean()
+    return ranks
+
+
+def _bands(values: list[float], t: Thresholds) -> tuple[int, int, int]:
+    strong = sum(v < t.strong for v in values)
+    conditional = sum(t.strong <= v < t.conditional for v in values)
+    return strong, conditional, len(values) - strong - conditional
+
+
+def regime_of(ir_median, d_repl_median, d_int_median, t: Thresholds) -> str | None:
+    """docs/definitions.md §4 regime; None when the medians it needs are undefined."""
+    if d_int_median is not None and d_int_median >= t.regime_distance:
+        return "unreliable"
+    if ir_median is None or d_repl_median is None:
+        return None
+    if ir_median <= t.regime_ir and d_repl_median >= t.regime_distance:
+        return "divergent"
+    if ir_median > t.regime_ir and d_repl_median < t.regime_distance:
+        return "tied"
+    return "mixed"
+
+
+def _distance_stats(records: list[PairRecord]) -> DistanceStats:
+    gaps = [r.gap for r in records if r.gap is not None]
+    irs = [r.ir for r in records if r.ir is not None]
+    mean, median, p75, top = _stats(gaps)
+    ir_mean, ir_median, _, _ = _stats(irs)
+    return DistanceStats(len(records), mean, median, p75, top, ir_mean, ir_median)
+
+
+def summarize(pairs: list[PairRecord], thresholds: Thresholds | None = None) -> ProbeSummary:
+    """docs/definitions.md §4 summary over the finite pairs."""
+    t = thresholds or Thresholds()
+    finite = [r for r in pairs if r.is_finite()]
+    overall = _distance_stats(finite)
+    repl = [r.d_repl for r in finite if r.d_repl is not None]
+    inter = [r.d_int for r in finite if r.d_int is not None]
+    d_repl_mean, d_repl_median, _, _ = _stats(repl)
+    d_int_mean, d_int_median, _, _ = _stats(inter)
+    both = [r for r in finite if r.d_repl is not None and r.d_int is not None]
+    x = np.asarray([r.d_repl for r in both], dtype=np.float64)
+    y = np.asarray([r.d_int for r in both], dtype=np.float64)
+    by_distance: dict[int, list[PairRecord]] = {}
+    for r in finite:
+        by_distance.setdefault(r.distance, []).append(r)
+    rs, rc, rn = _bands(repl, t)
+    is_, ic, in_ = _bands(inter, t)
+    return ProbeSummary(
+        n_pairs=len(pairs),
+        n_finite=len(finite),
+        n_nonfinite=len(pairs) - len(finite),
+        gap_mean=overall.gap_mean,
+        gap_median=overall.gap_median,
+        gap_p75=overall.gap_p75,
+        gap_max=overall.gap_max,
+        ir_mean=overall.ir_mean,
+        ir_median=overall.ir_median,
+        d_repl_mean=d_repl_mean,
+        d_repl_median=d_repl_median,
+        d_int_mean=d_int_mean,
+        d_int_median=d_int_median,
+        pearson=_pearson(x, y),
+        spearman=_pearson(_ranks(x), _ranks(y)) if len(both) >= 2 else None,
+        repl_strong=rs,
+        repl_conditional=rc,
+        repl_not_similar=rn,
+        int_strong=is_,
+        int_conditional=ic,
+        int_not_similar=in_,
+        frac_int_le_repl=(sum(r.d_int <= r.d_repl for r in both) / len(both)) if both else None,
+        regime=regime_of(overall.ir_median, d_repl_median, d_int_median, t),
+        by_distance={d: _distance_stats(rs_) for d, rs_ in sorted(by_distance.items())},
+    )
+
+
+@dataclass
+class ProbeResult:
+    """Everything one probe measured.
+
+    Attributes:
+        pairs: one `PairRecord` per computed pair, sorted by (i, j).
+        summary: the docs/definitions.md §4 scalars and the regime.
+        skipped: pairs not computed, each with the reason.
+        deletion: d_del of each single slot, when the "deletion" protocol ran.
+        meta: batch hash and shape, model class, dtype, pair set, protocols, timing.
+    """
+
+    pairs: list[PairRecord]
+    summary: ProbeSummary
+    skipped: list[SkippedPair] = field(default_factory=list)
+    deletion: list[DeletionRecord] = field(default_factory=list)
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def n_layers(self) -> int:
+        return int(self.meta["n_layers"])
+
+    def pair(self, i: int, j: int) -> PairRecord:
+        i, j = min(i, j), max(i, j)
+        for r in self.pairs:
+            if (r.i, r.j) == (i, j):
+                return r
+        raise KeyError(f"pair {(i, j)} was not probed")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "meta": self.meta,
+            "summary": self.summary.to_dict(),
+            "pairs": [r.to_dict() for r in self.pairs],
+            "skipped": [s.to_dict() for s in self.skipped],
+            "deletion": [d.to_dict() for d in self.deletion],
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ProbeResult:
+        return cls(
+            pairs=[PairRecord(**r) for r in data["pairs"]],
+            summary=ProbeSummary.from_dict(data["summary"]),
+            skipped=[SkippedPair(**s) for s in data.get("skipped", [])],
+            deletion=[DeletionRecord(**d) for d in data.get("deletion", [])],
+            meta=dict(data.get("meta", {})),
+        )
+
+    def to_table(self, max_rows: int | None = None) -> str:
+        """A fixed-width text table of the pairs, then the summary line."""
+        head = f"{'i':>3} {'j':>3} {'|i-j|':>5} {'R(i<-j)':>9} {'R(j<-i)':>9} {'d_repl':>9} {'d_int':>9} {'gap':>9} {'ir':>7}"
+        lines = [head, "-" * len(head)]
+        rows = self.pairs if max_rows is None else self.pairs[:max_rows]
+        for r in rows:
+            lines.append(
+                f"{r.i:>3} {r.j:>3} {r.distance:>5} {_fmt(r.repl_ij):>9} {_fmt(r.repl_ji):>9} "
+                f"{_fmt(r.d_repl):>9} {_fmt(r.d_int):>9} {_fmt(r.gap):>9} {_fmt(r.ir, 3):>7}"
+            )
+        if max_rows is not None and len(self.pairs) > max_rows:
+            lines.append(f"... {len(self.pairs) - max_rows} more pairs")
+        for s in self.skipped:
+            lines.append(f"{s.i:>3} {s.j:>3}  skipped: {s.reason}")
+        sm = self.summary
+        lines.append(
+            f"regime={sm.regime}  gap mean={_fmt(sm.gap_mean)} median={_fmt(sm.gap_median)} "
+            f"max={_fmt(sm.gap_max)}  ir median={_fmt(sm.ir_median, 3)}  "
+            f"d_repl mean={_fmt(sm.d_repl_mean)}  d_int mean={_fmt(sm.d_int_mean)}"
+        )
+        return "\n".join(lines)
+
+
+def _fmt(x: float | None, digits: int = 4) -> str:
+    if x is None:
+        return "null"
+    if not math.isfinite(x):
+        return str(x)
+    return f"{x:.{digits}f}"

@@ -1,0 +1,1 @@
+"""Offline tools: the command line, checkpoint loading, score, replay and report."""

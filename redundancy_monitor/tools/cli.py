@@ -1,0 +1,296 @@
+"""The ``redundancy-monitor`` command line. It parses arguments and calls the library.
+
+One function per subcommand (``cmd_<name>``) and one ``add_<name>_parser``; new
+subcommands register themselves in `SUBCOMMANDS`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+
+from redundancy_monitor.errors import RedundancyMonitorError
+
+EXIT_OK = 0
+EXIT_BAD_INPUT = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a bad option in one line (exit code 2), without usage."""
+
+    def error(self, message: str):
+        self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a comma-separated list of integers, e.g. 1,2,3"
+        ) from None
+    if not values:
+        raise argparse.ArgumentTypeError("empty list; pass e.g. 1,2,3")
+    return values
+
+
+def _positive_list(text: str) -> tuple[int, ...]:
+    values = _int_list(text)
+    if min(values) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: budgets must be positive integers")
+    return values
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer")
+    return value
+
+
+def _pair_set(text: str) -> str:
+    from redundancy_monitor.probing.variants import parse_pairs
+
+    try:
+        parse_pairs(text, 3)
+    except RedundancyMonitorError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
+# -- score --------------------------------------------------------------------------
+
+
+def add_score_parser(sub) -> None:
+    p = sub.add_parser(
+        "score",
+        help="score a saved checkpoint and measure which layers can be removed",
+        description="Probe replacement and interchange distances of a saved causal LM, "
+        "measure the cost of removing layers (d_del and held-out perplexity) per budget "
+        "for each selector, and recommend the cheapest set.",
+    )
+    p.add_argument("path", help="Hugging Face checkpoint folder or .gguf file")
+    p.add_argument(
+        "--text",
+        nargs="+",
+        required=True,
+        metavar="FILE",
+        help="text files for the probe batch ('-' reads stdin)",
+    )
+    p.add_argument("--tokenizer", metavar="DIR", help="take the tokenizer from DIR")
+    p.add_argument(
+        "--heldout",
+        metavar="FILE",
+        help="held-out text for perplexity (default: the text after the batch)",
+    )
+    p.add_argument("--n-seq", type=_positive, default=32, help="sequences in the batch (32)")
+    p.add_argument("--seq-len", type=_positive, default=128, help="tokens per sequence (128)")
+    p.add_argument(
+        "--pairs", type=_pair_set, default="adjacent", help="adjacent | window:k | all (adjacent)"
+    )
+    p.add_argument(
+        "--budgets",
+        type=_positive_list,
+        default=(1, 2, 3),
+        help="layers to remove, comma-separated (1,2,3)",
+    )
+    p.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (cpu)")
+    p.add_argument("--window", type=_positive, help="perplexity window (min(512, max positions))")
+    p.add_argument("--stride", type=_positive, help="perplexity stride (window // 2)")
+    p.add_argument("--random-draws", type=_positive, default=5, help="random baseline draws (5)")
+    p.add_argument("--seed", type=int, default=0, help="random baseline seed (0)")
+    p.add_argument(
+        "--out",
+        metavar="DIR",
+        help="write result.json, summary.md, plots and a TensorBoard run here",
+    )
+    p.add_argument("--export-pruned", metavar="DIR", help="write a pruned checkpoint here")
+    p.add_argument(
+        "--remove", type=_int_list, metavar="L1,L2", help="layers to remove for --export-pruned"
+    )
+    p.add_argument("--budget", type=_positive, help="with --protocol: export that removal set")
+    p.add_argument("--protocol", choices=("interchange", "replacement"), default="interchange")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_score)
+
+
+def cmd_score(args: argparse.Namespace) -> int:
+    from transformers.utils import logging as hf_logging
+
+    from redundancy_monitor.tools.score import ScoreConfig, score_checkpoint
+    from redundancy_monitor.tools.score_outputs import terminal_summary, write_outputs
+
+    # Our own bars show progress; keep stderr for them and for one-line errors.
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+
+    config = ScoreConfig(
+        path=args.path,
+        text=tuple(args.text),
+        tokenizer=args.tokenizer,
+        heldout=args.heldout,
+        n_seq=args.n_seq,
+        seq_len=args.seq_len,
+        pairs=args.pairs,
+        budgets=args.budgets,
+        dtype=args.dtype,
+        device=args.device,
+        window=args.window,
+        stride=args.stride,
+        random_draws=args.random_draws,
+        seed=args.seed,
+        export_pruned=args.export_pruned,
+        remove=args.remove,
+        budget=args.budget,
+        protocol=args.protocol,
+        progress=not args.no_progress,
+    )
+    run = score_checkpoint(config)
+    print(terminal_summary(run))
+    if args.out:
+        write_outputs(run, args.out, notice=lambda m: print(m, file=sys.stderr))
+        print(f"\nwrote {args.out}/result.json, summary.md, plots and tensorboard/")
+    return EXIT_OK
+
+
+# -- replay -------------------------------------------------------------------------
+
+
+def add_replay_parser(sub) -> None:
+    p = sub.add_parser(
+        "replay",
+        help="probe a series of saved checkpoints into a run folder, in step order",
+        description="Probe saved checkpoints (Hugging Face checkpoint folders, Lightning "
+        ".ckpt files with --model-config, or folders holding them) in step order on one "
+        "probe batch; RUN_DIR gets what the training monitor writes (JSONL, TensorBoard, "
+        "alerts). Run it again to resume an interrupted replay.",
+    )
+    p.add_argument(
+        "checkpoints",
+        metavar="CKPT",
+        nargs="+",
+        help="HF checkpoint folders, Lightning .ckpt files, or folders holding them",
+    )
+    p.add_argument("--text", required=True, metavar="FILE", help="text for the probe batch")
+    p.add_argument("--out", required=True, metavar="RUN_DIR", help="run folder to write")
+    p.add_argument(
+        "--model-config",
+        metavar="PATH",
+        help="for .ckpt files: a HF config.json (or its folder), or a JSON "
+        '{"class": "pkg.module:Class", "kwargs": {...}}',
+    )
+    p.add_argument("--tokenizer", metavar="DIR", help="tokenizer (default: from a checkpoint)")
+    p.add_argument("--n-seq", type=_positive, default=8, help="sequences in the batch (8)")
+    p.add_argument("--seq-len", type=_positive, default=128, help="tokens per sequence (128)")
+    p.add_argument(
+        "--pairs", type=_pair_set, default="adjacent", help="adjacent | window:k | all (adjacent)"
+    )
+    p.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (cpu)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_replay)
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    from redundancy_monitor.tools.loading import probe_batch_from_text, read_text
+    from redundancy_monitor.tools.replay import (
+        ModelLoader,
+        build_module,
+        find_checkpoints,
+        find_tokenizer,
+        load_tokenizer,
+        replay,
+    )
+
+    checkpoints = find_checkpoints(args.checkpoints)
+    if args.model_config is None and any(c.kind == "lightning" for c in checkpoints):
+        build_module(None)  # raises the error that says what to pass
+    tokenizer = load_tokenizer(args.tokenizer or find_tokenizer(checkpoints))
+    ids = probe_batch_from_text(tokenizer, read_text([args.text]), args.n_seq, args.seq_len)
+    loader = ModelLoader(args.model_config, args.dtype, args.device)
+    if not args.no_progress:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # one bar, ours with the ETA, is enough
+    done = replay(
+        checkpoints, ids, args.out, loader, pairs=args.pairs, progress=not args.no_progress
+    )
+    print(
+        f"replayed {len(done.probed)} checkpoint(s) into {done.out_dir} "
+        f"({len(done.already_done)} already done, {len(done.failed)} failed, "
+        f"{done.n_alerts} new alert(s)); see it with: redundancy-monitor report {done.out_dir}"
+    )
+    return EXIT_OK
+
+
+# -- report -------------------------------------------------------------------------
+
+
+def add_report_parser(sub) -> None:
+    p = sub.add_parser(
+        "report",
+        help="write a self-contained HTML report (and its PNGs) of a run folder",
+        description="Summarise a run folder written by the monitor or by replay in one "
+        "HTML file with embedded images (no network needed), plus the PNGs beside it.",
+    )
+    p.add_argument("run_dir", metavar="RUN_DIR", help="folder the monitor or replay wrote")
+    p.add_argument("--out", metavar="HTML", help="file to write (default RUN_DIR/report.html)")
+    p.add_argument(
+        "--removal",
+        metavar="RESULT_JSON",
+        help="result.json of `redundancy-monitor score` with measured removal costs "
+        "(default: RUN_DIR/result.json if present)",
+    )
+    p.set_defaults(func=cmd_report)
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from redundancy_monitor.tools.report import write_report
+
+    report = write_report(args.run_dir, args.out, args.removal)
+    print(f"wrote {report.html} and {len(report.images)} PNG(s) beside it")
+    for sentence in report.summary:
+        print(f"  - {sentence}")
+    return EXIT_OK
+
+
+#: name -> function adding the subcommand's parser (it sets ``func`` to its cmd_ function).
+SUBCOMMANDS: dict[str, Callable] = {
+    "score": add_score_parser,
+    "replay": add_replay_parser,
+    "report": add_report_parser,
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="redundancy-monitor",
+        description="Layer redundancy of transformer LMs: replacement vs interchange.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    for add in SUBCOMMANDS.values():
+        add(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the console script; returns the exit code."""
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except RedundancyMonitorError as e:
+        reason = " ".join(str(e).split())
+        print(f"redundancy-monitor {args.command}: error: {reason}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,194 @@
+"""Reading back what the monitor (or `replay`) wrote into a run folder.
+
+A run folder holds one JSON Lines record file (`redundancy.jsonl`, written by
+`JsonlSink`) and, where `redundancy-monitor score` ran, a `result.json` with a removal
+table. `load_run` turns them into typed objects that the report draws from.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from redundancy_monitor.errors import RedundancyMonitorError
+from redundancy_monitor.monitoring.alerts import Alert
+from redundancy_monitor.monitoring.jsonl import read_records
+from redundancy_monitor.probing.result import ProbeResult
+
+RECORD_FILE = "redundancy.jsonl"
+REMOVAL_FILES = ("result.json", "removal.json")
+
+
+class RunFolderError(RedundancyMonitorError, ValueError):
+    """A run folder holds no record file, several, or one without probe records."""
+
+
+@dataclass
+class ProbePoint:
+    """One probe of the run: its optimizer step and everything it measured."""
+
+    step: int
+    result: ProbeResult
+    wall_time: float | None = None
+    probe_seconds: float | None = None
+
+
+@dataclass
+class Failure:
+    step: int
+    error: str
+
+
+@dataclass
+class RunRecords:
+    """The records of one run, probes sorted by step.
+
+    Attributes:
+        source: the record file read.
+        probes: one point per probed step (a step probed twice keeps its last record).
+        alerts: every alert, in the order written.
+        failures: every failed probe.
+        removal: a measured removal table (``rows``, ``verdicts``, ``base_perplexity``),
+            or None when the run has none.
+        removal_source: the file it came from.
+    """
+
+    source: Path
+    probes: list[ProbePoint]
+    alerts: list[Alert] = field(default_factory=list)
+    failures: list[Failure] = field(default_factory=list)
+    removal: dict[str, Any] | None = None
+    removal_source: Path | None = None
+
+    @property
+    def first(self) -> ProbePoint:
+        return self.probes[0]
+
+    @property
+    def last(self) -> ProbePoint:
+        return self.probes[-1]
+
+    @property
+    def steps(self) -> list[int]:
+        return [p.step for p in self.probes]
+
+    def trajectory(self, name: str) -> list[tuple[int, float | None]]:
+        """``(step, value)`` of one summary scalar (a key of `ProbeSummary.scalars()`)."""
+        return [(p.step, p.result.summary.scalars().get(name)) for p in self.probes]
+
+
+def find_record_file(run_dir: str | os.PathLike) -> Path:
+    """The record file of a run: `run_dir` itself when it is a file, else the one
+    `redundancy.jsonl` in it or below it.
+
+    Raises:
+        RunFolderError: nothing found, or several candidates.
+    """
+    path = Path(run_dir)
+    if path.is_file():
+        return path
+    if not path.is_dir():
+        raise RunFolderError(f"{path} does not exist; pass the folder the monitor wrote into")
+    if (path / RECORD_FILE).is_file():
+        return path / RECORD_FILE
+    found = sorted(path.rglob(RECORD_FILE)) or sorted(path.rglob("*.jsonl"))
+    if len(found) == 1:
+        return found[0]
+    if not found:
+        raise RunFolderError(
+            f"no {RECORD_FILE} in {path} or below it; pass the folder the monitor or "
+            "`redundancy-monitor replay --out` wrote, or the .jsonl file itself"
+        )
+    listed = ", ".join(str(f.relative_to(path)) for f in found[:6])
+    raise RunFolderError(
+        f"{path} holds several record files ({listed}); pass the one you mean, or its folder"
+    )
+
+
+def _probe_point(record: dict[str, Any]) -> ProbePoint:
+    result = ProbeResult.from_dict(record["result"])
+    if "n_layers" not in result.meta and result.pairs:
+        result.meta["n_layers"] = max(r.j for r in result.pairs) + 1
+    return ProbePoint(
+        step=int(record["step"]),
+        result=result,
+        wall_time=record.get("wall_time"),
+        probe_seconds=record.get("probe_seconds"),
+    )
+
+
+def read_removal_table(path: Path) -> dict[str, Any] | None:
+    """The removal table of a `redundancy-monitor score` result.json (its ``removal``
+    entry: ``rows`` of measured cost per budget and selector, ``verdicts``, the base
+    perplexity); None when the file holds none."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise RunFolderError(f"cannot read the removal table {path}: {exc}") from None
+    table = data.get("removal") if isinstance(data, dict) else None
+    if isinstance(table, list):  # a bare list of rows
+        table = {"rows": table}
+    rows = table.get("rows") if isinstance(table, dict) else None
+    if not (isinstance(rows, list) and rows and all(isinstance(r, dict) for r in rows)):
+        return None
+    config = data.get("config") if isinstance(data, dict) else None
+    checkpoint = config.get("path") if isinstance(config, dict) else None
+    return {**table, "checkpoint": checkpoint}
+
+
+def _find_removal_table(folders: list[Path]) -> tuple[dict[str, Any] | None, Path | None]:
+    for folder in folders:
+        for name in REMOVAL_FILES:
+            path = folder / name
+            if path.is_file():
+                table = read_removal_table(path)
+                if table is not None:
+                    return table, path
+    return None, None
+
+
+def load_run(run_dir: str | os.PathLike, removal: str | os.PathLike | None = None) -> RunRecords:
+    """Read a run folder (or record file) into `RunRecords`.
+
+    Args:
+        run_dir: the folder (or its ``.jsonl`` record file).
+        removal: a ``result.json`` of `redundancy-monitor score` whose removal table to
+            include; by default one found beside the records is used.
+
+    Raises:
+        RunFolderError: no record file, or one without a single probe record.
+        RecordFileError: a malformed line other than the last.
+    """
+    source = find_record_file(run_dir)
+    by_step: dict[int, ProbePoint] = {}
+    alerts, failures = [], []
+    for record in read_records(source):
+        kind = record.get("type")
+        if kind == "probe":
+            point = _probe_point(record)
+            by_step[point.step] = point
+        elif kind == "alert":
+            alerts.append(Alert(**{k: v for k, v in record.items() if k != "type"}))
+        elif kind == "failure":
+            failures.append(Failure(int(record["step"]), str(record.get("error", ""))))
+    if not by_step:
+        what = f"{len(failures)} failed probe(s)" if failures else "no probe records"
+        raise RunFolderError(
+            f"{source} holds {what}; a report needs at least one finished probe. Let the "
+            "run reach its first scheduled probe (step 0 by default), then try again"
+        )
+    probes = [by_step[s] for s in sorted(by_step)]
+    if removal is not None:
+        table, table_source = read_removal_table(Path(removal)), Path(removal)
+        if table is None:
+            raise RunFolderError(
+                f"{removal} holds no removal table; pass the result.json that "
+                "`redundancy-monitor score --out DIR` wrote"
+            )
+    else:
+        folders = [source.parent] + ([Path(run_dir)] if Path(run_dir).is_dir() else [])
+        table, table_source = _find_removal_table(folders)
+    return RunRecords(source, probes, alerts, failures, table, table_source)

@@ -1,0 +1,168 @@
+"""Offline scoring of a saved checkpoint (docs/definitions.md §5): probe, measure removals, export.
+
+`score_checkpoint` is what ``redundancy-monitor score`` runs; the command line only
+parses its arguments into a `ScoreConfig`.
+"""
+
+from __future__ import annotations
+
+import platform
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+
+from redundancy_monitor import __version__
+from redundancy_monitor.errors import CheckpointError
+from redundancy_monitor.probing.blocks import find_blocks
+from redundancy_monitor.probing.probe import probe
+from redundancy_monitor.probing.result import ProbeResult
+from redundancy_monitor.probing.variants import parse_pairs
+from redundancy_monitor.removal.cost import GUIDED_PROTOCOLS, check_removal_set, plan_removal
+from redundancy_monitor.removal.table import RemovalReport, compare_removal
+from redundancy_monitor.tools.loading import TextSplit, load_checkpoint, read_text, split_text
+
+FORMAT = "redundancy-monitor/score/1"
+
+
+@dataclass(frozen=True)
+class ScoreConfig:
+    """Everything one scoring run needs; recorded in result.json.
+
+    Args:
+        path: Hugging Face checkpoint folder or .gguf file.
+        text: text files (``-`` = stdin) the probe batch (and held-out part) come from.
+        tokenizer: folder to take the tokenizer from instead of `path`.
+        heldout: text file held out for perplexity (default: the text after the batch).
+        n_seq, seq_len: shape of the probe batch (fewer sequences if the text is short).
+        pairs: ``adjacent``, ``window:k`` or ``all``.
+        budgets: numbers of layers to remove in the removal table.
+        dtype, device: how to load the model.
+        window, stride: the perplexity sliding window (default min(512, max positions)
+            and half of it).
+        random_draws, seed: the random baseline.
+        export_pruned: folder for a pruned checkpoint, with `remove` (explicit layers)
+            or `budget` and `protocol` (the protocol's removal set at that budget).
+        progress: progress bars on stderr.
+    """
+
+    path: str
+    text: tuple[str, ...]
+    tokenizer: str | None = None
+    heldout: str | None = None
+    n_seq: int = 32
+    seq_len: int = 128
+    pairs: str = "adjacent"
+    budgets: tuple[int, ...] = (1, 2, 3)
+    dtype: str = "auto"
+    device: str = "cpu"
+    window: int | None = None
+    stride: int | None = None
+    random_draws: int = 5
+    seed: int = 0
+    export_pruned: str | None = None
+    remove: tuple[int, ...] | None = None
+    budget: int | None = None
+    protocol: str = "interchange"
+    progress: bool = True
+
+    def check(self) -> None:
+        """Fail fast, before any model is loaded, on options that cannot work together."""
+        if not self.text:
+            raise CheckpointError("no text given; pass --text FILE (or - for stdin)")
+        parse_pairs(self.pairs, 3)  # the spelling only; slot ranges are checked later
+        if self.protocol not in GUIDED_PROTOCOLS:
+            raise CheckpointError(
+                f"unknown protocol {self.protocol!r}; choose interchange or replacement"
+            )
+        if self.export_pruned is None:
+            if self.remove is not None or self.budget is not None:
+                raise CheckpointError("--remove/--budget choose what --export-pruned DIR writes")
+            return
+        if (self.remove is None) == (self.budget is None):
+            raise CheckpointError(
+                "--export-pruned needs exactly one of --remove 5,9 or --budget n [--protocol P]"
+            )
+
+
+@dataclass
+class ScoreRun:
+    """What a scoring run measured, ready to be printed or written."""
+
+    config: ScoreConfig
+    split: TextSplit
+    result: ProbeResult
+    report: RemovalReport
+    export: dict[str, Any] | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT,
+            "config": {
+                k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self.config).items()
+            },
+            "versions": versions(),
+            "batch_sha256": self.result.meta.get("batch_sha256"),
+            "text": self.split.to_dict(),
+            "probe": self.result.to_dict(),
+            "removal": self.report.to_dict(),
+            "export": self.export,
+        }
+
+
+def versions() -> dict[str, str]:
+    import transformers
+
+    return {
+        "redundancy_monitor": __version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def score_checkpoint(config: ScoreConfig) -> ScoreRun:
+    """Load, probe, measure the removal table and (optionally) export a pruned model.
+
+    Raises:
+        RedundancyMonitorError: any bad input, with what to pass instead.
+    """
+    config.check()
+    text = read_text(list(config.text))
+    heldout_text = read_text([config.heldout]) if config.heldout else None
+    model, tokenizer = load_checkpoint(config.path, config.tokenizer, config.dtype, config.device)
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if isinstance(limit, int) and config.seq_len > limit:
+        raise CheckpointError(
+            f"--seq-len {config.seq_len} exceeds the model's max_position_embeddings {limit}"
+        )
+    if config.remove is not None:  # fail before the long part, not after it
+        check_removal_set(config.remove, len(find_blocks(model)))
+    split = split_text(tokenizer, text, config.n_seq, config.seq_len, heldout_text)
+    result = probe(model, split.probe_ids, pairs=config.pairs, progress=config.progress)
+    report = compare_removal(
+        model,
+        result,
+        split.probe_ids,
+        split.heldout_ids,
+        budgets=config.budgets,
+        window=config.window,
+        stride=config.stride,
+        random_draws=config.random_draws,
+        seed=config.seed,
+        progress=config.progress,
+    )
+    export = None
+    if config.export_pruned is not None:
+        from redundancy_monitor.removal.export import export_pruned
+
+        if config.remove is not None:
+            layers, chosen_by = tuple(config.remove), "--remove"
+        else:
+            plan = plan_removal(result, (config.budget,), (config.protocol,))
+            layers = plan.layers(config.protocol, config.budget)
+            chosen_by = f"{config.protocol} removability at budget {config.budget}"
+        # Last use of the model: prune it in place rather than holding two copies.
+        export = export_pruned(model, layers, config.export_pruned, tokenizer, inplace=True)
+        export["chosen_by"] = chosen_by
+    return ScoreRun(config, split, result, report, export)
