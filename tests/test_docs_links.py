@@ -194,9 +194,10 @@ def code_names(text: str) -> set[str]:
     names in code spans."""
     names = set()
     for block in re.findall(r"```python\n(.*?)```", text, flags=re.S):
-        for module, imported in re.findall(
-            r"^from (redundancy_monitor[\w.]*) import \(?([\w,\s]+)\)?", block, flags=re.M
+        for module, wrapped, one_line in re.findall(
+            r"^from (redundancy_monitor[\w.]*) import (?:\(([^)]*)\)|([^\n]+))", block, flags=re.M
         ):
+            imported = (wrapped or one_line).split("#")[0]
             names |= {f"{module}.{n.strip()}" for n in imported.split(",") if n.strip()}
         if "import redundancy_monitor as rm" in block:
             names |= {f"redundancy_monitor.{n}" for n in re.findall(r"\brm\.(\w+)", block)}
