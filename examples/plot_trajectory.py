@@ -32,7 +32,9 @@ def record_file(path: Path) -> Path:
         return path
     found = sorted(path.rglob("*.jsonl"))
     if len(found) != 1:
-        raise SystemExit(f"expected one .jsonl file under {path}, found {len(found)}")
+        raise SystemExit(
+            f"expected one .jsonl file under {path}, found {len(found)}; pass the file itself"
+        )
     return found[0]
 
 
