@@ -4,8 +4,10 @@ short front page, nothing points outside the repository, and what the docs cite 
 from __future__ import annotations
 
 import importlib
+import json
 import re
 import subprocess
+import sys
 import unicodedata
 from pathlib import Path
 
@@ -240,3 +242,35 @@ def test_source_paths_in_the_docs_exist():
         if not (ROOT / path).exists()
     )
     assert not missing, "the docs name files that do not exist: " + ", ".join(missing)
+
+
+def test_the_readme_figure_script_draws_a_png_from_a_record_file(tmp_path):
+    pytest.importorskip("matplotlib")
+    summary = {"d_repl_mean": 0.2, "d_int_mean": 0.1, "gap_mean": 0.1, "gap_median": None}
+    records = [
+        {"type": "probe", "step": step, "result": {"summary": dict(summary, gap_max=step / 10)}}
+        for step in (0, 8, 16)
+    ]
+    records.append({"type": "alert", "step": 16, "rule": "gap_growth", "message": "m"})
+    run = tmp_path / "run" / "version_0"
+    run.mkdir(parents=True)
+    (run / "redundancy.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    out = tmp_path / "figure.png"
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "plot_trajectory.py"), str(tmp_path), str(out)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "redundancy.jsonl" in done.stdout
+
+    (tmp_path / "other.jsonl").write_text("")
+    ambiguous = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "plot_trajectory.py"), str(tmp_path), str(out)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert ambiguous.returncode != 0 and "found 2" in ambiguous.stderr
