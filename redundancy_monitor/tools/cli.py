@@ -228,6 +228,163 @@ def cmd_replay(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# -- watch --------------------------------------------------------------------------
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds >= 0")
+    return value
+
+
+def _alert_config(text: str):
+    import json
+    from pathlib import Path
+
+    from redundancy_monitor.monitoring.alerts import AlertConfig
+
+    try:
+        spec = json.loads(text if text.lstrip().startswith("{") else Path(text).read_text())
+    except (OSError, ValueError) as e:
+        raise argparse.ArgumentTypeError(f"cannot read alert settings {text!r}: {e}") from None
+    if not isinstance(spec, dict):
+        raise argparse.ArgumentTypeError(
+            "alert settings must be a JSON object of AlertConfig fields"
+        )
+    try:
+        return AlertConfig(**spec)
+    except TypeError as e:
+        raise argparse.ArgumentTypeError(f"{e}; see AlertConfig for the fields") from None
+    except RedundancyMonitorError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def add_watch_parser(sub) -> None:
+    p = sub.add_parser(
+        "watch",
+        help="follow a run's checkpoint folder and probe each new checkpoint (a sidecar)",
+        description="Follow CKPT_DIR while a run writes checkpoints into it (Hugging Face "
+        "checkpoint-<step> folders, Lightning .ckpt files, torch.distributed.checkpoint "
+        "folders), wait until each is completely written, and probe it once, in step order. "
+        "The log folder gets what the in-process monitor writes (JSONL, TensorBoard, "
+        "alerts); a callback with sidecar=LOG_DIR acts on the alerts. Restart it to resume.",
+    )
+    p.add_argument("ckpt_dir", metavar="CKPT_DIR", help="the folder the run saves checkpoints into")
+    batch = p.add_mutually_exclusive_group(required=True)
+    batch.add_argument("--text", metavar="FILE", help="text for the probe batch")
+    batch.add_argument(
+        "--probe-batch", metavar="FILE.pt", help="token ids saved with torch.save (weights-only)"
+    )
+    p.add_argument(
+        "--tokenizer", metavar="PATH", help="tokenizer for --text (default: from a checkpoint)"
+    )
+    p.add_argument("--n-seq", type=_positive, default=8, help="sequences in the batch (8)")
+    p.add_argument("--seq-len", type=_positive, default=128, help="tokens per sequence (128)")
+    p.add_argument(
+        "--pairs", type=_pair_set, default="adjacent", help="adjacent | window:k | all (adjacent)"
+    )
+    p.add_argument(
+        "--log-dir",
+        metavar="DIR",
+        help="folder to write (default: CKPT_DIR/../redundancy beside a 'checkpoints' "
+        "folder, else CKPT_DIR/runs/redundancy)",
+    )
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (cpu)")
+    p.add_argument(
+        "--exit-when-idle",
+        type=_seconds,
+        metavar="S",
+        help="exit once nothing new appeared for S seconds (default: run until stopped)",
+    )
+    p.add_argument(
+        "--until-step", type=int, metavar="N", help="exit once a checkpoint at step >= N is probed"
+    )
+    p.add_argument(
+        "--model-config",
+        metavar="PATH",
+        help="for .ckpt files and DCP folders without a config.json: a HF config.json (or its "
+        'folder), or a JSON {"class": "pkg.module:Class", "kwargs": {...}}',
+    )
+    p.add_argument(
+        "--alerts",
+        type=_alert_config,
+        metavar="JSON",
+        help="alert settings: a JSON object of AlertConfig fields, e.g. '{\"gap_threshold\": 0.2}', "
+        "or a file holding one",
+    )
+    p.add_argument(
+        "--settle",
+        type=_seconds,
+        default=2.0,
+        metavar="S",
+        help="a checkpoint counts as written once unchanged for S seconds (2)",
+    )
+    p.set_defaults(func=cmd_watch)
+
+
+def cmd_watch(args: argparse.Namespace) -> int:
+    import signal
+
+    from transformers.utils import logging as hf_logging
+
+    from redundancy_monitor.tools.loading import (
+        load_probe_batch,
+        probe_batch_from_text,
+        read_text,
+        resolve_device,
+    )
+    from redundancy_monitor.tools.replay import ModelLoader, find_tokenizer, load_tokenizer
+    from redundancy_monitor.tools.watch import watch
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    resolve_device(args.device)
+    loader = ModelLoader(args.model_config, device=args.device, trust_checkpoints=False)
+    if args.model_config is not None:
+        loader.template()  # a bad config fails now, not at the first checkpoint
+    if args.probe_batch is not None:
+        batch = load_probe_batch(args.probe_batch)
+    else:
+        text = read_text([args.text])
+
+        def batch_from_text(tokenizer):
+            return probe_batch_from_text(tokenizer, text, args.n_seq, args.seq_len), None
+
+        if args.tokenizer is not None:
+            batch = batch_from_text(load_tokenizer(args.tokenizer))
+        else:
+
+            def batch(refs):  # from the first complete checkpoint that holds a tokenizer
+                return batch_from_text(load_tokenizer(find_tokenizer(refs)))
+
+    def stop(signum, frame):
+        raise KeyboardInterrupt  # closes the run folder on the way out
+
+    signal.signal(signal.SIGTERM, stop)
+    done = watch(
+        args.ckpt_dir,
+        loader,
+        batch,
+        log_dir=args.log_dir,
+        pairs=args.pairs,
+        alerts=args.alerts,
+        settle_seconds=args.settle,
+        exit_when_idle=args.exit_when_idle,
+        until_step=args.until_step,
+        notice=lambda m: print(f"watch: {m}", file=sys.stderr, flush=True),
+    )
+    print(
+        f"watched {args.ckpt_dir}: probed {len(done.probed)} checkpoint(s) into {done.log_dir} "
+        f"({len(done.already_done)} already done, {len(done.failed)} failed, "
+        f"{len(done.skipped)} skipped, {done.n_alerts} new alert(s)); {done.reason}"
+    )
+    return EXIT_OK
+
+
 # -- report -------------------------------------------------------------------------
 
 
@@ -263,6 +420,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 SUBCOMMANDS: dict[str, Callable] = {
     "score": add_score_parser,
     "replay": add_replay_parser,
+    "watch": add_watch_parser,
     "report": add_report_parser,
 }
 

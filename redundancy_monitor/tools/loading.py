@@ -219,3 +219,29 @@ def split_text(
             f"the held-out text has {heldout.numel()} token(s); perplexity needs at least 2"
         )
     return TextSplit(probe_ids, heldout, len(ids), source)
+
+
+def load_probe_batch(path: str | Path) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Token ids (and mask) saved with ``torch.save``: a ``[n_seq, seq_len]`` tensor,
+    ``(ids, mask)``, or a dict with ``input_ids`` (and ``attention_mask``). Read with
+    the weights-only loader: a file holding anything but tensors and containers is refused.
+
+    Raises:
+        CheckpointError: unreadable, or not tensors.
+        InvalidBatchError: not usable as a probe batch.
+    """
+    from redundancy_monitor.probing.batch import make_batch
+    from redundancy_monitor.probing.inputs import ids_and_mask
+
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except OSError as e:
+        raise CheckpointError(f"cannot read --probe-batch {str(path)!r}: {e.strerror}") from None
+    except Exception as e:
+        raise CheckpointError(
+            f"--probe-batch {str(path)!r} is not a tensor file the weights-only loader reads "
+            f"({_first_line(e)}); save token ids with torch.save(ids, path)"
+        ) from None
+    ids, mask = ids_and_mask(data)
+    make_batch(ids, mask)  # refuses what no probe could use, here rather than per checkpoint
+    return ids, mask

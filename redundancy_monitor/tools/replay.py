@@ -5,6 +5,8 @@ through a `RedundancyMonitor` (its JSONL and TensorBoard sinks and its alert rul
 the run folder holds exactly what the live monitor writes during training. The
 monitor's state is saved after every checkpoint; an interrupted replay resumes from it
 the way a resumed training run does, and already probed steps are not redone.
+`ReplayRun` is that run folder; `redundancy-monitor watch` (tools/watch.py) records
+through it too.
 
 transformers (and torch's unpickler for Lightning files) are used only here, on demand.
 """
@@ -37,6 +39,7 @@ from redundancy_monitor.probing.engine import DEFAULT_BATCH_TOKENS
 from redundancy_monitor.probing.probe import probe
 from redundancy_monitor.probing.result import Thresholds
 from redundancy_monitor.probing.variants import check_protocols
+from redundancy_monitor.tools import dcp
 
 log = logging.getLogger("redundancy_monitor")
 
@@ -61,7 +64,15 @@ class CheckpointRef:
 
     step: int
     path: Path
-    kind: str  # "hf" (a save_pretrained folder) or "lightning" (a .ckpt file)
+    kind: str  # "hf" (a save_pretrained folder), "lightning" (a .ckpt file) or "dcp"
+
+
+class CheckpointVanished(CheckpointError):
+    """A checkpoint was deleted (rotated away by the run) while it was being read."""
+
+
+class MissingModelConfig(CheckpointError):
+    """Weights-only checkpoints (Lightning, DCP) and no config to build the model from."""
 
 
 def is_hf_checkpoint(path: Path) -> bool:
@@ -80,11 +91,15 @@ def _step_from_name(name: str) -> int | None:
     return None
 
 
-def _load_lightning_file(path: Path) -> dict[str, Any]:
+def _load_lightning_file(path: Path, trusted: bool = True) -> dict[str, Any]:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # retried below; reported if that fails too
         first = exc
+    if not trusted:
+        raise CheckpointError(
+            f"cannot read Lightning checkpoint {path} with the safe loader (weights only): {first}"
+        ) from None
     # Lightning files often pickle hyper-parameters (Namespace, custom classes) that the
     # safe loader refuses. The user named this file, the trust Lightning's own
     # load_from_checkpoint asks for.
@@ -96,21 +111,33 @@ def _load_lightning_file(path: Path) -> dict[str, Any]:
         ) from None
 
 
-def checkpoint_step(path: Path, kind: str) -> int:
-    """The optimizer step of a checkpoint: trainer state, then name, then file contents.
+def _trainer_state_step(folder: Path) -> int | None:
+    try:
+        step = json.loads((folder / "trainer_state.json").read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):  # none, or still being written
+        return None
+    step = step.get("global_step") if isinstance(step, dict) else None
+    return step if isinstance(step, int) else None
+
+
+def checkpoint_step(path: Path, kind: str, open_files: bool = True) -> int:
+    """The optimizer step of a checkpoint: trainer state, then name, then file contents
+    (a Lightning file is opened only with `open_files`). A DCP folder without a step in
+    its name takes its parent's (an HF ``checkpoint-<step>`` folder holding it).
 
     Raises:
         CheckpointError: no step to be found anywhere.
     """
-    if kind == "hf":
-        state = path / "trainer_state.json"
-        if state.is_file():
-            step = json.loads(state.read_text(encoding="utf-8")).get("global_step")
-            if isinstance(step, int):
-                return step
-    step = _step_from_name(path.stem if kind == "lightning" else path.name)
-    if step is None and kind == "lightning":
-        step = _load_lightning_file(path).get("global_step")
+    if kind == "lightning":
+        step = _step_from_name(path.stem)
+        if step is None and open_files:
+            step = _load_lightning_file(path).get("global_step")
+    else:
+        for folder in (path, path.parent) if kind == "dcp" else (path,):
+            step = _trainer_state_step(folder)
+            step = _step_from_name(folder.name) if step is None else step
+            if step is not None:
+                break
     if step is None:
         raise CheckpointError(
             f"cannot tell the optimizer step of {path}: it has no trainer_state.json and no "
@@ -119,7 +146,8 @@ def checkpoint_step(path: Path, kind: str) -> int:
     return int(step)
 
 
-def _collect(path: Path) -> list[tuple[Path, str]]:
+def checkpoints_in(path: Path) -> list[tuple[Path, str]]:
+    """``(path, kind)`` of every checkpoint at or under `path`, complete or not."""
     if path.is_file():
         if path.suffix == ".ckpt":
             return [(path, "lightning")]
@@ -129,11 +157,13 @@ def _collect(path: Path) -> list[tuple[Path, str]]:
         )
     if is_hf_checkpoint(path):
         return [(path, "hf")]
+    if dcp.is_dcp_checkpoint(path):
+        return [(path, "dcp")]
     found: list[tuple[Path, str]] = []
     for child in sorted(path.iterdir()):
         if child.is_dir() or child.suffix == ".ckpt":
             try:
-                found.extend(_collect(child))
+                found.extend(checkpoints_in(child))
             except CheckpointError:
                 continue  # other files and folders in a run directory are fine
     return found
@@ -153,11 +183,12 @@ def find_checkpoints(paths: Sequence[str | os.PathLike]) -> list[CheckpointRef]:
         path = Path(raw)
         if not path.exists():
             raise CheckpointError(f"checkpoint path {path} does not exist")
-        found = _collect(path)
+        found = checkpoints_in(path)
         if not found:
             raise CheckpointError(
                 f"no checkpoint in {path}: expected Hugging Face checkpoint folders "
-                "(config.json + model.safetensors or pytorch_model.bin) or Lightning .ckpt files"
+                "(config.json + model.safetensors or pytorch_model.bin), Lightning .ckpt "
+                "files or torch.distributed.checkpoint folders (with a .metadata file)"
             )
         for found_path, kind in found:
             ref = CheckpointRef(checkpoint_step(found_path, kind), found_path, kind)
@@ -180,16 +211,22 @@ def find_checkpoints(paths: Sequence[str | os.PathLike]) -> list[CheckpointRef]:
 class ModelLoader:
     """Turns a `CheckpointRef` into a model on `device`.
 
-    Hugging Face folders load with ``from_pretrained``. Lightning files need
-    `model_config`: a Hugging Face ``config.json`` (or its folder), or a JSON file
+    Hugging Face folders load with ``from_pretrained``. Lightning files and
+    torch.distributed.checkpoint (DCP) folders need `model_config`: a Hugging Face
+    ``config.json`` (or its folder), or a JSON file
     ``{"class": "package.module:ClassName", "kwargs": {...}}`` for any other module;
     either may set ``"state_dict_prefix"`` (found automatically otherwise, e.g. ``model.``
-    for a LightningModule holding the LM as ``self.model``).
+    for a LightningModule holding the LM as ``self.model``). A DCP folder without one
+    uses the ``config.json`` in it or beside it (an HF checkpoint folder holding it).
+
+    `trust_checkpoints` lets a Lightning file that the weights-only loader refuses be
+    unpickled in full, which runs code from the file: only for files you trust.
     """
 
     model_config: str | os.PathLike | None = None
     dtype: str = "auto"
     device: str = "cpu"
+    trust_checkpoints: bool = True
     _template: nn.Module | None = field(default=None, init=False, repr=False)
     _prefix: str | None = field(default=None, init=False, repr=False)
 
@@ -198,7 +235,12 @@ class ModelLoader:
             raise CheckpointError(f"unknown dtype {self.dtype!r}; choose auto, {', '.join(DTYPES)}")
 
     def __call__(self, ref: CheckpointRef) -> nn.Module:
-        model = self._hf(ref.path) if ref.kind == "hf" else self._lightning(ref.path)
+        if ref.kind == "hf":
+            model = self._hf(ref.path)
+        elif ref.kind == "dcp":
+            model = self._dcp(ref)
+        else:
+            model = self._lightning(ref.path)
         if self.dtype != "auto":
             model = model.to(DTYPES[self.dtype])
         return model.to(self.device).eval()
@@ -209,15 +251,30 @@ class ModelLoader:
         kwargs = {} if self.dtype == "auto" else {"dtype": DTYPES[self.dtype]}
         return AutoModelForCausalLM.from_pretrained(path, local_files_only=True, **kwargs)
 
-    def template(self) -> nn.Module:
-        """The module Lightning weights are loaded into, built once from `model_config`."""
+    def model_config_for(self, ref: CheckpointRef) -> str | os.PathLike | None:
+        """The config the model of a Lightning file or DCP folder is built from."""
+        if self.model_config is not None or ref.kind != "dcp":
+            return self.model_config
+        beside = [f / "config.json" for f in (ref.path, ref.path.parent)]
+        return next((c for c in beside if c.is_file()), None)
+
+    def template(self, model_config: str | os.PathLike | None = None) -> nn.Module:
+        """The module Lightning or DCP weights are loaded into, built once from
+        `model_config` (default: the loader's)."""
         if self._template is None:
-            self._template, self._prefix = build_module(self.model_config)
+            self._template, self._prefix = build_module(model_config or self.model_config)
         return self._template
+
+    def _dcp(self, ref: CheckpointRef) -> nn.Module:
+        module = self.template(self.model_config_for(ref))
+        shapes = dcp.tensor_shapes(ref.path)
+        prefix = self._prefix if self._prefix is not None else state_dict_prefix(module, shapes)
+        dcp.load_into(module, ref.path, prefix)
+        return module
 
     def _lightning(self, path: Path) -> nn.Module:
         module = self.template()
-        data = _load_lightning_file(path)
+        data = _load_lightning_file(path, self.trust_checkpoints)
         state = data.get("state_dict", data)
         prefix = self._prefix if self._prefix is not None else state_dict_prefix(module, state)
         weights = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
@@ -238,10 +295,10 @@ def build_module(model_config: str | os.PathLike | None) -> tuple[nn.Module, str
         CheckpointError: no config given, unreadable, or naming nothing buildable.
     """
     if model_config is None:
-        raise CheckpointError(
-            "Lightning .ckpt files hold weights only; pass --model-config with a Hugging Face "
-            "config.json (or its folder), or a JSON file "
-            '{"class": "package.module:ClassName", "kwargs": {...}}'
+        raise MissingModelConfig(
+            "Lightning .ckpt files and torch.distributed.checkpoint folders hold weights "
+            "only; pass --model-config with a Hugging Face config.json (or its folder), or a "
+            'JSON file {"class": "package.module:ClassName", "kwargs": {...}}'
         )
     path = Path(model_config)
     path = path / "config.json" if path.is_dir() else path
@@ -315,6 +372,133 @@ def find_tokenizer(checkpoints: Sequence[CheckpointRef]) -> Path:
     )
 
 
+# ----- the run folder -------------------------------------------------------------------
+
+
+def _check_settings(saved: dict[str, Any], settings: dict[str, Any], out_dir: Path) -> None:
+    changed = [k for k in settings if k in saved and saved[k] != settings[k]]
+    if changed:
+        raise CheckpointError(
+            f"{out_dir} holds a replay with other settings ({', '.join(changed)}: "
+            f"{[saved[k] for k in changed]} then, {[settings[k] for k in changed]} now); "
+            "resume with the same settings, or write into another folder (replay --out, "
+            "watch --log-dir)"
+        )
+
+
+class ReplayRun:
+    """A run folder that probes of saved checkpoints are recorded into, as the live
+    monitor records them (JSONL, TensorBoard, alerts), resumable from its state file.
+
+    Opening a folder that holds a state file resumes it: its alert state, history and
+    probed steps are restored, and the next `record` marks where the earlier records end.
+
+    Args:
+        out_dir: the run folder.
+        input_ids, attention_mask: the probe batch, the same for every checkpoint.
+        pairs, protocols, thresholds, batch_tokens: passed to `probe()`.
+        alerts: the alert rules, evaluated over the series as during training.
+        state_file: name of the state file in `out_dir`.
+
+    Raises:
+        CheckpointError: the folder holds a run with other settings.
+        MonitorStateError: the folder holds a run of another probe batch.
+    """
+
+    def __init__(
+        self,
+        out_dir: str | os.PathLike,
+        input_ids: torch.Tensor,
+        *,
+        attention_mask: torch.Tensor | None = None,
+        pairs: str = "adjacent",
+        protocols: Sequence[str] = ("replacement", "interchange"),
+        thresholds: Thresholds | None = None,
+        alerts: AlertConfig | None = None,
+        batch_tokens: int = DEFAULT_BATCH_TOKENS,
+        state_file: str = STATE_FILE,
+    ):
+        protocols = check_protocols(protocols)
+        self.out_dir = Path(out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.state_path = self.out_dir / state_file
+        self.settings = {"pairs": pairs, "protocols": list(protocols)}
+        saved = None
+        if self.state_path.is_file():
+            saved = json.loads(self.state_path.read_text(encoding="utf-8"))
+            _check_settings(saved.get("settings", {}), self.settings, self.out_dir)
+        resumed_at = None if saved is None else saved["monitor"].get("last_step")
+        self._tensorboard = TensorBoardSink(
+            log_dir=self.out_dir, purge_step=None if resumed_at is None else resumed_at + 1
+        )
+        self.monitor = RedundancyMonitor(
+            input_ids,
+            attention_mask=attention_mask,
+            schedule=ProbeSchedule.explicit([], at_train_end=False),
+            pairs=pairs,
+            protocols=protocols,
+            thresholds=thresholds,
+            batch_tokens=batch_tokens,
+            executor="inline",
+            alerts=alerts,
+            jsonl_path=self.out_dir / RECORD_FILE,
+            sinks=[self._tensorboard],
+        )
+        if saved is not None:
+            self.monitor.load_state_dict(saved["monitor"])
+        self._ids, self._mask = input_ids, attention_mask
+        self._started = False
+
+    @property
+    def probed_steps(self) -> set[int]:
+        """Steps recorded so far (probed or failed), earlier sessions included."""
+        return set(self.monitor.probed_steps)
+
+    @property
+    def last_step(self) -> int | None:
+        return self.monitor.last_step
+
+    @property
+    def alerts(self):
+        return self.monitor.alerts
+
+    def record(
+        self, ref: CheckpointRef, load_model: Callable[[CheckpointRef], nn.Module]
+    ) -> ProbeOutcome:
+        """Load and probe one checkpoint, record it, save the state.
+
+        A checkpoint that fails to load or probe is recorded as a failed probe (with its
+        alert).
+
+        Raises:
+            CheckpointError: `ref` is not after the last recorded step.
+            CheckpointVanished: the checkpoint was deleted while it was read (nothing
+                is recorded).
+        """
+        if self.last_step is not None and ref.step <= self.last_step:
+            raise CheckpointError(
+                f"{self.out_dir} already holds probes up to step {self.last_step}; {ref.path} "
+                f"(step {ref.step}) would come out of order. Replay it into a new --out"
+            )
+        if not self._started:
+            self.monitor.start()  # after a resume: marks where the earlier records end
+            self._started = True
+        outcome = _probe_checkpoint(
+            ref, load_model, self._ids, self._mask, self.monitor.probe_kwargs
+        )
+        self.monitor.record_outcome(outcome)
+        try:  # a sidecar may be killed at any moment: keep TensorBoard as current as the state
+            self._tensorboard.flush()
+        except Exception as exc:
+            log.warning("replay: flushing TensorBoard events failed: %s", exc)
+        state = {"settings": self.settings, "monitor": self.monitor.state_dict()}
+        write_json_atomic(self.state_path, state, indent=1)
+        return outcome
+
+    def close(self) -> None:
+        self.monitor.close()
+
+
 # ----- the replay -----------------------------------------------------------------------
 
 
@@ -327,16 +511,6 @@ class ReplayOutcome:
     failed: list[int] = field(default_factory=list)
     already_done: list[int] = field(default_factory=list)
     n_alerts: int = 0
-
-
-def _check_settings(saved: dict[str, Any], settings: dict[str, Any], out_dir: Path) -> None:
-    changed = [k for k in settings if k in saved and saved[k] != settings[k]]
-    if changed:
-        raise CheckpointError(
-            f"{out_dir} holds a replay with other settings ({', '.join(changed)}: "
-            f"{[saved[k] for k in changed]} then, {[settings[k] for k in changed]} now); "
-            "resume with the same settings, or pass a new --out"
-        )
 
 
 def replay(
@@ -372,64 +546,33 @@ def replay(
     A checkpoint that fails to load or probe is recorded as a failed probe (with its
     alert) and the replay goes on.
     """
-    protocols = check_protocols(protocols)
     checkpoints = sorted(checkpoints, key=lambda c: c.step)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    state_path = out_dir / STATE_FILE
-    settings = {"pairs": pairs, "protocols": list(protocols)}
-    saved = json.loads(state_path.read_text(encoding="utf-8")) if state_path.is_file() else None
-    if saved is not None:
-        _check_settings(saved.get("settings", {}), settings, out_dir)
-    resumed_at = None if saved is None else saved["monitor"].get("last_step")
-    monitor = RedundancyMonitor(
+    run = ReplayRun(
+        out_dir,
         input_ids,
         attention_mask=attention_mask,
-        schedule=ProbeSchedule.explicit([c.step for c in checkpoints], at_train_end=False),
         pairs=pairs,
         protocols=protocols,
         thresholds=thresholds,
-        batch_tokens=batch_tokens,
-        executor="inline",
         alerts=alerts,
-        jsonl_path=out_dir / RECORD_FILE,
-        sinks=[
-            TensorBoardSink(
-                log_dir=out_dir, purge_step=None if resumed_at is None else resumed_at + 1
-            )
-        ],
+        batch_tokens=batch_tokens,
     )
-    outcome = ReplayOutcome(out_dir)
-    if saved is not None:
-        monitor.load_state_dict(saved["monitor"])
-    done = set(monitor.probed_steps)
+    outcome = ReplayOutcome(run.out_dir)
+    done = run.probed_steps
     todo = [c for c in checkpoints if c.step not in done]
     outcome.already_done = sorted(c.step for c in checkpoints if c.step in done)
-    early = [c for c in todo if resumed_at is not None and c.step <= resumed_at]
-    if early:
-        raise CheckpointError(
-            f"{out_dir} already holds probes up to step {resumed_at}; {early[0].path} (step "
-            f"{early[0].step}) would come out of order. Replay it into a new --out"
-        )
-    n_alerts = len(monitor.alerts)
+    n_alerts = len(run.alerts)
     bar = _progress(len(checkpoints), len(outcome.already_done), progress)
     try:
-        if todo:
-            monitor.start()  # after a resume: marks where the earlier replay's records end
         for ref in todo:
             bar.set_postfix_str(f"step {ref.step}")
-            result = _probe_checkpoint(
-                ref, load_model, input_ids, attention_mask, monitor.probe_kwargs
-            )
-            monitor.record_outcome(result)
+            result = run.record(ref, load_model)
             (outcome.failed if result.error else outcome.probed).append(ref.step)
-            state = {"settings": settings, "monitor": monitor.state_dict()}
-            write_json_atomic(state_path, state, indent=1)
             bar.update(1)
     finally:
         bar.close()
-        monitor.close()
-    outcome.n_alerts = len(monitor.alerts) - n_alerts
+        run.close()
+    outcome.n_alerts = len(run.alerts) - n_alerts
     return outcome
 
 
@@ -445,9 +588,13 @@ def _probe_checkpoint(
     started = time.perf_counter()
     try:
         result, error = probe(load_model(ref), ids, mask, **probe_kwargs), None
-    except (InvalidPairsError, InvalidProtocolError):
+    except (InvalidPairsError, InvalidProtocolError, MissingModelConfig):
         raise  # a wrong setting, not a bad checkpoint: every other one would fail too
     except Exception as exc:  # one bad checkpoint must not end the replay
+        if not ref.path.exists():
+            raise CheckpointVanished(
+                f"{ref.path} was deleted while it was being read ({type(exc).__name__}: {exc})"
+            ) from None
         result = None
         error = f"{type(exc).__name__}: {exc} ({ref.path})\n{traceback.format_exc(limit=6)}"
     return ProbeOutcome(ref.step, result, error, time.perf_counter() - started, 0.0)

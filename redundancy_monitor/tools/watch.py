@@ -1,0 +1,360 @@
+"""`redundancy-monitor watch`: a sidecar that probes a run's checkpoints as they appear.
+
+It follows a checkpoint folder (Hugging Face ``checkpoint-<step>`` folders, Lightning
+``.ckpt`` files, torch.distributed.checkpoint folders), waits until each new checkpoint
+is completely written, and probes each once, in step order, through the same
+`ReplayRun` as `replay`: the run's log folder gets the JSON Lines, TensorBoard
+trajectories and alerts of the in-process monitor, at each checkpoint's step. Its state
+file makes it resumable: stopped and started again, it probes nothing twice. A training
+process acts on its alerts with ``sidecar=LOG_DIR`` in the callbacks.
+
+A checkpoint is complete once nothing in it has changed in size or modification time
+for `settle_seconds` and the framework's completion marker is there: a DCP folder is
+only recognised by its ``.metadata`` (renamed into place after the data files), and a
+Trainer ``checkpoint-<step>`` folder needs its ``trainer_state.json`` (written last).
+Steps are read from names and ``trainer_state.json`` only: no checkpoint is unpickled
+to find its step, and Lightning files are loaded weights-only.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from redundancy_monitor.errors import CheckpointError
+from redundancy_monitor.monitoring.alerts import AlertConfig
+from redundancy_monitor.probing.engine import DEFAULT_BATCH_TOKENS
+from redundancy_monitor.probing.result import Thresholds
+from redundancy_monitor.tools.replay import (
+    CheckpointRef,
+    CheckpointVanished,
+    ReplayRun,
+    checkpoint_step,
+    checkpoints_in,
+)
+
+log = logging.getLogger("redundancy_monitor")
+
+STATE_FILE = "watch_state.json"
+DEFAULT_SETTLE_SECONDS = 2.0
+DEFAULT_POLL_SECONDS = 1.0
+_TRAINER_FOLDER = re.compile(r"checkpoint-\d+")
+
+Batch = tuple[torch.Tensor, "torch.Tensor | None"]
+
+
+def default_log_dir(ckpt_dir: str | os.PathLike) -> Path:
+    """Where the in-process callbacks write for this layout: beside a Lightning
+    ``checkpoints`` folder (``<logger version folder>/redundancy``), else in a Trainer
+    output folder (``<output_dir>/runs/redundancy``)."""
+    ckpt_dir = Path(ckpt_dir)
+    if ckpt_dir.name in ("checkpoints", "checkpoint"):
+        return ckpt_dir.parent / "redundancy"
+    return ckpt_dir / "runs" / "redundancy"
+
+
+# ----- which checkpoints are there, and which are complete ------------------------------
+
+
+def _fingerprint(path: Path) -> tuple | None:
+    """Size and modification time of every file of a checkpoint (None once it is gone)."""
+    try:
+        if not path.is_dir():
+            st = path.stat()
+            return ((".", st.st_size, st.st_mtime_ns),)
+        entries = []
+        for root, _, files in os.walk(path):  # does not follow links
+            for name in files:
+                full = os.path.join(root, name)
+                st = os.lstat(full)
+                entries.append((os.path.relpath(full, path), st.st_size, st.st_mtime_ns))
+        return tuple(sorted(entries))
+    except FileNotFoundError:
+        return None
+
+
+def _parses(path: Path) -> bool:
+    try:
+        json.loads(path.read_text(encoding="utf-8"))
+        return True
+    except (OSError, ValueError):
+        return False
+
+
+def has_completion_marker(ref: CheckpointRef) -> bool:
+    """Whether the framework that wrote `ref` has marked it complete (see the module
+    docstring); True for formats that have no marker."""
+    folders = (ref.path, ref.path.parent) if ref.kind == "dcp" else (ref.path,)
+    return all(
+        _parses(f / "trainer_state.json")
+        for f in folders
+        if ref.kind != "lightning" and _TRAINER_FOLDER.fullmatch(f.name)
+    )
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A checkpoint found in the folder: `settled` once unchanged for the settle time,
+    `complete` once also marked complete."""
+
+    ref: CheckpointRef
+    settled: bool
+    complete: bool
+
+
+@dataclass
+class _Seen:
+    fingerprint: tuple | None
+    since: float
+
+
+class CheckpointFolder:
+    """The checkpoints under a run's checkpoint folder, and which are completely written.
+
+    Args:
+        root: the folder the run saves its checkpoints into (it may not exist yet).
+        settle_seconds: how long a checkpoint must stay unchanged to count as written.
+        clock: seconds, monotonic (tests pass their own).
+    """
+
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        settle_seconds: float = DEFAULT_SETTLE_SECONDS,
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        self.root, self.settle_seconds, self.clock = Path(root), settle_seconds, clock
+        self.last_change = clock()
+        self.no_step: list[Path] = []  # found, but with no step in name or trainer state
+        self._seen: dict[Path, _Seen] = {}
+
+    def scan(self) -> list[Candidate]:
+        """The checkpoints there now, by step (one per step: the first by path)."""
+        if not self.root.is_dir():
+            return []
+        now = self.clock()
+        refs: dict[int, CheckpointRef] = {}
+        for path, kind in checkpoints_in(self.root):
+            try:
+                step = checkpoint_step(path, kind, open_files=False)
+            except CheckpointError:
+                if path not in self.no_step:
+                    self.no_step.append(path)
+                continue
+            refs.setdefault(step, CheckpointRef(step, path, kind))
+        seen, found = {}, []
+        for step in sorted(refs):
+            ref = refs[step]
+            fingerprint = _fingerprint(ref.path)
+            entry = self._seen.get(ref.path)
+            if entry is None or entry.fingerprint != fingerprint:
+                entry = _Seen(fingerprint, now)
+                self.last_change = now
+            seen[ref.path] = entry
+            settled = fingerprint is not None and now - entry.since >= self.settle_seconds
+            found.append(Candidate(ref, settled, settled and has_completion_marker(ref)))
+        self._seen = seen
+        return found
+
+
+# ----- the sidecar ----------------------------------------------------------------------
+
+
+@dataclass
+class WatchOutcome:
+    """What one `watch` call did, and why it ended."""
+
+    log_dir: Path
+    probed: list[int] = field(default_factory=list)
+    failed: list[int] = field(default_factory=list)
+    already_done: list[int] = field(default_factory=list)
+    skipped: list[int] = field(default_factory=list)
+    n_alerts: int = 0
+    reason: str = ""
+
+
+class _Sidecar:
+    """One `watch` call's state: the folder, the run folder once the batch is known."""
+
+    def __init__(self, folder, load_model, probe_batch, run_kwargs, outcome, notice):
+        self.folder, self.load_model, self.probe_batch = folder, load_model, probe_batch
+        self.run_kwargs, self.outcome, self.notice = run_kwargs, outcome, notice
+        self.run: ReplayRun | None = None
+        self.last_probe = folder.clock()
+        self._told: set[tuple[str, Path]] = set()
+        self._n_alerts = 0
+
+    def tell_once(self, what: str, path: Path, message: str) -> None:
+        if (what, path) not in self._told:
+            self._told.add((what, path))
+            self.notice(message)
+
+    def open_run(self, complete: Sequence[CheckpointRef]) -> None:
+        ids, mask = self.probe_batch(complete) if callable(self.probe_batch) else self.probe_batch
+        self.run = ReplayRun(self.outcome.log_dir, ids, attention_mask=mask, **self.run_kwargs)
+        self._n_alerts = len(self.run.alerts)
+        if self.run.last_step is not None:
+            self.notice(
+                f"resuming {self.outcome.log_dir}: {len(self.run.probed_steps)} checkpoint(s) "
+                f"already probed, up to step {self.run.last_step}"
+            )
+
+    def advance(self, candidates: list[Candidate], until_step: int | None) -> None:
+        """Probe the complete checkpoints not probed yet, in step order; stop at the
+        first one still being written (a later one waits for it)."""
+        done = self.run.probed_steps
+        for k, c in enumerate(candidates):
+            ref = c.ref
+            if ref.step in done:
+                if ref.step not in self.outcome.already_done:
+                    self.outcome.already_done.append(ref.step)
+                continue
+            if self.run.last_step is not None and ref.step <= self.run.last_step:
+                self.tell_once(
+                    "order",
+                    ref.path,
+                    f"{ref.path.name} (step {ref.step}) appeared after step "
+                    f"{self.run.last_step} was probed; skipped (probes are kept in step order)",
+                )
+                continue
+            if not c.complete:
+                if c.settled and any(d.complete for d in candidates[k + 1 :]):
+                    self.tell_once(
+                        "torn",
+                        ref.path,
+                        f"{ref.path.name} (step {ref.step}) lacks its completion marker and "
+                        "stopped changing while a later checkpoint was completed: an "
+                        "interrupted save; skipped",
+                    )
+                    if ref.step not in self.outcome.skipped:
+                        self.outcome.skipped.append(ref.step)
+                    continue
+                self.tell_once(
+                    "wait", ref.path, f"waiting for {ref.path.name} to be completely written"
+                )
+                return
+            self._probe(ref)
+            if until_step is not None and ref.step >= until_step:
+                return
+
+    def _probe(self, ref: CheckpointRef) -> None:
+        try:
+            result = self.run.record(ref, self.load_model)
+        except CheckpointVanished as exc:
+            self.notice(f"{exc}; skipped (deleted by the run's checkpoint rotation?)")
+            self.outcome.skipped.append(ref.step)
+            return
+        self.last_probe = self.folder.clock()
+        if result.error is not None:
+            self.outcome.failed.append(ref.step)
+            self.notice(f"step {ref.step}: {ref.path.name} failed: {result.error.splitlines()[0]}")
+        else:
+            self.outcome.probed.append(ref.step)
+            gap = result.result.summary.scalars().get("gap_median")
+            gap_text = "n/a" if gap is None else f"{gap:.4g}"
+            self.notice(
+                f"step {ref.step}: probed {ref.path.name} in {result.probe_seconds:.1f} s "
+                f"(gap_median {gap_text})"
+            )
+        for alert in self.run.alerts[self._n_alerts :]:
+            self.notice(f"alert [{alert.rule}] {alert.message}")
+        self.outcome.n_alerts += len(self.run.alerts) - self._n_alerts
+        self._n_alerts = len(self.run.alerts)
+
+
+def watch(
+    ckpt_dir: str | os.PathLike,
+    load_model: Callable[[CheckpointRef], nn.Module],
+    probe_batch: Batch | Callable[[Sequence[CheckpointRef]], Batch],
+    *,
+    log_dir: str | os.PathLike | None = None,
+    pairs: str = "adjacent",
+    protocols: Sequence[str] = ("replacement", "interchange"),
+    thresholds: Thresholds | None = None,
+    alerts: AlertConfig | None = None,
+    batch_tokens: int = DEFAULT_BATCH_TOKENS,
+    settle_seconds: float = DEFAULT_SETTLE_SECONDS,
+    poll_seconds: float = DEFAULT_POLL_SECONDS,
+    exit_when_idle: float | None = None,
+    until_step: int | None = None,
+    notice: Callable[[str], None] = log.info,
+) -> WatchOutcome:
+    """Follow `ckpt_dir` and probe each checkpoint once it is completely written.
+
+    Args:
+        ckpt_dir: the folder the run saves checkpoints into (it may not exist yet).
+        load_model: builds the model of one checkpoint (a `ModelLoader` that does not
+            trust pickles).
+        probe_batch: ``(ids, mask)``, or a function that makes it from the complete
+            checkpoints found first (to take the tokenizer from one of them).
+        log_dir: the run folder to write (default `default_log_dir(ckpt_dir)`).
+        pairs, protocols, thresholds, batch_tokens: passed to `probe()`.
+        alerts: the alert rules, evaluated over the checkpoints as during training.
+        settle_seconds: how long a checkpoint must stay unchanged to count as written.
+        poll_seconds: pause between two looks at the folder.
+        exit_when_idle: return once nothing was probed and nothing in the folder
+            changed for this many seconds (None: never).
+        until_step: return once a checkpoint at or after this step is probed.
+        notice: receives one line of progress at a time.
+
+    Raises:
+        CheckpointError: `ckpt_dir` is a file, the folder holds a run with other
+            settings, or a checkpoint cannot be loaded for a reason every other one
+            shares (no model config, no tokenizer).
+        MonitorStateError: resuming with another probe batch.
+    """
+    root = Path(ckpt_dir)
+    if root.exists() and not root.is_dir():
+        raise CheckpointError(
+            f"{root} is a file; pass the folder the run saves its checkpoints into"
+        )
+    outcome = WatchOutcome(Path(log_dir) if log_dir is not None else default_log_dir(root))
+    run_kwargs = dict(
+        pairs=pairs,
+        protocols=protocols,
+        thresholds=thresholds,
+        alerts=alerts,
+        batch_tokens=batch_tokens,
+        state_file=STATE_FILE,
+    )
+    folder = CheckpointFolder(root, settle_seconds)
+    sidecar = _Sidecar(folder, load_model, probe_batch, run_kwargs, outcome, notice)
+    notice(f"following {root}, writing to {outcome.log_dir}")
+    if not root.exists():
+        notice(f"waiting for {root} to appear")
+    try:
+        if not callable(probe_batch):
+            sidecar.open_run([])
+        while True:
+            candidates = folder.scan()
+            for path in folder.no_step:
+                sidecar.tell_once(
+                    "step", path, f"{path.name}: no step in its name or trainer state; skipped"
+                )
+            complete = [c.ref for c in candidates if c.complete]
+            if sidecar.run is None and complete:
+                sidecar.open_run(complete)
+            if sidecar.run is not None:
+                sidecar.advance(candidates, until_step)
+                last = sidecar.run.last_step
+                if until_step is not None and last is not None and last >= until_step:
+                    outcome.reason = f"step {last} probed (--until-step {until_step})"
+                    break
+            idle = folder.clock() - max(folder.last_change, sidecar.last_probe)
+            if exit_when_idle is not None and idle >= exit_when_idle:
+                outcome.reason = f"idle for {idle:.0f} s (--exit-when-idle {exit_when_idle:g})"
+                break
+            time.sleep(poll_seconds)
+    finally:
+        if sidecar.run is not None:
+            sidecar.run.close()
+    return outcome
