@@ -13,6 +13,7 @@ from transformers.trainer_callback import ExportableState
 
 from redundancy_monitor.errors import InvalidConfigError
 from redundancy_monitor.monitoring.monitor import RedundancyMonitor
+from redundancy_monitor.monitoring.sidecar import SidecarAlerts, sidecar_from_kwargs
 from redundancy_monitor.monitoring.tensorboard import TensorBoardSink
 
 # The Trainer rebuilds stateful callbacks as ``type(cb)(**args)`` when
@@ -46,8 +47,13 @@ class RedundancyMonitorTrainerCallback(TrainerCallback, ExportableState):
             ``<output_dir>/runs/redundancy``).
         jsonl_path: the JSON Lines file (default ``<log_dir>/redundancy.jsonl``; False: none).
         per_pair, images: as for the TensorBoard sink.
+        sidecar: the log folder of a ``redundancy-monitor watch`` sidecar that probes
+            this run's checkpoints. Nothing is probed in this process: at scheduled
+            steps the sidecar's new alerts are read and `stop_on_alert` /
+            `checkpoint_on_alert` applied on every rank (see `SidecarAlerts`).
         **monitor_kwargs: schedule, pairs, executor, alerts, on_alert, stop_on_alert,
-            checkpoint_on_alert, ...: see `RedundancyMonitor`.
+            checkpoint_on_alert, ...: see `RedundancyMonitor` (with `sidecar`: only
+            the schedule, on_alert, stop_on_alert and checkpoint_on_alert).
 
     On resume the monitor state is read back from the checkpoint's ``trainer_state.json``
     (whether or not ``restore_callback_states_from_checkpoint`` is set).
@@ -70,6 +76,7 @@ class RedundancyMonitorTrainerCallback(TrainerCallback, ExportableState):
         per_pair: bool = False,
         images: bool = True,
         restore_token: str | None = None,
+        sidecar: str | os.PathLike | None = None,
         **monitor_kwargs: Any,
     ):
         if restore_token is not None:
@@ -77,7 +84,13 @@ class RedundancyMonitorTrainerCallback(TrainerCallback, ExportableState):
             return
         if "sinks" in monitor_kwargs or "jsonl_path" in monitor_kwargs:
             raise InvalidConfigError("pass jsonl_path to the callback; sinks are set up by it")
-        self.monitor = RedundancyMonitor(probe_batch, **monitor_kwargs)
+        self.sidecar: SidecarAlerts | None = None
+        self.monitor: RedundancyMonitor | None = None
+        if sidecar is not None:
+            unused = {"probe_batch": probe_batch, "log_dir": log_dir, "jsonl_path": jsonl_path}
+            self.sidecar = sidecar_from_kwargs(sidecar, unused, monitor_kwargs)
+        else:
+            self.monitor = RedundancyMonitor(probe_batch, **monitor_kwargs)
         self.log_dir, self.jsonl_path = log_dir, jsonl_path
         self.per_pair, self.images = per_pair, images
         self._attached = self._restored = False
@@ -100,16 +113,17 @@ class RedundancyMonitorTrainerCallback(TrainerCallback, ExportableState):
     def state(self) -> dict:
         return {
             "args": {"restore_token": self._token},
-            "attributes": {"monitor_state": self.monitor.state_dict()},
+            "attributes": {"monitor_state": self.monitor_state},
         }
 
     @property
     def monitor_state(self) -> dict:
-        return self.monitor.state_dict()
+        return {} if self.monitor is None else self.monitor.state_dict()
 
     @monitor_state.setter
     def monitor_state(self, value: dict) -> None:
-        self.monitor.load_state_dict(value)
+        if self.monitor is not None:  # a sidecar keeps its own state
+            self.monitor.load_state_dict(value)
         self._restored = True
 
     def _restore(self, state) -> None:
@@ -151,12 +165,18 @@ class RedundancyMonitorTrainerCallback(TrainerCallback, ExportableState):
     def _probes_here(self, args, state) -> bool:
         # With several processes every one probes its share of the pairs (unless
         # distributed probing is off, in which case the main process probes alone).
+        if self.monitor is None:
+            return False  # a sidecar probes
         return state.is_world_process_zero or (
             args.world_size > 1 and self.monitor.distributed is not False
         )
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         refuse_deepspeed_zero3(args)
+        if self.sidecar is not None:
+            self.sidecar.start()
+            self._read_sidecar(state, control)
+            return
         if not self._probes_here(args, state):
             return
         self._restore(state)
@@ -173,7 +193,9 @@ class RedundancyMonitorTrainerCallback(TrainerCallback, ExportableState):
             self.monitor.before_weights_change()
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
-        if self._probes_here(args, state):
+        if self.sidecar is not None:
+            self._read_sidecar(state, control)
+        elif self._probes_here(args, state):
             self.monitor.step(state.global_step, model)
             self._apply_requests(control)
 
@@ -181,6 +203,15 @@ class RedundancyMonitorTrainerCallback(TrainerCallback, ExportableState):
         if self._probes_here(args, state):
             self.monitor.train_end(state.global_step, model)
             self.monitor.close()
+
+    def _read_sidecar(self, state, control) -> None:
+        # Every process reads at the same scheduled steps and gets rank 0's decision.
+        if self.sidecar.step(state.global_step):
+            if self.sidecar.stop_requested:
+                control.should_training_stop = True
+            if self.sidecar.checkpoint_requested:
+                self.sidecar.checkpoint_requested = False
+                control.should_save = True
 
     def _apply_requests(self, control) -> None:
         # With several processes every rank reaches the same decisions from the same

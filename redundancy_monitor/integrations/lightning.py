@@ -12,6 +12,7 @@ from torch import nn
 
 from redundancy_monitor.errors import InvalidConfigError
 from redundancy_monitor.monitoring.monitor import RedundancyMonitor
+from redundancy_monitor.monitoring.sidecar import SidecarAlerts, sidecar_from_kwargs
 from redundancy_monitor.monitoring.sinks import MetricsSink
 from redundancy_monitor.monitoring.tensorboard import TensorBoardSink
 
@@ -85,11 +86,17 @@ class RedundancyMonitorCallback(Callback):
             False for none).
         per_pair: also log every pair's d_repl, d_int, gap and ir as scalars.
         images: log heatmaps of d_repl, d_int and gap.
+        sidecar: the log folder of a ``redundancy-monitor watch`` sidecar that probes
+            this run's checkpoints. Nothing is probed in this process: at scheduled
+            steps the sidecar's new alerts are read and `stop_on_alert` /
+            `checkpoint_on_alert` applied on every rank (see `SidecarAlerts`).
         **monitor_kwargs: schedule, pairs, executor, alerts, on_alert, stop_on_alert,
-            checkpoint_on_alert, ...: see `RedundancyMonitor`.
+            checkpoint_on_alert, ...: see `RedundancyMonitor` (with `sidecar`: only
+            the schedule, on_alert, stop_on_alert and checkpoint_on_alert).
 
     Raises:
-        InvalidConfigError, InvalidBatchError: as `RedundancyMonitor`.
+        InvalidConfigError, InvalidBatchError: as `RedundancyMonitor`; probing
+            arguments given with `sidecar`.
 
     Example:
         >>> cb = RedundancyMonitorCallback(probe_ids, every_n_steps=200)
@@ -106,11 +113,18 @@ class RedundancyMonitorCallback(Callback):
         jsonl_path: str | os.PathLike | bool | None = None,
         per_pair: bool = False,
         images: bool = True,
+        sidecar: str | os.PathLike | None = None,
         **monitor_kwargs: Any,
     ):
         if "sinks" in monitor_kwargs or "jsonl_path" in monitor_kwargs:
             raise InvalidConfigError("pass jsonl_path to the callback; sinks are set up by it")
-        self.monitor = RedundancyMonitor(probe_batch, **monitor_kwargs)
+        self.sidecar: SidecarAlerts | None = None
+        self.monitor: RedundancyMonitor | None = None
+        if sidecar is not None:
+            unused = {"probe_batch": probe_batch, "log_dir": log_dir, "jsonl_path": jsonl_path}
+            self.sidecar = sidecar_from_kwargs(sidecar, unused, monitor_kwargs)
+        else:
+            self.monitor = RedundancyMonitor(probe_batch, **monitor_kwargs)
         self.model_path, self.log_dir, self.jsonl_path = model, log_dir, jsonl_path
         self.per_pair, self.images = per_pair, images
         self._attached = False
@@ -167,11 +181,17 @@ class RedundancyMonitorCallback(Callback):
     def _probes_here(self, trainer) -> bool:
         # With several ranks every rank probes its share of the pairs (unless the user
         # turned distributed probing off, in which case rank 0 probes alone).
+        if self.monitor is None:
+            return False  # a sidecar probes
         return trainer.is_global_zero or (
             trainer.world_size > 1 and self.monitor.distributed is not False
         )
 
     def on_train_start(self, trainer, pl_module) -> None:
+        if self.sidecar is not None:
+            self.sidecar.start()
+            self._read_sidecar(trainer)
+            return
         if self._probes_here(trainer):
             self._lm = find_language_model(pl_module, self.model_path)
             self._fallback_batch(trainer)
@@ -187,6 +207,9 @@ class RedundancyMonitorCallback(Callback):
             self.monitor.before_weights_change()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self.sidecar is not None:
+            self._read_sidecar(trainer)
+            return
         if self._probes_here(trainer):
             self.monitor.step(trainer.global_step, self._lm)
         self._apply_requests(trainer)
@@ -199,22 +222,37 @@ class RedundancyMonitorCallback(Callback):
     def on_exception(self, trainer, pl_module, exception) -> None:
         # Also reached on KeyboardInterrupt. Bounded: a running probe gets close_timeout
         # seconds, is then cancelled, and abandoned if it still runs a second later.
-        self.monitor.close()
+        if self.monitor is not None:
+            self.monitor.close()
 
     def teardown(self, trainer, pl_module, stage: str) -> None:
-        self.monitor.close()
+        if self.monitor is not None:
+            self.monitor.close()
+
+    def _read_sidecar(self, trainer) -> None:
+        # Every rank reads at the same scheduled steps and gets rank 0's decision.
+        if self.sidecar.step(trainer.global_step):
+            save = self.sidecar.checkpoint_requested
+            self.sidecar.checkpoint_requested = False
+            self._act(trainer, self.sidecar.stop_requested, save)
 
     def _apply_requests(self, trainer) -> None:
+        if self.monitor is None:
+            return
         stop, save = self.monitor.stop_requested, self.monitor.checkpoint_requested
         if trainer.world_size > 1:  # every rank must agree (they do when all ranks probe)
             if self.monitor.stop_rules:
                 stop = trainer.strategy.reduce_boolean_decision(stop, all=False)
             if self.monitor.checkpoint_rules:
                 save = trainer.strategy.reduce_boolean_decision(save, all=False)
+        if save:
+            self.monitor.checkpoint_requested = False
+        self._act(trainer, stop, save)
+
+    def _act(self, trainer, stop: bool, save: bool) -> None:
         if stop:
             trainer.should_stop = True
         if save:
-            self.monitor.checkpoint_requested = False
             folder = getattr(self, "tensorboard_dir", None) or trainer.default_root_dir
             trainer.save_checkpoint(
                 os.path.join(folder, f"redundancy-alert-step{trainer.global_step}.ckpt")
@@ -223,7 +261,8 @@ class RedundancyMonitorCallback(Callback):
     # ----- resume ------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
-        return self.monitor.state_dict()
+        return {} if self.monitor is None else self.monitor.state_dict()
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.monitor.load_state_dict(state_dict)
+        if self.monitor is not None:  # a sidecar keeps its own state
+            self.monitor.load_state_dict(state_dict)

@@ -364,19 +364,22 @@ def cmd_watch(args: argparse.Namespace) -> int:
     def stop(signum, frame):
         raise KeyboardInterrupt  # closes the run folder on the way out
 
-    signal.signal(signal.SIGTERM, stop)
-    done = watch(
-        args.ckpt_dir,
-        loader,
-        batch,
-        log_dir=args.log_dir,
-        pairs=args.pairs,
-        alerts=args.alerts,
-        settle_seconds=args.settle,
-        exit_when_idle=args.exit_when_idle,
-        until_step=args.until_step,
-        notice=lambda m: print(f"watch: {m}", file=sys.stderr, flush=True),
-    )
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        done = watch(
+            args.ckpt_dir,
+            loader,
+            batch,
+            log_dir=args.log_dir,
+            pairs=args.pairs,
+            alerts=args.alerts,
+            settle_seconds=args.settle,
+            exit_when_idle=args.exit_when_idle,
+            until_step=args.until_step,
+            notice=lambda m: print(f"watch: {m}", file=sys.stderr, flush=True),
+        )
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     print(
         f"watched {args.ckpt_dir}: probed {len(done.probed)} checkpoint(s) into {done.log_dir} "
         f"({len(done.already_done)} already done, {len(done.failed)} failed, "

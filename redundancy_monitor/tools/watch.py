@@ -202,6 +202,7 @@ class _Sidecar:
         ids, mask = self.probe_batch(complete) if callable(self.probe_batch) else self.probe_batch
         self.run = ReplayRun(self.outcome.log_dir, ids, attention_mask=mask, **self.run_kwargs)
         self._n_alerts = len(self.run.alerts)
+        self._earlier = self.run.probed_steps  # by an earlier session
         if self.run.last_step is not None:
             self.notice(
                 f"resuming {self.outcome.log_dir}: {len(self.run.probed_steps)} checkpoint(s) "
@@ -215,7 +216,7 @@ class _Sidecar:
         for k, c in enumerate(candidates):
             ref = c.ref
             if ref.step in done:
-                if ref.step not in self.outcome.already_done:
+                if ref.step in self._earlier and ref.step not in self.outcome.already_done:
                     self.outcome.already_done.append(ref.step)
                 continue
             if self.run.last_step is not None and ref.step <= self.run.last_step:
