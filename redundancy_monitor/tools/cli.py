@@ -298,7 +298,8 @@ def add_watch_parser(sub) -> None:
         "--exit-when-idle",
         type=_seconds,
         metavar="S",
-        help="exit once nothing new appeared for S seconds (default: run until stopped)",
+        help="exit once no checkpoint appeared or changed for S seconds, counted from the "
+        "first one (default: run until stopped)",
     )
     p.add_argument(
         "--until-step", type=int, metavar="N", help="exit once a checkpoint at step >= N is probed"

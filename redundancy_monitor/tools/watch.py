@@ -133,7 +133,7 @@ class CheckpointFolder:
         clock: Callable[[], float] = time.monotonic,
     ):
         self.root, self.settle_seconds, self.clock = Path(root), settle_seconds, clock
-        self.last_change = clock()
+        self.last_change: float | None = None  # when a checkpoint last appeared or changed
         self.no_step: list[Path] = []  # found, but with no step in name or trainer state
         self._seen: dict[Path, _Seen] = {}
 
@@ -266,8 +266,6 @@ class _Sidecar:
                 f"step {ref.step}: probed {ref.path.name} in {result.probe_seconds:.1f} s "
                 f"(gap_median {gap_text})"
             )
-        for alert in self.run.alerts[self._n_alerts :]:
-            self.notice(f"alert [{alert.rule}] {alert.message}")
         self.outcome.n_alerts += len(self.run.alerts) - self._n_alerts
         self._n_alerts = len(self.run.alerts)
 
@@ -302,8 +300,9 @@ def watch(
         alerts: the alert rules, evaluated over the checkpoints as during training.
         settle_seconds: how long a checkpoint must stay unchanged to count as written.
         poll_seconds: pause between two looks at the folder.
-        exit_when_idle: return once nothing was probed and nothing in the folder
-            changed for this many seconds (None: never).
+        exit_when_idle: return once, after the first checkpoint appeared, nothing was
+            probed and nothing in the folder changed for this many seconds (None:
+            never). Waiting for the first checkpoint has no time limit.
         until_step: return once a checkpoint at or after this step is probed.
         notice: receives one line of progress at a time.
 
@@ -350,8 +349,9 @@ def watch(
                 if until_step is not None and last is not None and last >= until_step:
                     outcome.reason = f"step {last} probed (--until-step {until_step})"
                     break
-            idle = folder.clock() - max(folder.last_change, sidecar.last_probe)
-            if exit_when_idle is not None and idle >= exit_when_idle:
+            seen = folder.last_change
+            idle = 0.0 if seen is None else folder.clock() - max(seen, sidecar.last_probe)
+            if exit_when_idle is not None and seen is not None and idle >= exit_when_idle:
                 outcome.reason = f"idle for {idle:.0f} s (--exit-when-idle {exit_when_idle:g})"
                 break
             time.sleep(poll_seconds)
