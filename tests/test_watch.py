@@ -399,3 +399,33 @@ def test_command_line_watch_of_a_trainer_folder_reports_progress(hf_run, tmp_pat
     progress = [line.split(":")[1] for line in out.err.splitlines() if "probed checkpoint-" in line]
     assert progress == [" step 4", " step 8", " step 12"]
     assert [r["step"] for r in probes(tmp_path / "w")] == [4, 8, 12]
+
+
+def test_a_sidecar_killed_with_sigkill_and_restarted_probes_nothing_again(hf_run, tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    root, text = hf_run
+    log_dir = tmp_path / "w"
+    cmd = [
+        sys.executable, "-m", "redundancy_monitor", "watch", str(root), "--text", str(text),
+        "--n-seq", str(N_SEQ), "--seq-len", str(SEQ_LEN), "--log-dir", str(log_dir),
+        "--settle", "0.2",
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    first = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    state = log_dir / "watch_state.json"
+    while not (state.is_file() and json.loads(state.read_text())["monitor"]["last_step"] == 12):
+        assert first.poll() is None, first.stderr.read()
+        assert time.monotonic() < deadline, "the sidecar did not probe 3 checkpoints in 120 s"
+        time.sleep(0.1)
+    first.send_signal(signal.SIGKILL)  # no chance to close anything
+    first.wait(timeout=30)
+    again = subprocess.run(
+        [*cmd, "--exit-when-idle", "0.5"], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert again.returncode == 0, again.stderr
+    assert "probed 0 checkpoint(s)" in again.stdout and "3 already done" in again.stdout
+    assert raw_probe_steps(log_dir) == [4, 8, 12]
