@@ -202,6 +202,21 @@ def test_an_interrupted_save_that_a_later_checkpoint_overtakes_is_skipped(
     assert [r["step"] for r in probes(tmp_path / "w")] == [8]
 
 
+def test_a_checkpoint_older_than_the_last_probed_one_is_skipped(hf_run, probe_ids, tmp_path):
+    root, _ = hf_run
+    ckpts = tmp_path / "ckpts"
+    copy_checkpoint(root / "checkpoint-8", ckpts / "checkpoint-8")
+    args = dict(log_dir=tmp_path / "w", exit_when_idle=0.5, **FAST)
+    assert watch(ckpts, safe_loader(), (probe_ids, None), **args).probed == [8]
+    late = ckpts / "checkpoint-4"  # e.g. a run restarted from an earlier checkpoint
+    copy_checkpoint(root / "checkpoint-4", late)
+    told = []
+    done = watch(ckpts, safe_loader(), (probe_ids, None), notice=told.append, **args)
+    assert done.probed == [] and done.already_done == [8]
+    assert any("checkpoint-4 (step 4) appeared after step 8" in line for line in told), told
+    assert raw_probe_steps(tmp_path / "w") == [8]
+
+
 def test_a_checkpoint_rotated_away_while_read_is_skipped_not_a_failure(hf_run, probe_ids, tmp_path):
     root, _ = hf_run
     ckpts = tmp_path / "ckpts"
