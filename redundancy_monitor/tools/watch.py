@@ -192,6 +192,7 @@ class _Sidecar:
         self.last_probe = folder.clock()
         self._told: set[tuple[str, Path]] = set()
         self._n_alerts = 0
+        self._earlier: set[int] = set()  # steps an earlier session probed
 
     def tell_once(self, what: str, path: Path, message: str) -> None:
         if (what, path) not in self._told:
@@ -202,7 +203,7 @@ class _Sidecar:
         ids, mask = self.probe_batch(complete) if callable(self.probe_batch) else self.probe_batch
         self.run = ReplayRun(self.outcome.log_dir, ids, attention_mask=mask, **self.run_kwargs)
         self._n_alerts = len(self.run.alerts)
-        self._earlier = self.run.probed_steps  # by an earlier session
+        self._earlier = self.run.probed_steps
         if self.run.last_step is not None:
             self.notice(
                 f"resuming {self.outcome.log_dir}: {len(self.run.probed_steps)} checkpoint(s) "
