@@ -637,6 +637,7 @@ class RedundancyMonitor:
         self.history = [dict(h) for h in state.get("history", [])]
         self.alerts = [Alert(**a) for a in state.get("alerts", [])]
         self.alert_engine.load_state_dict(state.get("alert_engine", {}))
+        self._start_marked = False  # a restored state is a new attempt: mark where it starts
 
     def _check_pairs(self, saved, n_layers: int | None) -> None:
         """Refuse another pair set; specs naming the same pairs ("adjacent", "window:1",
