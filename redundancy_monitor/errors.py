@@ -41,3 +41,11 @@ class InvalidBudgetError(RedundancyMonitorError, ValueError):
 
 class CheckpointError(RedundancyMonitorError, ValueError):
     """A checkpoint, tokenizer or text given to the command line cannot be used."""
+
+
+class UnsafePathError(RedundancyMonitorError, ValueError):
+    """A file the library would write is a symbolic link (writing would follow it)."""
+
+
+class MonitorUsageError(RedundancyMonitorError, RuntimeError):
+    """A monitor method was called out of order: a step behind the last one, or after close()."""

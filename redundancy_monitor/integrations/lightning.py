@@ -82,8 +82,10 @@ class RedundancyMonitorCallback(Callback):
             it is not found alone.
         log_dir: folder for our own TensorBoard writer when the trainer has no
             `TensorBoardLogger` (default ``<default_root_dir>/redundancy``).
-        jsonl_path: the JSON Lines record file (default ``<log dir>/redundancy.jsonl``;
-            False for none).
+        jsonl_path: the JSON Lines record file (default ``<log dir>/redundancy.jsonl`` of
+            the run's first attempt: a run resumed from a checkpoint goes on writing the
+            file its checkpoint names, though the logger starts a new ``version_N``
+            folder, so one run keeps one record file; False for none).
         per_pair: also log every pair's d_repl, d_int, gap and ir as scalars.
         images: log heatmaps of d_repl, d_int and gap.
         sidecar: the log folder of a ``redundancy-monitor watch`` sidecar that probes
@@ -129,6 +131,8 @@ class RedundancyMonitorCallback(Callback):
         self.per_pair, self.images = per_pair, images
         self._attached = False
         self._lm: nn.Module | None = None
+        self._root: str | None = None  # the trainer's default_root_dir
+        self._saved_jsonl: str | None = None  # the record file a restored checkpoint names
 
     # ----- setup -------------------------------------------------------------------------
 
@@ -158,7 +162,9 @@ class RedundancyMonitorCallback(Callback):
         if self.jsonl_path is not False:
             from redundancy_monitor.monitoring.jsonl import JsonlSink
 
-            path = self.jsonl_path or os.path.join(log_dir, "redundancy.jsonl")
+            self._root = str(trainer.default_root_dir)
+            saved = self._saved_jsonl and os.path.join(self._root, self._saved_jsonl)
+            path = self.jsonl_path or saved or os.path.join(log_dir, "redundancy.jsonl")
             self.monitor.sinks.append(JsonlSink(path))
             self.jsonl_file = str(path)
 
@@ -177,6 +183,11 @@ class RedundancyMonitorCallback(Callback):
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         refuse_unsupported_strategy(trainer.strategy)
+        if stage == "fit" and self.monitor is not None and self.monitor.closed:
+            raise InvalidConfigError(
+                "this RedundancyMonitorCallback watched a fit already and is closed; pass a "
+                "new callback to each Trainer.fit (resuming from a checkpoint restores its state)"
+            )
 
     def _probes_here(self, trainer) -> bool:
         # With several ranks every rank probes its share of the pairs (unless the user
@@ -226,7 +237,8 @@ class RedundancyMonitorCallback(Callback):
             self.monitor.close()
 
     def teardown(self, trainer, pl_module, stage: str) -> None:
-        if self.monitor is not None:
+        if self.monitor is not None and stage == "fit":
+            # a validate or test run before fit leaves the monitor open
             self.monitor.close()
 
     def _read_sidecar(self, trainer) -> None:
@@ -261,8 +273,20 @@ class RedundancyMonitorCallback(Callback):
     # ----- resume ------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
-        return {} if self.monitor is None else self.monitor.state_dict()
+        if self.monitor is None:  # a sidecar keeps its own state
+            return {}
+        state = self.monitor.state_dict()
+        path = getattr(self, "jsonl_file", None)
+        if path is not None:  # relative to the root, so a moved run folder still resumes
+            inside = self._root is not None and not os.path.relpath(path, self._root).startswith(
+                ".."
+            )
+            state["jsonl_file"] = os.path.relpath(path, self._root) if inside else path
+        return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if self.monitor is not None:  # a sidecar keeps its own state
-            self.monitor.load_state_dict(state_dict)
+        if self.monitor is None:  # a sidecar keeps its own state
+            return
+        state = dict(state_dict)
+        self._saved_jsonl = state.pop("jsonl_file", None)
+        self.monitor.load_state_dict(state)

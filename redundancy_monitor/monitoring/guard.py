@@ -1,5 +1,6 @@
 """Keeping one trajectory one trajectory: a probe is comparable with the earlier ones only
-if it measured the same probe batch, the same model depth and the same pairs.
+if it measured the same probe batch, the same model depth, the same pairs (as expanded
+for that depth, however the set was spelled) and the same protocols.
 
 A resumed run, a model that grew or shrank, or a changed pair set would otherwise mix two
 trajectories in one series without a trace. `TrajectoryGuard` remembers what the first
@@ -10,10 +11,12 @@ trajectory from it with a marker record (policy ``"new_baseline"``).
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
-from redundancy_monitor.errors import InvalidConfigError
+from redundancy_monitor.errors import InvalidConfigError, InvalidPairsError
 from redundancy_monitor.probing.result import ProbeResult
+from redundancy_monitor.probing.variants import parse_pairs
 
 MISMATCH_POLICIES = ("refuse", "new_baseline")
 
@@ -28,14 +31,45 @@ def check_policy(policy: str) -> str:
     return policy
 
 
+def protocols_identity(protocols: Iterable[str]) -> list[str]:
+    """Protocols as a trajectory's identity holds them: the set, in a fixed order."""
+    return sorted(set(protocols))
+
+
 def trajectory_identity(result: ProbeResult) -> dict[str, Any]:
-    """What makes two probes comparable: batch hash, number of blocks, the requested pairs."""
+    """What makes two probes comparable: batch hash, number of blocks, the requested pairs
+    (expanded), the protocols."""
     pairs = [[r.i, r.j] for r in result.pairs] + [[s.i, s.j] for s in result.skipped]
-    return {
+    identity = {
         "batch_sha256": result.meta.get("batch_sha256"),
         "n_layers": result.n_layers,
         "pairs": sorted(pairs),
     }
+    if result.meta.get("protocols") is not None:
+        identity["protocols"] = protocols_identity(result.meta["protocols"])
+    return identity
+
+
+def same_pair_set(a, b, n_layers: int | None) -> bool:
+    """Whether two pair specs (names or ``[i, j]`` lists; None: unknown, matches anything)
+    name the same pairs of a model with `n_layers` blocks (None: not known yet, so only
+    the spellings of one named set match, e.g. ``"adjacent"`` and ``"window:1"``)."""
+    if a is None or b is None or a == b:
+        return True
+    if n_layers is None:
+        name = _canonical_name(a)
+        return name is not None and name == _canonical_name(b)
+    try:
+        return parse_pairs(a, n_layers) == parse_pairs(b, n_layers)
+    except InvalidPairsError:
+        return False
+
+
+def _canonical_name(spec) -> str | None:
+    if not isinstance(spec, str):
+        return None
+    name = spec.strip().lower()
+    return "adjacent" if name == "window:1" else name
 
 
 def describe_change(old: dict[str, Any], new: dict[str, Any]) -> str | None:
@@ -48,6 +82,8 @@ def describe_change(old: dict[str, Any], new: dict[str, Any]) -> str | None:
         changes.append(f"another probe batch (sha256 {sha_new[:12]}..., was {sha_old[:12]}...)")
     if old.get("pairs") is not None and old["pairs"] != new.get("pairs"):
         changes.append(f"another pair set ({len(new['pairs'])} pairs, was {len(old['pairs'])})")
+    if old.get("protocols") is not None and old["protocols"] != new.get("protocols"):
+        changes.append(f"other protocols ({new.get('protocols')}, was {old['protocols']})")
     return "; ".join(changes) or None
 
 

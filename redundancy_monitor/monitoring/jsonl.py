@@ -2,8 +2,14 @@
 
 Every line is appended and fsynced before the call returns, so a crash loses at most
 the line being written; `read_records` skips such a partial last line (with a warning)
-and the next writer cuts it before appending. A write that fails (disk full, folder
-removed) is retried with the next record, so a passing fault loses nothing.
+and the next writer cuts it before appending (a complete last record that only lacks its
+newline is kept). A write that fails (disk full, folder removed) is retried with the next
+record, so a passing fault loses nothing. The file is never written through a symbolic
+link.
+
+Each start of a monitor writes a ``start`` marker: the records that follow supersede the
+earlier attempts' records from its step on, so a run restarted (from a checkpoint, or from
+scratch after dying before its first one) reads back as one trajectory.
 """
 
 from __future__ import annotations
@@ -16,13 +22,13 @@ from collections import deque
 from pathlib import Path
 from typing import Any
 
-from redundancy_monitor.errors import RedundancyMonitorError
+from redundancy_monitor.errors import RedundancyMonitorError, UnsafePathError
 from redundancy_monitor.monitoring.alerts import Alert
 from redundancy_monitor.monitoring.sinks import ProbeRecord, Sink
 
 
 class RecordFileError(RedundancyMonitorError, ValueError):
-    """A record file has a malformed line that is not the last one."""
+    """A record file has a line that is not a record, before its last record."""
 
 
 class RecordFileLost(RedundancyMonitorError, OSError):
@@ -41,6 +47,7 @@ class JsonlSink(Sink):
 
     def __init__(self, path: str | os.PathLike, max_pending: int = 10_000):
         self.path = Path(path)
+        _refuse_symlink(self.path)
         self.max_pending = max_pending
         self._fd: int | None = None
         self._pending: deque[bytes] = deque()
@@ -53,8 +60,10 @@ class JsonlSink(Sink):
 
     def _open(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        _drop_partial_last_line(self.path)
-        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        _refuse_symlink(self.path)
+        _repair_last_line(self.path)
+        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | _NOFOLLOW  # no race with a new link
+        self._fd = os.open(self.path, flags, 0o644)
 
     def _file_is_gone(self) -> bool:
         """True when the open file is no longer the one at `path` (removed or replaced)."""
@@ -140,16 +149,55 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[os.write(fd, view) :]
 
 
-def _drop_partial_last_line(path: Path) -> None:
-    """Cut a line a crash left unfinished, so the next record starts on a line of its own."""
-    if not path.exists() or path.stat().st_size == 0:
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+
+
+def _refuse_symlink(path: Path) -> None:
+    if path.is_symlink():
+        raise UnsafePathError(
+            f"the record file {path} is a symbolic link (to {os.readlink(path)}); records are "
+            "never written through a link. Pass the real file's path as jsonl_path, or remove "
+            "the link"
+        )
+
+
+def _repair_last_line(path: Path) -> None:
+    """Make the file end with a newline before appending: an unfinished line a crash left
+    behind is cut; a complete record that only lacks its newline is kept and finished."""
+    try:
+        fd = os.open(path, os.O_RDWR | _NOFOLLOW)
+    except FileNotFoundError:
         return
-    with open(path, "rb+") as f:
+    with os.fdopen(fd, "rb+") as f:
         data = f.read()
-        if data.endswith(b"\n"):
+        if not data or data.endswith(b"\n"):
             return
-        f.truncate(data.rfind(b"\n") + 1)
+        start = data.rfind(b"\n") + 1
+        if _parse_line(data[start:])[0] is not None:
+            f.write(b"\n")
+            f.flush()
+            os.fsync(f.fileno())
+            return
+        f.truncate(start)
     warnings.warn(f"{path}: removed a partial last line left by an interrupted run", stacklevel=3)
+
+
+def _parse_line(raw: bytes) -> tuple[dict[str, Any] | None, str]:
+    """The record on one line, or None and why the line is not one."""
+    try:
+        record = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        return None, "is not UTF-8 text"
+    except (json.JSONDecodeError, RecursionError):
+        return None, "is not valid JSON"
+    if not isinstance(record, dict):
+        return None, f"holds a JSON {type(record).__name__}, not a record object"
+    step = record.get("step")
+    if "step" in record and (not isinstance(step, int) or isinstance(step, bool)):
+        return None, f"has a step that is not an integer ({step!r})"
+    if not isinstance(record.get("type", ""), str):
+        return None, "has a record type that is not a string"
+    return record, ""
 
 
 def read_records(path: str | os.PathLike, resolve_resumes: bool = True) -> list[dict[str, Any]]:
@@ -157,35 +205,57 @@ def read_records(path: str | os.PathLike, resolve_resumes: bool = True) -> list[
 
     Args:
         path: the ``.jsonl`` file.
-        resolve_resumes: at each ``resume`` marker (written when a run restarts from a
-            checkpoint at step s), drop the earlier records with a step after s: they came
-            from the part of the interrupted run that the checkpoint does not contain.
-            The markers themselves are dropped too.
+        resolve_resumes: keep one trajectory per file. At each ``start`` marker (written
+            when a monitor starts; its step is the first step that attempt covers) drop
+            the earlier records from that step on: the new attempt redoes them. At each
+            ``resume`` marker of older files (a restart from a checkpoint at step s) drop
+            the earlier records after step s. The markers themselves are dropped too.
 
     Raises:
-        RecordFileError: a line other than the last is not valid JSON.
+        RecordFileError: a line that is not a JSON record object (not UTF-8, not JSON,
+            not an object, a step that is not an integer) before the last record. Such
+            lines after the last record (a damaged tail, e.g. a line cut by a crash) are
+            skipped with a warning.
     """
-    lines = Path(path).read_text(encoding="utf-8").split("\n")
-    if lines and lines[-1] == "":
+    return [record for _, record in read_numbered_records(path, resolve_resumes)]
+
+
+def read_numbered_records(
+    path: str | os.PathLike, resolve_resumes: bool = True
+) -> list[tuple[int, dict[str, Any]]]:
+    """`read_records` with each record's line number (1-based), for error messages."""
+    lines = Path(path).read_bytes().split(b"\n")
+    if lines and lines[-1] == b"":
         lines.pop()
-    records: list[dict[str, Any]] = []
-    for n, line in enumerate(lines, start=1):
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            if n == len(lines):
-                warnings.warn(
-                    f"{path}: skipping a partial last line (line {n}); the run was probably "
-                    "interrupted while writing it",
-                    stacklevel=2,
-                )
-                break
+    parsed = [(n, *_parse_line(raw)) for n, raw in enumerate(lines, start=1)]
+    last_good = max((n for n, record, _ in parsed if record is not None), default=0)
+    bad = [(n, why) for n, record, why in parsed if record is None]
+    for n, why in bad:
+        if n < last_good:
             raise RecordFileError(
-                f"{path}: line {n} is not valid JSON; the file was edited or corrupted. "
-                "Delete that line to read the rest."
-            ) from None
-        if resolve_resumes and record.get("type") == "resume":
-            records = [r for r in records if r.get("step", -1) <= record["step"]]
+                f"{path}: line {n} {why}; the file was edited or corrupted. Delete that line "
+                "to read the rest."
+            )
+    if len(bad) == 1 and bad[0][0] == len(lines):
+        warnings.warn(
+            f"{path}: skipping a partial last line (line {len(lines)}); the run was probably "
+            "interrupted while writing it",
+            stacklevel=3,
+        )
+    elif bad:
+        warnings.warn(
+            f"{path}: skipping {len(bad)} damaged line(s) after the last record (lines "
+            f"{bad[0][0]}-{bad[-1][0]}; line {bad[0][0]} {bad[0][1]})",
+            stacklevel=3,
+        )
+    records: list[tuple[int, dict[str, Any]]] = []
+    for n, record, _ in parsed:
+        if record is None:
             continue
-        records.append(record)
+        kind = record.get("type")
+        if resolve_resumes and kind in ("start", "resume") and "step" in record:
+            first_redone = record["step"] + (1 if kind == "resume" else 0)
+            records = [(m, r) for m, r in records if r.get("step", -1) < first_redone]
+            continue
+        records.append((n, record))
     return records

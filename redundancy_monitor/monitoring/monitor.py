@@ -19,19 +19,24 @@ import torch
 from torch import nn
 
 from redundancy_monitor import __version__
-from redundancy_monitor.errors import InvalidConfigError, MonitorStateError
+from redundancy_monitor.errors import InvalidConfigError, MonitorStateError, MonitorUsageError
 from redundancy_monitor.monitoring.alerts import RULES, Alert, AlertConfig, AlertEngine
 from redundancy_monitor.monitoring.executor import ProbeOutcome, make_executor
-from redundancy_monitor.monitoring.guard import TrajectoryGuard, check_policy
+from redundancy_monitor.monitoring.guard import (
+    TrajectoryGuard,
+    check_policy,
+    protocols_identity,
+    same_pair_set,
+)
 from redundancy_monitor.monitoring.schedule import DEFAULT_EVERY_N_STEPS, ProbeSchedule
 from redundancy_monitor.monitoring.sinks import ProbeRecord, Sink, SinkHealth
 from redundancy_monitor.monitoring.snapshot import ShadowModel
 from redundancy_monitor.probing.batch import batch_sha256, make_batch
-from redundancy_monitor.probing.engine import DEFAULT_BATCH_TOKENS
+from redundancy_monitor.probing.engine import DEFAULT_BATCH_TOKENS, EngineOptions
 from redundancy_monitor.probing.inputs import from_dataloader, from_texts, ids_and_mask
 from redundancy_monitor.probing.probe import probe
 from redundancy_monitor.probing.result import ProbeResult, Thresholds
-from redundancy_monitor.probing.variants import check_protocols, parse_pairs
+from redundancy_monitor.probing.variants import check_protocols, materialise_pairs, parse_pairs
 
 log = logging.getLogger("redundancy_monitor")
 STATE_VERSION = 1
@@ -95,7 +100,7 @@ class RedundancyMonitor:
 
     Raises:
         InvalidConfigError: an unknown executor, rule name or mismatch policy, a
-            non-string blocks/head.
+            non-string blocks/head, a `batch_tokens` that is not a positive int.
         InvalidBatchError: a probe batch that cannot be used.
         InvalidPairsError, InvalidProtocolError: a malformed pair set or protocol name.
 
@@ -151,7 +156,11 @@ class RedundancyMonitor:
         self.schedule = schedule or ProbeSchedule(
             every_n_steps, log_spaced, tuple(steps), at_train_end
         )
+        pairs = materialise_pairs(pairs)  # a generator is read once, here
         parse_pairs(pairs, 2 if isinstance(pairs, str) else 1 << 20)  # fail here, not per probe
+        if not isinstance(batch_tokens, int) or isinstance(batch_tokens, bool):
+            raise InvalidConfigError(f"batch_tokens must be a positive int, got {batch_tokens!r}")
+        EngineOptions(batch_tokens=batch_tokens)  # range checked here, not at every probe
         self.probe_kwargs = dict(
             pairs=pairs,
             protocols=check_protocols(protocols),
@@ -176,7 +185,8 @@ class RedundancyMonitor:
             self.sinks.append(JsonlSink(jsonl_path))
         self._ids = self._mask = None
         self._expected_sha: str | None = None
-        self._resumed_at: int | None = None
+        self._start_marked = False
+        self._closed = False
         self._source = _BatchSource(
             probe_batch, attention_mask, texts, tokenizer, max_length, dataloader, max_sequences
         )
@@ -274,16 +284,52 @@ class RedundancyMonitor:
                     "distributed=True but torch.distributed is not initialised with several "
                     "ranks; call start() after the process group is set up"
                 )
-        if self._resumed_at is not None:
-            self._emit("write_resume", self._resumed_at)
-            self._resumed_at = None
+        self._check_open("start")
+        if self.last_step is not None:  # resumed: the first step of this attempt is known
+            self._mark_start(self.last_step + 1)
+
+    def _mark_start(self, step: int) -> None:
+        """Write a ``start`` marker before this monitor's first record: readers drop the
+        records earlier attempts wrote from the first step this attempt covers."""
+        if self._start_marked:
+            return
+        self._start_marked = True
+        resumed = self.last_step is not None
+        first = self.last_step + 1 if resumed else step
+        marker = {
+            "type": "start",
+            "step": first,
+            "resumed": resumed,
+            "reason": f"monitor started at step {first}; "
+            f"{'resumed from saved state' if resumed else 'no saved state'}; records of "
+            f"earlier attempts from step {first} on are superseded",
+        }
+        self._emit("write_marker", marker)
+
+    def _check_open(self, method: str) -> None:
+        if self._closed:
+            raise MonitorUsageError(
+                f"{method}() was called after close(); a closed monitor has stopped its "
+                "probe worker and closed its sinks. Create a new RedundancyMonitor (load "
+                "this one's state_dict() into it to continue the trajectory)"
+            )
+
+    @property
+    def closed(self) -> bool:
+        """Whether `close()` was called (the hooks then refuse to run)."""
+        return self._closed
 
     def step(self, step: int, model: nn.Module) -> None:
         """Call after every optimizer step with the number of steps done (0 before any).
 
         Collects finished probes and starts a new one if `step` is due. Steps already
         seen (gradient-accumulation micro-batches, a resumed run) are ignored.
+
+        Raises:
+            MonitorUsageError: called after `close()`.
         """
+        self._check_open("step")
+        self._mark_start(step)
         self.poll()
         if self.last_step is not None and step <= self.last_step:
             return
@@ -301,7 +347,19 @@ class RedundancyMonitor:
         self._shadow.fence()
 
     def train_end(self, step: int, model: nn.Module) -> None:
-        """Probe the final weights (if scheduled and not probed yet), wait, flush."""
+        """Probe the final weights (if scheduled and not probed yet), wait, flush.
+
+        Raises:
+            MonitorUsageError: `step` is behind the last step seen, or called after `close()`.
+        """
+        self._check_open("train_end")
+        if self.last_step is not None and step < self.last_step:
+            raise MonitorUsageError(
+                f"train_end({step}) after step({self.last_step}): the final weights cannot be "
+                "from an earlier step than weights already seen; pass the number of optimizer "
+                "steps done (the last step() value or later)"
+            )
+        self._mark_start(step)
         self.poll()
         self.drain()
         if self.schedule.at_train_end and step not in self.probed_steps:
@@ -358,6 +416,9 @@ class RedundancyMonitor:
         """Shut down within a bound: wait up to `timeout` seconds (default
         `close_timeout`) for a running probe and log it; otherwise cancel it, and abandon
         it if it does not stop within a second more. Then close the sinks. Never hangs."""
+        if self._closed:
+            return
+        self._closed = True
         timeout = self.close_timeout if timeout is None else timeout
         outcomes = self._executor.close(timeout)
         # With several ranks a share not gathered yet is dropped: close() may run on one
@@ -408,6 +469,8 @@ class RedundancyMonitor:
     def record_outcome(self, outcome: ProbeOutcome) -> None:
         """Log a probe computed outside the monitor (offline replay of saved checkpoints)
         exactly as if it had run here: sinks, alert rules, history and resume state."""
+        self._check_open("record_outcome")
+        self._mark_start(outcome.step)
         self.last_step = max(outcome.step, self.last_step if self.last_step is not None else -1)
         self.probed_steps.append(outcome.step)
         self._handle(outcome)
@@ -558,10 +621,11 @@ class RedundancyMonitor:
             )
         self._expected_sha = state.get("batch_sha256")
         self._check_sha()
-        self._check_pairs(state.get("pairs_spec"))
         identity = state.get("trajectory") or (
             {"batch_sha256": self._expected_sha} if self._expected_sha else None
         )
+        self._check_pairs(state.get("pairs_spec"), (identity or {}).get("n_layers"))
+        self._check_protocols((identity or {}).get("protocols"))
         self.trajectory_guard = TrajectoryGuard(identity)
         self.earlier_trajectories = [list(t) for t in state.get("earlier_trajectories", [])]
         self.sink_health.n_errors = state.get("n_sink_errors", 0)
@@ -573,15 +637,27 @@ class RedundancyMonitor:
         self.history = [dict(h) for h in state.get("history", [])]
         self.alerts = [Alert(**a) for a in state.get("alerts", [])]
         self.alert_engine.load_state_dict(state.get("alert_engine", {}))
-        self._resumed_at = self.last_step
+        self._start_marked = False  # a restored state is a new attempt: mark where it starts
 
-    def _check_pairs(self, saved) -> None:
+    def _check_pairs(self, saved, n_layers: int | None) -> None:
+        """Refuse another pair set; specs naming the same pairs ("adjacent", "window:1",
+        the explicit list) are the same set."""
         now = _pairs_spec(self.probe_kwargs["pairs"])
-        if self.on_mismatch == "refuse" and saved is not None and saved != now:
+        if self.on_mismatch == "refuse" and not same_pair_set(saved, now, n_layers):
             raise MonitorStateError(
                 f"the restored monitor state was recorded with pairs={saved!r}, this monitor "
                 f"probes pairs={now!r}; trajectories would not be comparable. Pass the same "
                 "pairs when resuming, or on_mismatch='new_baseline' to start a new trajectory."
+            )
+
+    def _check_protocols(self, saved: list[str] | None) -> None:
+        now = protocols_identity(self.probe_kwargs["protocols"])
+        if self.on_mismatch == "refuse" and saved is not None and saved != now:
+            raise MonitorStateError(
+                f"the restored monitor state was recorded with protocols {saved}, this "
+                f"monitor probes {now}; trajectories would not be comparable (a missing "
+                "protocol leaves the gap undefined). Pass the same protocols when resuming, "
+                "or on_mismatch='new_baseline' to start a new trajectory."
             )
 
 

@@ -32,7 +32,8 @@ class ProbeSchedule:
         at_train_end: probe the final weights too (default True).
 
     Raises:
-        InvalidConfigError: a non-positive period or a negative explicit step.
+        InvalidConfigError: a period that is not a positive int (a bool is not one), or a
+            negative explicit step.
     """
 
     every_n_steps: int | None = DEFAULT_EVERY_N_STEPS
@@ -41,11 +42,11 @@ class ProbeSchedule:
     at_train_end: bool = True
 
     def __post_init__(self):
-        if self.every_n_steps is not None and (
-            not isinstance(self.every_n_steps, int) or self.every_n_steps < 1
-        ):
+        n = self.every_n_steps
+        if n is not None and (not isinstance(n, int) or isinstance(n, bool) or n < 1):
             raise InvalidConfigError(
-                f"every_n_steps must be a positive int or None, got {self.every_n_steps!r}"
+                f"every_n_steps must be a positive int or None, got {n!r}"
+                + (" (True is not a period: pass e.g. every_n_steps=1)" if n is True else "")
             )
         steps = tuple(sorted({int(s) for s in self.steps}))
         if steps and steps[0] < 0:

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from redundancy_monitor import __version__
-from redundancy_monitor.errors import InvalidConfigError, UnsupportedModelError
+from redundancy_monitor.errors import InvalidBatchError, InvalidConfigError, UnsupportedModelError
 from redundancy_monitor.probing.batch import ProbeBatch, make_batch
 from redundancy_monitor.probing.blocks import find_blocks, find_head, unwrap_model
 from redundancy_monitor.probing.cancel import CancellableProgress, current_token
@@ -19,7 +19,7 @@ from redundancy_monitor.probing.engine import (
     VariantDistance,
     variant_distances,
 )
-from redundancy_monitor.probing.model_io import vocab_size_of
+from redundancy_monitor.probing.model_io import _accepts, vocab_size_of
 from redundancy_monitor.probing.result import (
     DeletionRecord,
     PairRecord,
@@ -61,7 +61,25 @@ def prepare(
     _check_weights(block_list)
     head_module = find_head(root, head)
     batch = make_batch(input_ids, attention_mask, vocab_size_of(root))
+    _check_positions(root, batch)
     return root, block_list, head_module, batch.to(model_device(root))
+
+
+def _check_positions(root: nn.Module, batch: ProbeBatch) -> None:
+    """Refuse, before any forward, sequences longer than the model's position limit
+    (GPT-2's learned position table would otherwise fail deep inside with an IndexError)."""
+    limit = getattr(getattr(root, "config", None), "max_position_embeddings", None)
+    if not isinstance(limit, int) or isinstance(limit, bool):
+        return
+    needed = batch.seq_len
+    if batch.has_padding and _accepts(root.forward, "position_ids"):
+        needed = int(batch.position_ids().max()) + 1  # positions count valid tokens only
+    if needed > limit:
+        raise InvalidBatchError(
+            f"the probe batch needs {needed} positions, but {type(root).__name__} takes at "
+            f"most {limit} (config.max_position_embeddings); pass sequences of at most "
+            f"{limit} tokens, e.g. input_ids[:, :{limit}]"
+        )
 
 
 def _check_weights(blocks: nn.ModuleList) -> None:

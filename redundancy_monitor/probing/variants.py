@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -89,13 +90,8 @@ def parse_pairs(spec: PairSpec, n_layers: int) -> list[tuple[int, int]]:
             f"unknown pair set {spec!r}; pass 'adjacent', 'window:k', 'all' or a list of (i, j)"
         )
     pairs = set()
-    for item in spec:
-        try:
-            i, j = (int(x) for x in item)
-        except (TypeError, ValueError):
-            raise InvalidPairsError(
-                f"pair {item!r} is not two integers; pass a list like [(0, 1), (2, 5)]"
-            ) from None
+    for item in materialise_pairs(spec):
+        i, j = _slot_pair(item)
         for k in (i, j):
             if not 0 <= k < n_layers:
                 raise InvalidPairsError(
@@ -108,6 +104,37 @@ def parse_pairs(spec: PairSpec, n_layers: int) -> list[tuple[int, int]]:
     if not pairs:
         raise InvalidPairsError("the pair list is empty; pass at least one (i, j)")
     return sorted(pairs)
+
+
+def materialise_pairs(spec: PairSpec) -> str | list[tuple]:
+    """A pair-set spec that can be read more than once: a name as it is, any other
+    iterable (a generator, a tensor) as a list of its items.
+
+    Raises:
+        InvalidPairsError: `spec` is neither a name nor iterable.
+    """
+    if isinstance(spec, str):
+        return spec
+    try:
+        return [tuple(item) if isinstance(item, Iterable) else item for item in spec]
+    except TypeError:
+        raise InvalidPairsError(
+            f"pairs must be 'adjacent', 'window:k', 'all' or a list of (i, j), got "
+            f"{type(spec).__name__}"
+        ) from None
+
+
+def _slot_pair(item) -> tuple[int, int]:
+    """Two slot indices, refusing anything that is not an integer (0.5 is not slot 0)."""
+    try:
+        i, j = item
+        if isinstance(i, bool) or isinstance(j, bool):
+            raise TypeError
+        return operator.index(i), operator.index(j)
+    except (TypeError, ValueError):
+        raise InvalidPairsError(
+            f"pair {item!r} is not two integers; pass a list like [(0, 1), (2, 5)]"
+        ) from None
 
 
 def check_protocols(protocols: str | Sequence[str]) -> tuple[str, ...]:

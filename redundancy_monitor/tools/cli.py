@@ -122,6 +122,7 @@ def add_score_parser(sub) -> None:
 def cmd_score(args: argparse.Namespace) -> int:
     from transformers.utils import logging as hf_logging
 
+    from redundancy_monitor.tools.loading import check_output_folder
     from redundancy_monitor.tools.score import ScoreConfig, score_checkpoint
     from redundancy_monitor.tools.score_outputs import terminal_summary, write_outputs
 
@@ -150,6 +151,8 @@ def cmd_score(args: argparse.Namespace) -> int:
         protocol=args.protocol,
         progress=not args.no_progress,
     )
+    if args.out:
+        check_output_folder(args.out, "--out")  # before the scoring, not after it
     run = score_checkpoint(config)
     print(terminal_summary(run))
     if args.out:
@@ -182,7 +185,21 @@ def add_replay_parser(sub) -> None:
         "--model-config",
         metavar="PATH",
         help="for .ckpt files: a HF config.json (or its folder), or a JSON "
-        '{"class": "pkg.module:Class", "kwargs": {...}}',
+        '{"class": "pkg.module:Class", "kwargs": {...}} naming an nn.Module class from '
+        "transformers, torch or a --trust-module",
+    )
+    p.add_argument(
+        "--trust-module",
+        action="append",
+        default=[],
+        metavar="MODULE",
+        help="also allow --model-config classes from MODULE (imported: trust its code)",
+    )
+    p.add_argument(
+        "--trust-checkpoints",
+        action="store_true",
+        help="unpickle .ckpt files the safe loader refuses (runs code the files name: "
+        "only for files you trust)",
     )
     p.add_argument("--tokenizer", metavar="DIR", help="tokenizer (default: from a checkpoint)")
     p.add_argument("--n-seq", type=_positive, default=8, help="sequences in the batch (8)")
@@ -200,19 +217,24 @@ def cmd_replay(args: argparse.Namespace) -> int:
     from redundancy_monitor.tools.loading import probe_batch_from_text, read_text
     from redundancy_monitor.tools.replay import (
         ModelLoader,
-        build_module,
         find_checkpoints,
         find_tokenizer,
         load_tokenizer,
         replay,
     )
 
-    checkpoints = find_checkpoints(args.checkpoints)
-    if args.model_config is None and any(c.kind == "lightning" for c in checkpoints):
-        build_module(None)  # raises the error that says what to pass
+    checkpoints = find_checkpoints(args.checkpoints, trust=args.trust_checkpoints)
+    loader = ModelLoader(
+        args.model_config,
+        args.dtype,
+        args.device,
+        trust_checkpoints=args.trust_checkpoints,
+        trusted_modules=tuple(args.trust_module),
+    )
+    if any(c.kind == "lightning" for c in checkpoints):
+        loader.template()  # a missing or refused --model-config fails here, before any work
     tokenizer = load_tokenizer(args.tokenizer or find_tokenizer(checkpoints))
     ids = probe_batch_from_text(tokenizer, read_text([args.text]), args.n_seq, args.seq_len)
-    loader = ModelLoader(args.model_config, args.dtype, args.device)
     if not args.no_progress:
         from transformers.utils import logging as hf_logging
 

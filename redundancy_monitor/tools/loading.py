@@ -7,6 +7,7 @@ transformers is imported here, on demand, never by `import redundancy_monitor`.
 from __future__ import annotations
 
 import importlib.util
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -93,9 +94,12 @@ def load_checkpoint(
         raise CheckpointError(f"unknown dtype {dtype!r}; choose from {', '.join(DTYPES)}")
     dev = resolve_device(device)
     path, where = _location(path)
+    # Files from users are hostile: whatever a damaged or forged config, weights file
+    # (a truncated model.safetensors raises SafetensorError) or tokenizer raises becomes
+    # one line naming the file, not a traceback.
     try:
         config = AutoConfig.from_pretrained(**where, local_files_only=True)
-    except (OSError, ValueError, KeyError) as e:
+    except Exception as e:
         raise CheckpointError(
             f"cannot read the config of {str(path)!r}: {_first_line(e)}"
         ) from None
@@ -108,17 +112,51 @@ def load_checkpoint(
         model = AutoModelForCausalLM.from_pretrained(
             **where, local_files_only=True, dtype=DTYPES[dtype]
         )
-    except (OSError, ValueError, RuntimeError) as e:
-        raise CheckpointError(f"cannot load weights from {str(path)!r}: {_first_line(e)}") from None
+    except Exception as e:
+        raise CheckpointError(
+            f"cannot load weights from {str(path)!r}: {type(e).__name__}: {_first_line(e)}; "
+            "the weights file is damaged or not a checkpoint: save it again"
+        ) from None
     tok_where = where if tokenizer is None else _location(tokenizer)[1]
     try:
         tok = AutoTokenizer.from_pretrained(**tok_where, local_files_only=True)
-    except (OSError, ValueError, KeyError, TypeError) as e:
+    except Exception as e:
         source = str(tokenizer or path)
         raise CheckpointError(
             f"no usable tokenizer in {source!r} ({_first_line(e)}); pass --tokenizer DIR"
         ) from None
     return model.to(dev).eval(), tok
+
+
+def check_output_folder(path: str | os.PathLike, flag: str) -> None:
+    """Fail before any work when `path` cannot be a folder to write into (it is created
+    later if missing).
+
+    Raises:
+        CheckpointError: `path` is a file, or cannot be created or written.
+    """
+    folder = Path(path)
+    if folder.exists() or folder.is_symlink():
+        if not folder.is_dir():
+            raise CheckpointError(
+                f"{flag} {str(folder)!r} is a file, not a folder; pass a folder to write into "
+                "(it is created if missing)"
+            )
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise CheckpointError(f"{flag} {str(folder)!r} is not writable; pass another folder")
+        return
+    parent = folder.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise CheckpointError(
+            f"{flag} {str(folder)!r} cannot be created: {str(parent)!r} is a file; pass a "
+            "folder path"
+        )
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise CheckpointError(
+            f"{flag} {str(folder)!r} cannot be created: {str(parent)!r} is not writable"
+        )
 
 
 def _first_line(e: BaseException) -> str:

@@ -2,7 +2,9 @@
 
 A run folder holds one JSON Lines record file (`redundancy.jsonl`, written by
 `JsonlSink`) and, where `redundancy-monitor score` ran, a `result.json` with a removal
-table. `load_run` turns them into typed objects that the report draws from.
+table. `load_run` turns them into typed objects that the report draws from. A
+``new_baseline`` marker (the model, batch, pairs or protocols changed) starts a new
+trajectory: probes are numbered by the trajectory they belong to.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from typing import Any
 
 from redundancy_monitor.errors import RedundancyMonitorError
 from redundancy_monitor.monitoring.alerts import Alert
-from redundancy_monitor.monitoring.jsonl import read_records
+from redundancy_monitor.monitoring.jsonl import RecordFileError, read_numbered_records
 from redundancy_monitor.probing.result import ProbeResult
 
 RECORD_FILE = "redundancy.jsonl"
@@ -34,12 +36,21 @@ class ProbePoint:
     result: ProbeResult
     wall_time: float | None = None
     probe_seconds: float | None = None
+    segment: int = 0  # which trajectory: 0, then +1 at each new_baseline marker
 
 
 @dataclass
 class Failure:
     step: int
     error: str
+
+
+@dataclass
+class Baseline:
+    """A ``new_baseline`` marker: a new trajectory starts at `step` because of `reason`."""
+
+    step: int
+    reason: str
 
 
 @dataclass
@@ -54,6 +65,8 @@ class RunRecords:
         removal: a measured removal table (``rows``, ``verdicts``, ``base_perplexity``),
             or None when the run has none.
         removal_source: the file it came from.
+        baselines: the new-baseline markers, in order; probes after the k-th belong to
+            trajectory ``segment == k``.
     """
 
     source: Path
@@ -62,10 +75,24 @@ class RunRecords:
     failures: list[Failure] = field(default_factory=list)
     removal: dict[str, Any] | None = None
     removal_source: Path | None = None
+    baselines: list[Baseline] = field(default_factory=list)
+
+    def segments(self) -> list[list[ProbePoint]]:
+        """The probes of each trajectory (separated by new baselines) that has any."""
+        by_segment: dict[int, list[ProbePoint]] = {}
+        for p in self.probes:
+            by_segment.setdefault(p.segment, []).append(p)
+        return [by_segment[k] for k in sorted(by_segment)]
+
+    @property
+    def current(self) -> list[ProbePoint]:
+        """The probes of the last trajectory: the one changes are measured within."""
+        return self.segments()[-1]
 
     @property
     def first(self) -> ProbePoint:
-        return self.probes[0]
+        """The first probe of the current trajectory."""
+        return self.current[0]
 
     @property
     def last(self) -> ProbePoint:
@@ -108,7 +135,7 @@ def find_record_file(run_dir: str | os.PathLike) -> Path:
     )
 
 
-def _probe_point(record: dict[str, Any]) -> ProbePoint:
+def _probe_point(record: dict[str, Any], segment: int) -> ProbePoint:
     result = ProbeResult.from_dict(record["result"])
     if "n_layers" not in result.meta and result.pairs:
         result.meta["n_layers"] = max(r.j for r in result.pairs) + 1
@@ -117,6 +144,7 @@ def _probe_point(record: dict[str, Any]) -> ProbePoint:
         result=result,
         wall_time=record.get("wall_time"),
         probe_seconds=record.get("probe_seconds"),
+        segment=segment,
     )
 
 
@@ -160,20 +188,31 @@ def load_run(run_dir: str | os.PathLike, removal: str | os.PathLike | None = Non
 
     Raises:
         RunFolderError: no record file, or one without a single probe record.
-        RecordFileError: a malformed line other than the last.
+        RecordFileError: a line that is not a record (before the last record), or a
+            record that lacks what its type needs (a probe without its summary); the
+            message names the line.
     """
     source = find_record_file(run_dir)
     by_step: dict[int, ProbePoint] = {}
-    alerts, failures = [], []
-    for record in read_records(source):
+    alerts, failures, baselines = [], [], []
+    for n, record in read_numbered_records(source):
         kind = record.get("type")
-        if kind == "probe":
-            point = _probe_point(record)
-            by_step[point.step] = point
-        elif kind == "alert":
-            alerts.append(Alert(**{k: v for k, v in record.items() if k != "type"}))
-        elif kind == "failure":
-            failures.append(Failure(int(record["step"]), str(record.get("error", ""))))
+        try:
+            if kind == "probe":
+                point = _probe_point(record, len(baselines))
+                by_step[point.step] = point
+            elif kind == "alert":
+                alerts.append(Alert(**{k: v for k, v in record.items() if k != "type"}))
+            elif kind == "failure":
+                failures.append(Failure(int(record["step"]), str(record.get("error", ""))))
+            elif kind == "new_baseline":
+                baselines.append(Baseline(int(record["step"]), str(record.get("reason", ""))))
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
+            detail = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+            raise RecordFileError(
+                f"{source}: line {n} is a {kind!r} record that cannot be read ({detail}); the "
+                "file was edited or written by something else. Delete that line to read the rest."
+            ) from None
     if not by_step:
         what = f"{len(failures)} failed probe(s)" if failures else "no probe records"
         raise RunFolderError(
@@ -191,4 +230,4 @@ def load_run(run_dir: str | os.PathLike, removal: str | os.PathLike | None = Non
     else:
         folders = [source.parent] + ([Path(run_dir)] if Path(run_dir).is_dir() else [])
         table, table_source = _find_removal_table(folders)
-    return RunRecords(source, probes, alerts, failures, table, table_source)
+    return RunRecords(source, probes, alerts, failures, table, table_source, baselines)

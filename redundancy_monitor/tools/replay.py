@@ -9,6 +9,10 @@ the way a resumed training run does, and already probed steps are not redone.
 through it too.
 
 transformers (and torch's unpickler for Lightning files) are used only here, on demand.
+Checkpoint files are hostile until the user says otherwise: discovery reads names only,
+Lightning files are read with torch's safe loader (``weights_only=True``) unless
+`trust_checkpoints` is set, and a ``--model-config`` class is imported only from
+transformers, torch or a module the user trusts by name, and must be an `nn.Module`.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from redundancy_monitor.errors import CheckpointError, InvalidPairsError, Invali
 from redundancy_monitor.files import write_json_atomic
 from redundancy_monitor.monitoring.alerts import AlertConfig
 from redundancy_monitor.monitoring.executor import ProbeOutcome
+from redundancy_monitor.monitoring.guard import protocols_identity, same_pair_set
 from redundancy_monitor.monitoring.monitor import RedundancyMonitor
 from redundancy_monitor.monitoring.schedule import ProbeSchedule
 from redundancy_monitor.monitoring.tensorboard import TensorBoardSink
@@ -91,89 +96,110 @@ def _step_from_name(name: str) -> int | None:
     return None
 
 
-def _load_lightning_file(path: Path, trusted: bool = True) -> dict[str, Any]:
+def _load_lightning_file(path: Path, trust: bool = False) -> dict[str, Any]:
+    """A Lightning checkpoint's contents, read with torch's safe loader.
+
+    Lightning files may pickle hyper-parameters (Namespace, custom classes) that the safe
+    loader refuses; unpickling those runs whatever code the file names, so it is done
+    only when the user trusts the file (`trust`, ``--trust-checkpoints``).
+    """
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # retried below; reported if that fails too
-        first = exc
-    if not trusted:
-        raise CheckpointError(
-            f"cannot read Lightning checkpoint {path} with the safe loader (weights only): {first}"
-        ) from None
-    # Lightning files often pickle hyper-parameters (Namespace, custom classes) that the
-    # safe loader refuses. The user named this file, the trust Lightning's own
-    # load_from_checkpoint asks for.
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False)
+        data = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
+        if not trust:
+            raise CheckpointError(
+                f"cannot read Lightning checkpoint {path} with the safe loader "
+                f"({_first_line(exc)}); if it pickles objects and you trust the file, pass "
+                "--trust-checkpoints (trust_checkpoints=True): unpickling runs code the file names"
+            ) from None
+        try:
+            data = torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as unsafe:
+            raise CheckpointError(
+                f"cannot read Lightning checkpoint {path}: {_first_line(unsafe)}"
+            ) from None
+    if not isinstance(data, dict):
         raise CheckpointError(
-            f"cannot read Lightning checkpoint {path}: {exc} (safe loader: {first})"
-        ) from None
+            f"{path} holds a {type(data).__name__}, not a Lightning checkpoint (a dict)"
+        )
+    return data
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
 
 
 def _trainer_state_step(folder: Path) -> int | None:
     try:
-        step = json.loads((folder / "trainer_state.json").read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):  # none, or still being written
+        state = json.loads((folder / "trainer_state.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # none, still being written, or not JSON
         return None
-    step = step.get("global_step") if isinstance(step, dict) else None
-    return step if isinstance(step, int) else None
+    step = state.get("global_step") if isinstance(state, dict) else None
+    return step if isinstance(step, int) and not isinstance(step, bool) else None
 
 
-def checkpoint_step(path: Path, kind: str, open_files: bool = True) -> int:
-    """The optimizer step of a checkpoint: trainer state, then name, then file contents
-    (a Lightning file is opened only with `open_files`). A DCP folder without a step in
-    its name takes its parent's (an HF ``checkpoint-<step>`` folder holding it).
+def checkpoint_step(path: Path, kind: str, read_file: bool = True, trust: bool = False) -> int:
+    """The optimizer step of a checkpoint: trainer state, then name, then (for a Lightning
+    file named by the user, `read_file`) its ``global_step``, read with the safe loader
+    (`trust`: with the full unpickler if that fails). A DCP folder without a step of its
+    own takes its parent's (an HF ``checkpoint-<step>`` folder holding it).
 
     Raises:
-        CheckpointError: no step to be found anywhere.
+        CheckpointError: no step to be found.
     """
     if kind == "lightning":
         step = _step_from_name(path.stem)
-        if step is None and open_files:
-            step = _load_lightning_file(path).get("global_step")
+        if step is None and read_file:
+            step = _load_lightning_file(path, trust).get("global_step")
     else:
         for folder in (path, path.parent) if kind == "dcp" else (path,):
             step = _trainer_state_step(folder)
             step = _step_from_name(folder.name) if step is None else step
             if step is not None:
                 break
-    if step is None:
+    if not isinstance(step, int) or isinstance(step, bool):
         raise CheckpointError(
             f"cannot tell the optimizer step of {path}: it has no trainer_state.json and no "
             "step in its name; rename it like checkpoint-<step> (or step=<step>.ckpt)"
         )
-    return int(step)
+    return step
 
 
-def checkpoints_in(path: Path) -> list[tuple[Path, str]]:
-    """``(path, kind)`` of every checkpoint at or under `path`, complete or not."""
+def checkpoints_in(path: Path, named: bool = True) -> list[tuple[Path, str, bool]]:
+    """``(checkpoint, kind, named by the user)`` of every checkpoint at or under `path`,
+    complete or not; names only, no file is read (`named`: `path` itself was given)."""
     if path.is_file():
         if path.suffix == ".ckpt":
-            return [(path, "lightning")]
+            return [(path, "lightning", named)]
         raise CheckpointError(
             f"{path} is a file but not a Lightning .ckpt; pass a Hugging Face checkpoint "
             "folder (config.json + weights), a .ckpt file, or a folder holding them"
         )
     if is_hf_checkpoint(path):
-        return [(path, "hf")]
+        return [(path, "hf", named)]
     if dcp.is_dcp_checkpoint(path):
-        return [(path, "dcp")]
-    found: list[tuple[Path, str]] = []
+        return [(path, "dcp", named)]
+    found: list[tuple[Path, str, bool]] = []
     for child in sorted(path.iterdir()):
         if child.is_dir() or child.suffix == ".ckpt":
             try:
-                found.extend(checkpoints_in(child))
+                found.extend(checkpoints_in(child, named=False))
             except CheckpointError:
                 continue  # other files and folders in a run directory are fine
     return found
 
 
-def find_checkpoints(paths: Sequence[str | os.PathLike]) -> list[CheckpointRef]:
+def find_checkpoints(
+    paths: Sequence[str | os.PathLike], trust: bool = False
+) -> list[CheckpointRef]:
     """Every checkpoint named by `paths` (checkpoints or folders holding them), by step.
 
-    Two checkpoints at one step (Lightning's ``last.ckpt`` next to ``step=N.ckpt``)
-    keep the first by path, with a warning.
+    Found in a folder, a checkpoint's step comes from its ``trainer_state.json`` or its
+    name, never from its contents: a ``.ckpt`` without a step in its name (``last.ckpt``)
+    is left out with a warning. A ``.ckpt`` named directly may have its ``global_step``
+    read with the safe loader (`trust`: with the full unpickler if that fails).
+    Two checkpoints at one step keep the first by path, with a warning.
 
     Raises:
         CheckpointError: a path does not exist, or nothing found in a folder.
@@ -190,8 +216,16 @@ def find_checkpoints(paths: Sequence[str | os.PathLike]) -> list[CheckpointRef]:
                 "(config.json + model.safetensors or pytorch_model.bin), Lightning .ckpt "
                 "files or torch.distributed.checkpoint folders (with a .metadata file)"
             )
-        for found_path, kind in found:
-            ref = CheckpointRef(checkpoint_step(found_path, kind), found_path, kind)
+        for found_path, kind, named in found:
+            if kind == "lightning" and not named and _step_from_name(found_path.stem) is None:
+                log.warning(
+                    "replay: leaving out %s: no step in its name (the file is not read to "
+                    "find one); name it step=<step>.ckpt, or pass it on its own",
+                    found_path,
+                )
+                continue
+            step = checkpoint_step(found_path, kind, read_file=named, trust=trust)
+            ref = CheckpointRef(step, found_path, kind)
             if ref.step in refs:
                 log.warning(
                     "replay: %s is at step %d like %s; keeping only the latter",
@@ -214,19 +248,22 @@ class ModelLoader:
     Hugging Face folders load with ``from_pretrained``. Lightning files and
     torch.distributed.checkpoint (DCP) folders need `model_config`: a Hugging Face
     ``config.json`` (or its folder), or a JSON file
-    ``{"class": "package.module:ClassName", "kwargs": {...}}`` for any other module;
-    either may set ``"state_dict_prefix"`` (found automatically otherwise, e.g. ``model.``
-    for a LightningModule holding the LM as ``self.model``). A DCP folder without one
-    uses the ``config.json`` in it or beside it (an HF checkpoint folder holding it).
+    ``{"class": "package.module:ClassName", "kwargs": {...}}`` for another `nn.Module`
+    (from transformers, torch, or a module listed in `trusted_modules`); either may set
+    ``"state_dict_prefix"`` (found automatically otherwise, e.g. ``model.`` for a
+    LightningModule holding the LM as ``self.model``). A DCP folder without one uses the
+    ``config.json`` in it or beside it (an HF checkpoint folder holding it).
 
-    `trust_checkpoints` lets a Lightning file that the weights-only loader refuses be
-    unpickled in full, which runs code from the file: only for files you trust.
+    Lightning files are read with the safe loader (weights only); `trust_checkpoints`
+    lets one it refuses be unpickled in full, which runs code from the file: only for
+    files you trust. DCP folders are never unpickled (see `tools.dcp`).
     """
 
     model_config: str | os.PathLike | None = None
     dtype: str = "auto"
     device: str = "cpu"
-    trust_checkpoints: bool = True
+    trust_checkpoints: bool = False
+    trusted_modules: tuple[str, ...] = ()
     _template: nn.Module | None = field(default=None, init=False, repr=False)
     _prefix: str | None = field(default=None, init=False, repr=False)
 
@@ -262,7 +299,9 @@ class ModelLoader:
         """The module Lightning or DCP weights are loaded into, built once from
         `model_config` (default: the loader's)."""
         if self._template is None:
-            self._template, self._prefix = build_module(model_config or self.model_config)
+            self._template, self._prefix = build_module(
+                model_config or self.model_config, self.trusted_modules
+            )
         return self._template
 
     def _dcp(self, ref: CheckpointRef) -> nn.Module:
@@ -288,8 +327,17 @@ class ModelLoader:
         return module
 
 
-def build_module(model_config: str | os.PathLike | None) -> tuple[nn.Module, str | None]:
+#: Packages a ``--model-config`` class may come from without the user naming its module.
+TRUSTED_PACKAGES = ("transformers", "torch")
+
+
+def build_module(
+    model_config: str | os.PathLike | None, trusted_modules: Sequence[str] = ()
+) -> tuple[nn.Module, str | None]:
     """The module a Lightning checkpoint's weights go into, and its state-dict prefix.
+
+    A ``"class"`` is imported only from transformers, torch or a module in
+    `trusted_modules` (``--trust-module``), and only an `nn.Module` subclass is built.
 
     Raises:
         CheckpointError: no config given, unreadable, or naming nothing buildable.
@@ -304,19 +352,22 @@ def build_module(model_config: str | os.PathLike | None) -> tuple[nn.Module, str
     path = path / "config.json" if path.is_dir() else path
     try:
         spec = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise CheckpointError(f"cannot read --model-config {path}: {exc}") from None
+    if not isinstance(spec, dict):
+        raise CheckpointError(f"--model-config {path} must hold a JSON object")
     prefix = spec.pop("state_dict_prefix", None)
     if "class" in spec:
-        module_name, _, class_name = str(spec["class"]).partition(":")
+        cls = _module_class(str(spec["class"]), trusted_modules)
+        kwargs = spec.get("kwargs", {})
+        if not isinstance(kwargs, dict):
+            raise CheckpointError(f"--model-config {path}: 'kwargs' must be a JSON object")
         try:
-            cls = getattr(importlib.import_module(module_name), class_name)
-        except (ImportError, AttributeError, ValueError) as exc:
+            return cls(**kwargs), prefix
+        except Exception as exc:
             raise CheckpointError(
-                f"--model-config names class {spec['class']!r}, which cannot be imported "
-                f"({exc}); use 'package.module:ClassName' importable from here"
+                f"--model-config: {spec['class']}(**kwargs) failed: {_first_line(exc)}"
             ) from None
-        return cls(**spec.get("kwargs", {})), prefix
     if "model_type" in spec:
         from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -325,6 +376,32 @@ def build_module(model_config: str | os.PathLike | None) -> tuple[nn.Module, str
     raise CheckpointError(
         f"--model-config {path} has neither 'model_type' (a Hugging Face config) nor 'class'"
     )
+
+
+def _module_class(name: str, trusted_modules: Sequence[str]) -> type[nn.Module]:
+    """The `nn.Module` subclass ``"package.module:ClassName"`` names, imported only from a
+    trusted package (checked before anything is imported)."""
+    module_name, _, class_name = name.partition(":")
+    trusted = (*TRUSTED_PACKAGES, *trusted_modules)
+    if not any(module_name == t or module_name.startswith(t + ".") for t in trusted):
+        raise CheckpointError(
+            f"--model-config names class {name!r} from module {module_name!r}, which is not "
+            f"trusted: classes are imported only from {', '.join(TRUSTED_PACKAGES)} or a "
+            f"module you name with --trust-module {module_name.split('.')[0] or 'MODULE'}"
+        )
+    try:
+        cls = getattr(importlib.import_module(module_name), class_name)
+    except (ImportError, AttributeError, ValueError) as exc:
+        raise CheckpointError(
+            f"--model-config names class {name!r}, which cannot be imported ({exc}); use "
+            "'package.module:ClassName' importable from here"
+        ) from None
+    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+        raise CheckpointError(
+            f"--model-config names {name!r}, which is not an nn.Module class; name the "
+            "model class the checkpoint's weights belong to"
+        )
+    return cls
 
 
 def state_dict_prefix(module: nn.Module, state: dict[str, Any]) -> str:
@@ -375,8 +452,20 @@ def find_tokenizer(checkpoints: Sequence[CheckpointRef]) -> Path:
 # ----- the run folder -------------------------------------------------------------------
 
 
-def _check_settings(saved: dict[str, Any], settings: dict[str, Any], out_dir: Path) -> None:
-    changed = [k for k in settings if k in saved and saved[k] != settings[k]]
+def _same_setting(key: str, saved, now, n_layers: int | None) -> bool:
+    if key == "pairs":  # "adjacent", "window:1" and the explicit list are one pair set
+        return same_pair_set(saved, now, n_layers)
+    if key == "protocols":
+        return protocols_identity(saved) == protocols_identity(now)
+    return saved == now
+
+
+def _check_settings(
+    saved: dict[str, Any], settings: dict[str, Any], out_dir: Path, n_layers: int | None
+) -> None:
+    changed = [
+        k for k in settings if k in saved and not _same_setting(k, saved[k], settings[k], n_layers)
+    ]
     if changed:
         raise CheckpointError(
             f"{out_dir} holds a replay with other settings ({', '.join(changed)}: "
@@ -426,7 +515,10 @@ class ReplayRun:
         saved = None
         if self.state_path.is_file():
             saved = json.loads(self.state_path.read_text(encoding="utf-8"))
-            _check_settings(saved.get("settings", {}), self.settings, self.out_dir)
+            identity = saved["monitor"].get("trajectory") or {}
+            _check_settings(
+                saved.get("settings", {}), self.settings, self.out_dir, identity.get("n_layers")
+            )
         resumed_at = None if saved is None else saved["monitor"].get("last_step")
         self._tensorboard = TensorBoardSink(
             log_dir=self.out_dir, purge_step=None if resumed_at is None else resumed_at + 1

@@ -62,12 +62,15 @@ def summary_sentences(run: RunRecords) -> list[str]:
     sm = last.result.summary
     n_layers = last.result.n_layers
     out = [
-        f"{len(run.probes)} probe(s) of a {n_layers}-layer model from step {first.step} to step "
+        f"{len(run.current)} probe(s) of a {n_layers}-layer model from step {first.step} to step "
         f"{last.step}; {len(run.failures)} failed probe(s); {len(run.alerts)} alert(s).",
-        f"Regime now (step {last.step}): {sm.regime or 'undefined'}, meaning "
-        f"{REGIME_MEANING.get(sm.regime, REGIME_MEANING['mixed'])}.",
     ]
-    if len(run.probes) == 1:
+    out.extend(_baseline_sentences(run))
+    out.append(
+        f"Regime now (step {last.step}): {sm.regime or 'undefined'}, meaning "
+        f"{REGIME_MEANING.get(sm.regime, REGIME_MEANING['mixed'])}."
+    )
+    if len(run.current) == 1:
         out.append("Only one probe so far, so there is no change to report yet.")
     else:
         s0 = first.result.summary
@@ -100,6 +103,19 @@ def summary_sentences(run: RunRecords) -> list[str]:
     else:
         out.append("No alert fired.")
     return out
+
+
+def _baseline_sentences(run: RunRecords) -> list[str]:
+    """Where the trajectory restarted; changes are only measured within the last one."""
+    if not run.baselines:
+        return []
+    earlier = len(run.probes) - len(run.current)
+    starts = "; ".join(f"step {b.step} ({b.reason})" for b in run.baselines)
+    return [
+        f"The run holds {len(run.segments())} separate trajectories: a new baseline started "
+        f"at {starts}. The {earlier} earlier probe(s) are drawn apart and not compared with "
+        f"the current trajectory (from step {run.first.step})."
+    ]
 
 
 def _removal_sentences(point: ProbePoint) -> list[str]:
@@ -218,12 +234,16 @@ def _probe_table(run: RunRecords) -> str:
         "pairs",
         "non-finite",
     ]
+    several = len(run.segments()) > 1
+    if several:
+        header.insert(1, "trajectory")
     rows = []
     for p in run.probes:
         s = p.result.summary
         rows.append(
             [
                 str(p.step),
+                *([str(p.segment + 1)] if several else []),
                 str(s.regime),
                 _f(s.gap_mean),
                 _f(s.gap_median),
@@ -236,7 +256,7 @@ def _probe_table(run: RunRecords) -> str:
                 str(s.n_nonfinite),
             ]
         )
-    return _table(header, rows, text_cols=(1,))
+    return _table(header, rows, text_cols=(2,) if several else (1,))
 
 
 def _alert_section(run: RunRecords) -> str:

@@ -56,9 +56,26 @@ def _step_axis(ax, steps: list[int]) -> None:
     ax.grid(True, alpha=0.3)
 
 
-def _series(run: RunRecords, name: str) -> tuple[list[int], list[float]]:
-    points = [(s, v) for s, v in run.trajectory(name) if v is not None and math.isfinite(v)]
-    return [s for s, _ in points], [v for _, v in points]
+def _series(points: list, name: str) -> tuple[list[int], list[float]]:
+    values = [(p.step, p.result.summary.scalars().get(name)) for p in points]
+    finite = [(s, v) for s, v in values if v is not None and math.isfinite(v)]
+    return [s for s, _ in finite], [v for _, v in finite]
+
+
+def _plot_by_segment(ax, run: RunRecords, name: str, **style) -> None:
+    """One scalar over steps; each trajectory (between new baselines) is its own line in
+    the same colour, so no line joins probes of two trajectories."""
+    label, color = style.pop("label", None), style.pop("color", None)
+    for k, points in enumerate(run.segments()):
+        steps, values = _series(points, name)
+        (line,) = ax.plot(steps, values, label=label if k == 0 else None, color=color, **style)
+        color = line.get_color()
+
+
+def _mark_baselines(ax, run: RunRecords) -> None:
+    for k, b in enumerate(run.baselines):
+        label = "new baseline" if k == 0 else None
+        ax.axvline(b.step, color="grey", linestyle="--", linewidth=0.8, label=label)
 
 
 def gap_trajectory(run: RunRecords) -> bytes:
@@ -67,8 +84,9 @@ def gap_trajectory(run: RunRecords) -> bytes:
     def draw(fig, axes):
         ax = axes[0, 0]
         for name in GAP_CHART:
-            steps, values = _series(run, name)
-            ax.plot(steps, values, marker="o", markersize=3, label=name.replace("gap_", ""))
+            label = name.replace("gap_", "")
+            _plot_by_segment(ax, run, name, marker="o", markersize=3, label=label)
+        _mark_baselines(ax, run)
         ax.axhline(0.0, color="black", linewidth=0.6)
         _step_axis(ax, run.steps)
         ax.set_ylabel("gap = d_repl - d_int (nats)")
@@ -85,11 +103,12 @@ def ir_by_distance(run: RunRecords) -> bytes:
     def draw(fig, axes):
         ax = axes[0, 0]
         for d in distances:
-            steps, values = _series(run, f"d{d}/ir_median")
-            ax.plot(steps, values, marker="o", markersize=3, label=f"|i-j| = {d}")
-        steps, values = _series(run, "ir_median")
+            _plot_by_segment(
+                ax, run, f"d{d}/ir_median", marker="o", markersize=3, label=f"|i-j| = {d}"
+            )
         if len(distances) > 1:
-            ax.plot(steps, values, color="black", linestyle="--", label="all pairs")
+            _plot_by_segment(ax, run, "ir_median", color="black", linestyle="--", label="all pairs")
+        _mark_baselines(ax, run)
         ax.axhline(0.5, color="grey", linestyle=":", linewidth=0.8, label="regime threshold")
         _step_axis(ax, run.steps)
         ax.set_ylabel("median ir = d_int / d_repl")
@@ -101,7 +120,7 @@ def ir_by_distance(run: RunRecords) -> bytes:
 
 def heatmaps(run: RunRecords) -> bytes:
     """d_repl, d_int and gap over (i, j) at the first and the last probe."""
-    points = [run.first] if len(run.probes) == 1 else [run.first, run.last]
+    points = [run.first] if len(run.current) == 1 else [run.first, run.last]
 
     from matplotlib import colormaps
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import platform
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -20,7 +21,13 @@ from redundancy_monitor.probing.result import ProbeResult
 from redundancy_monitor.probing.variants import parse_pairs
 from redundancy_monitor.removal.cost import GUIDED_PROTOCOLS, check_removal_set, plan_removal
 from redundancy_monitor.removal.table import RemovalReport, compare_removal
-from redundancy_monitor.tools.loading import TextSplit, load_checkpoint, read_text, split_text
+from redundancy_monitor.tools.loading import (
+    TextSplit,
+    check_output_folder,
+    load_checkpoint,
+    read_text,
+    split_text,
+)
 
 FORMAT = "redundancy-monitor/score/1"
 
@@ -82,6 +89,14 @@ class ScoreConfig:
         if (self.remove is None) == (self.budget is None):
             raise CheckpointError(
                 "--export-pruned needs exactly one of --remove 5,9 or --budget n [--protocol P]"
+            )
+        check_output_folder(self.export_pruned, "--export-pruned")
+        scored = Path(self.path)
+        scored = scored.parent if scored.is_file() else scored  # a .gguf: its folder
+        if Path(self.export_pruned).resolve() == scored.resolve():
+            raise CheckpointError(
+                f"--export-pruned {self.export_pruned!r} is the checkpoint being scored; "
+                "writing there would overwrite it. Pass another folder"
             )
 
 

@@ -143,9 +143,9 @@ class CheckpointFolder:
             return []
         now = self.clock()
         refs: dict[int, CheckpointRef] = {}
-        for path, kind in checkpoints_in(self.root):
+        for path, kind, _ in checkpoints_in(self.root):
             try:
-                step = checkpoint_step(path, kind, open_files=False)
+                step = checkpoint_step(path, kind, read_file=False)
             except CheckpointError:
                 if path not in self.no_step:
                     self.no_step.append(path)
