@@ -26,6 +26,7 @@ RULES = (
     "nonfinite",
     "probe_failure",
     "sink_failure",
+    "resume_change",
 )
 
 
@@ -68,6 +69,9 @@ class AlertConfig:
         probe_failure: fire when a probe raises.
         sink_failure: fire when a sink (record file, TensorBoard, a logger) that worked
             starts failing; once per outage of each sink, cooldown applies.
+        resume_change: fire when a run resumes with another probe batch, pair set or
+            number of ranks than its checkpoint (a new trajectory starts); this rule
+            never stops or checkpoints the run.
         hysteresis: consecutive probes a condition must hold (and then fail) for.
         cooldown_steps: minimum optimizer steps between two firings of one rule.
 
@@ -87,6 +91,7 @@ class AlertConfig:
     nonfinite: bool = True
     probe_failure: bool = True
     sink_failure: bool = True
+    resume_change: bool = True
     hysteresis: int = 2
     cooldown_steps: int = 0
 
@@ -241,6 +246,23 @@ class AlertEngine:
             hysteresis=1,
         )
         self.rules["sink_failure"].active = False  # an event, like a probe failure
+        return [alert] if alert else []
+
+    def observe_resume_change(self, step: int, reason: str) -> list[Alert]:
+        """The run resumed with another configuration; a new trajectory starts here."""
+        if not self.config.resume_change:
+            return []
+        alert = self._update(
+            "resume_change",
+            step,
+            True,
+            None,
+            None,
+            f"step {step}: a new trajectory starts: the run was {reason}; earlier probes "
+            "are kept as a separate trajectory and not compared with the new ones",
+            hysteresis=1,
+        )
+        self.rules["resume_change"].active = False  # an event
         return [alert] if alert else []
 
     def _growth(self, step: int, value: float | None) -> Alert | None:

@@ -54,7 +54,17 @@ class InlineExecutor:
     def busy(self) -> bool:
         return False
 
-    def submit(self, step: int, job: Callable[[], ProbeResult], blocked: float) -> None:
+    @property
+    def running_step(self) -> int | None:
+        return None
+
+    def submit(
+        self,
+        step: int,
+        job: Callable[[], ProbeResult],
+        blocked: float,
+        device: torch.device | None = None,
+    ) -> None:
         started = time.perf_counter()
         outcome = _run(step, job, blocked)
         outcome.blocked_seconds = blocked + (time.perf_counter() - started)
@@ -87,13 +97,31 @@ class BackgroundExecutor:
         self._thread: threading.Thread | None = None
         self._token: CancelToken | None = None
         self._outcome: ProbeOutcome | None = None
+        self._step: int | None = None
         self._submit_seconds = 0.0
         self.n_cancelled = self.n_abandoned = 0
 
     def busy(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
-    def submit(self, step: int, job: Callable[[], ProbeResult], blocked: float) -> None:
+    @property
+    def running_step(self) -> int | None:
+        """The step of the probe submitted and not collected yet (running or just done)."""
+        return None if self._thread is None else self._step
+
+    def submit(
+        self,
+        step: int,
+        job: Callable[[], ProbeResult],
+        blocked: float,
+        device: torch.device | None = None,
+    ) -> None:
+        """Start `job` in a new worker thread.
+
+        `device` is the training device: on CUDA the worker makes it its current device
+        before the job runs, so that entering the probe's stream does not create a CUDA
+        context on device 0 (a new thread starts on device 0 whatever training uses).
+        """
         if self.busy():
             raise RuntimeError("a probe is already running; check busy() first")
         started = time.perf_counter()
@@ -104,15 +132,20 @@ class BackgroundExecutor:
         # is per thread), so the probe does not oversubscribe the cores training uses.
         threads = self.threads or max(1, torch.get_num_threads() // 2)
 
+        def on_device() -> ProbeResult:
+            if device is not None and device.type == "cuda" and device.index is not None:
+                torch.cuda.set_device(device.index)
+            return job()
+
         def work() -> None:
             torch.set_num_threads(threads)
             set_current_token(token)
             try:
-                box.append(_run(step, job, blocked))
+                box.append(_run(step, on_device, blocked))
             finally:
                 set_current_token(None)
 
-        self._token, self._box = token, box
+        self._token, self._box, self._step = token, box, step
         self._thread = threading.Thread(target=work, name=f"redundancy-probe-{step}", daemon=True)
         self._thread.start()
         self._submit_seconds = time.perf_counter() - started
@@ -121,9 +154,7 @@ class BackgroundExecutor:
         outcome = (
             self._box[0]
             if self._box
-            else ProbeOutcome(
-                int(self._thread.name.rsplit("-", 1)[-1]), None, "the probe thread died", 0.0, 0.0
-            )
+            else ProbeOutcome(self._step, None, "the probe thread died", 0.0, 0.0)
         )
         self._thread = self._token = None
         outcome.blocked_seconds += self._submit_seconds

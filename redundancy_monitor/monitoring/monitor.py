@@ -34,7 +34,7 @@ from redundancy_monitor.monitoring.snapshot import ShadowModel
 from redundancy_monitor.probing.batch import batch_sha256, make_batch
 from redundancy_monitor.probing.engine import DEFAULT_BATCH_TOKENS, EngineOptions
 from redundancy_monitor.probing.inputs import from_dataloader, from_texts, ids_and_mask
-from redundancy_monitor.probing.probe import probe
+from redundancy_monitor.probing.probe import model_device, probe
 from redundancy_monitor.probing.result import ProbeResult, Thresholds
 from redundancy_monitor.probing.variants import check_protocols, materialise_pairs, parse_pairs
 
@@ -42,6 +42,9 @@ log = logging.getLogger("redundancy_monitor")
 STATE_VERSION = 1
 #: Seconds `close()` waits for a running probe before cancelling it (then abandoning it).
 DEFAULT_CLOSE_TIMEOUT = 5.0
+#: Probe batches up to this many ids are kept in the monitor's state, so that a resumed
+#: run probes the very same batch even when its loader would now give another one.
+MAX_SAVED_BATCH_TOKENS = 65536
 
 
 @dataclasses.dataclass(frozen=True)
@@ -184,9 +187,15 @@ class RedundancyMonitor:
 
             self.sinks.append(JsonlSink(jsonl_path))
         self._ids = self._mask = None
+        self._batch_origin: str | None = None  # "given", "texts", "dataloader", "checkpoint"
         self._expected_sha: str | None = None
         self._start_marked = False
         self._closed = False
+        self._lenient_resume = False  # set by load_state_dict(strict=False)
+        self._resume_reasons: list[str] = []  # why the next probe starts a new trajectory
+        self._saved_world_size: int | None = None
+        # The checkpoint was saved while this step's probe ran: probe again on resume.
+        self._saved_pending: int | None = None
         self._source = _BatchSource(
             probe_batch, attention_mask, texts, tokenizer, max_length, dataloader, max_sequences
         )
@@ -207,6 +216,19 @@ class RedundancyMonitor:
         self.trajectory_guard = TrajectoryGuard()
         self.earlier_trajectories: list[list[dict[str, Any]]] = []
         self.sink_health = SinkHealth()
+        self.config_key = self._make_config_key()
+
+    def _make_config_key(self) -> dict[str, Any]:
+        """What tells two monitors of one run apart (the probe batch and what they probe),
+        fixed at construction; adapters name their checkpoint state after it."""
+        given = self._batch_origin in ("given", "texts")
+        return {
+            "batch": self.batch_sha256[:16] if given else self._batch_origin or "fallback",
+            "pairs": _pairs_spec(self.probe_kwargs["pairs"]),
+            "protocols": list(self.probe_kwargs["protocols"]),
+            "blocks": self.probe_kwargs["blocks"],
+            "head": self.probe_kwargs["head"],
+        }
 
     # ----- the probe batch -------------------------------------------------------------
 
@@ -247,19 +269,34 @@ class RedundancyMonitor:
             return
         checked = make_batch(ids.detach().cpu(), None if mask is None else mask.detach().cpu())
         self._ids, self._mask = checked.input_ids, checked.attention_mask
+        self._batch_origin = (
+            "given"
+            if source.probe_batch is not None
+            else "texts"
+            if source.texts is not None
+            else "dataloader"
+        )
         self._check_sha()
 
     def _check_sha(self) -> None:
+        if self._ids is None or self._expected_sha in (None, self.batch_sha256):
+            return
+        if self._lenient_resume:
+            self._resume_reasons.append(
+                f"another probe batch (sha256 {self.batch_sha256[:12]}..., the checkpoint's "
+                f"is {self._expected_sha[:12]}...)"
+            )
+            self._expected_sha = None  # noted once
+            return
         if self.on_mismatch == "new_baseline":
             return  # the first probe with the new batch starts a new trajectory
-        if self._ids is not None and self._expected_sha not in (None, self.batch_sha256):
-            raise MonitorStateError(
-                "the restored monitor state was recorded with another probe batch "
-                f"(sha256 {self._expected_sha[:12]}..., now {self.batch_sha256[:12]}...); "
-                "trajectories would not be comparable. Pass the same probe batch when "
-                "resuming, pass on_mismatch='new_baseline' to start a new trajectory, or "
-                "start a new monitor without loading the state."
-            )
+        raise MonitorStateError(
+            "the restored monitor state was recorded with another probe batch "
+            f"(sha256 {self._expected_sha[:12]}..., now {self.batch_sha256[:12]}...); "
+            "trajectories would not be comparable. Pass the same probe batch when "
+            "resuming, pass on_mismatch='new_baseline' to start a new trajectory, or "
+            "start a new monitor without loading the state."
+        )
 
     # ----- the hooks adapters call -----------------------------------------------------
 
@@ -284,6 +321,12 @@ class RedundancyMonitor:
                     "distributed=True but torch.distributed is not initialised with several "
                     "ranks; call start() after the process group is set up"
                 )
+        saved, self._saved_world_size = self._saved_world_size, None
+        if saved is not None and saved != self.probe_world_size:
+            self._resume_reasons.append(
+                f"{self.probe_world_size} rank(s) share the probe (the checkpoint was written "
+                f"with {saved})"
+            )
         self._check_open("start")
         if self.last_step is not None:  # resumed: the first step of this attempt is known
             self._mark_start(self.last_step + 1)
@@ -296,6 +339,8 @@ class RedundancyMonitor:
         self._start_marked = True
         resumed = self.last_step is not None
         first = self.last_step + 1 if resumed else step
+        if self._saved_pending is not None:  # its result is not in the state: redone
+            first = min(first, self._saved_pending)
         marker = {
             "type": "start",
             "step": first,
@@ -319,6 +364,11 @@ class RedundancyMonitor:
         """Whether `close()` was called (the hooks then refuse to run)."""
         return self._closed
 
+    @property
+    def probe_world_size(self) -> int:
+        """How many ranks share each probe (1 when this process probes alone)."""
+        return 1 if self._ranks is None else self._ranks.world_size
+
     def step(self, step: int, model: nn.Module) -> None:
         """Call after every optimizer step with the number of steps done (0 before any).
 
@@ -331,6 +381,13 @@ class RedundancyMonitor:
         self._check_open("step")
         self._mark_start(step)
         self.poll()
+        if self._saved_pending is not None:  # saved while a probe ran: probe what it holds
+            self._saved_pending = None
+            if (self.last_step is None or step >= self.last_step) and step not in self.probed_steps:
+                self.last_step = step
+                self._launch(step, model)
+                self.poll()
+                return
         if self.last_step is not None and step <= self.last_step:
             return
         self.last_step = step
@@ -464,7 +521,8 @@ class RedundancyMonitor:
             with context:
                 return probe(shadow, ids, mask, **kwargs)
 
-        self._executor.submit(step, job, time.perf_counter() - started)
+        device = model_device(shadow)
+        self._executor.submit(step, job, time.perf_counter() - started, device)
 
     def record_outcome(self, outcome: ProbeOutcome) -> None:
         """Log a probe computed outside the monitor (offline replay of saved checkpoints)
@@ -479,6 +537,9 @@ class RedundancyMonitor:
         try:
             if outcome.error is not None:
                 self._failed(outcome.step, outcome.error)
+            elif self._resume_reasons:
+                reason, self._resume_reasons = "; ".join(self._resume_reasons), []
+                self._new_trajectory(outcome, f"resumed with {reason}", alert=True)
             elif (change := self.trajectory_guard.check(outcome.result)) is not None:
                 self._mismatched(outcome, change)
             else:
@@ -504,8 +565,12 @@ class RedundancyMonitor:
                 "on_mismatch='new_baseline' to start a new trajectory from such a probe.",
             )
             return
+        self._new_trajectory(outcome, change)
+
+    def _new_trajectory(self, outcome: ProbeOutcome, reason: str, alert: bool = False) -> None:
+        """Start a new trajectory (and alert state) from this probe, with a marker record."""
         old = self.trajectory_guard.restart(outcome.result)
-        log.warning("redundancy monitor: new baseline at step %d: %s", outcome.step, change)
+        log.warning("redundancy monitor: new baseline at step %d: %s", outcome.step, reason)
         if self.history:
             self.earlier_trajectories.append(self.history)
         self.history = []
@@ -513,11 +578,13 @@ class RedundancyMonitor:
         marker = {
             "type": "new_baseline",
             "step": outcome.step,
-            "reason": change,
+            "reason": reason,
             "previous": old,
             "current": self.trajectory_guard.identity,
         }
         self._emit("write_marker", marker)
+        if alert:  # news, not a verdict on the model: it never stops or checkpoints the run
+            self._deliver(self.alert_engine.observe_resume_change(outcome.step, reason), act=False)
         self._record(outcome)
 
     def _record(self, outcome: ProbeOutcome) -> None:
@@ -536,7 +603,7 @@ class RedundancyMonitor:
         self._emit("write_probe", record)
         self._deliver(self.alert_engine.observe(outcome.step, result))
 
-    def _deliver(self, alerts: list[Alert]) -> None:
+    def _deliver(self, alerts: list[Alert], act: bool = True) -> None:
         for alert in alerts:
             self.alerts.append(alert)
             if self.is_writer:
@@ -547,8 +614,9 @@ class RedundancyMonitor:
                     callback(alert)
                 except Exception:
                     log.exception("redundancy monitor: on_alert callback %r failed", callback)
-            self.stop_requested |= alert.rule in self.stop_rules
-            self.checkpoint_requested |= alert.rule in self.checkpoint_rules
+            if act:
+                self.stop_requested |= alert.rule in self.stop_rules
+                self.checkpoint_requested |= alert.rule in self.checkpoint_rules
 
     @property
     def is_writer(self) -> bool:
@@ -583,19 +651,22 @@ class RedundancyMonitor:
         return sorted((h["step"], h["scalars"].get(name)) for h in self.history)
 
     def state_dict(self) -> dict[str, Any]:
-        """JSON-safe state; waits for a running probe so the state includes it.
-
-        With several ranks it does not wait (frameworks call it on rank 0 only): a probe
-        whose shares are not gathered yet is not in the state.
+        """JSON-safe state. Never waits for a running probe (a checkpoint save must not
+        idle the accelerators): a probe not finished yet is left out and saved as
+        ``pending_step``; a run resumed from this state probes its first step again.
         """
         if self._ranks is None:
-            self.drain()
+            self.poll()  # a finished probe is logged now; a running one is not waited for
+        pending = self._pending_step()
         return {
             "state_version": STATE_VERSION,
             "library_version": __version__,
             "batch_sha256": self.batch_sha256 or self._expected_sha,
+            "probe_batch": self._saved_batch(),
+            "world_size": self.probe_world_size,
             "last_step": self.last_step,
-            "probed_steps": list(self.probed_steps),
+            "pending_step": pending,
+            "probed_steps": [s for s in self.probed_steps if s != pending],
             "n_probes": self.n_probes,
             "n_failures": self.n_failures,
             "n_skipped_busy": self.n_skipped_busy,
@@ -608,18 +679,48 @@ class RedundancyMonitor:
             "alert_engine": self.alert_engine.state_dict(),
         }
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore the schedule position, history, baseline and alert state.
+    def _pending_step(self) -> int | None:
+        """The step of a probe started but not logged yet (its result is not in the state)."""
+        if self._ranks is not None:
+            return None if self._pending is None else self._pending[0]
+        return self._executor.running_step
+
+    def _saved_batch(self) -> dict[str, Any] | None:
+        if self._ids is None or self._ids.numel() > MAX_SAVED_BATCH_TOKENS:
+            return None
+        return {"input_ids": self._ids.tolist(), "attention_mask": self._mask.tolist()}
+
+    def load_state_dict(self, state: dict[str, Any], strict: bool = True) -> None:
+        """Restore the schedule position, history, baseline, alert state and probe batch.
+
+        A probe batch saved in the state replaces one taken from a dataloader (a shuffled
+        loader gives another batch on resume), so the resumed run probes the same batch.
+
+        Args:
+            state: what `state_dict()` returned.
+            strict: raise when the state cannot be continued. With ``strict=False`` (the
+                framework adapters: a hook must never raise) another probe batch, pair
+                set or number of ranks, or a state this version cannot read, starts a
+                new trajectory at the first probe after the resume instead: a
+                ``new_baseline`` marker record and a ``resume_change`` alert.
 
         Raises:
-            MonitorStateError: the state is from a newer format or another probe batch.
+            MonitorStateError: (strict only) the state is from a newer format, or from
+                another probe batch or pair set while ``on_mismatch="refuse"``.
         """
+        self._lenient_resume = not strict
         if state.get("state_version", 0) > STATE_VERSION:
-            raise MonitorStateError(
+            message = (
                 f"monitor state version {state.get('state_version')} is newer than this "
                 f"library understands ({STATE_VERSION}); upgrade redundancy-monitor"
             )
+            if strict:
+                raise MonitorStateError(message)
+            log.error("redundancy monitor: %s; the state is ignored", message)
+            self._resume_reasons.append("a monitor state this version cannot read (ignored)")
+            return
         self._expected_sha = state.get("batch_sha256")
+        self._restore_batch(state.get("probe_batch"))
         self._check_sha()
         identity = state.get("trajectory") or (
             {"batch_sha256": self._expected_sha} if self._expected_sha else None
@@ -638,12 +739,36 @@ class RedundancyMonitor:
         self.alerts = [Alert(**a) for a in state.get("alerts", [])]
         self.alert_engine.load_state_dict(state.get("alert_engine", {}))
         self._start_marked = False  # a restored state is a new attempt: mark where it starts
+        self._saved_world_size = state.get("world_size")
+        self._saved_pending = state.get("pending_step")
+
+    def _restore_batch(self, saved: dict[str, Any] | None) -> None:
+        """Probe the checkpoint's batch unless the user gave one (ids or texts)."""
+        if not saved or self._batch_origin in ("given", "texts"):
+            return
+        try:
+            mask = saved.get("attention_mask")
+            checked = make_batch(
+                torch.tensor(saved["input_ids"]), None if mask is None else torch.tensor(mask)
+            )
+        except Exception as exc:  # a damaged state: fall back to the batch found now
+            log.warning("redundancy monitor: the saved probe batch is unusable: %s", exc)
+            return
+        if self._expected_sha not in (None, checked.sha256):
+            log.warning("redundancy monitor: the saved probe batch does not match its hash")
+            return
+        self._ids, self._mask = checked.input_ids, checked.attention_mask
+        self._batch_origin = "checkpoint"
 
     def _check_pairs(self, saved, n_layers: int | None) -> None:
         """Refuse another pair set; specs naming the same pairs ("adjacent", "window:1",
         the explicit list) are the same set."""
         now = _pairs_spec(self.probe_kwargs["pairs"])
-        if self.on_mismatch == "refuse" and not same_pair_set(saved, now, n_layers):
+        if saved is None or same_pair_set(saved, now, n_layers):
+            return
+        if self._lenient_resume:
+            self._resume_reasons.append(f"pairs={now!r} (the checkpoint has pairs={saved!r})")
+        elif self.on_mismatch == "refuse":
             raise MonitorStateError(
                 f"the restored monitor state was recorded with pairs={saved!r}, this monitor "
                 f"probes pairs={now!r}; trajectories would not be comparable. Pass the same "
@@ -652,7 +777,11 @@ class RedundancyMonitor:
 
     def _check_protocols(self, saved: list[str] | None) -> None:
         now = protocols_identity(self.probe_kwargs["protocols"])
-        if self.on_mismatch == "refuse" and saved is not None and saved != now:
+        if saved is None or saved == now:
+            return
+        if self._lenient_resume:
+            self._resume_reasons.append(f"protocols {now} (the checkpoint has {saved})")
+        elif self.on_mismatch == "refuse":
             raise MonitorStateError(
                 f"the restored monitor state was recorded with protocols {saved}, this "
                 f"monitor probes {now}; trajectories would not be comparable (a missing "

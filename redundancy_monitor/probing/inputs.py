@@ -59,13 +59,41 @@ def from_texts(
 
 
 def from_dataloader(loader, max_sequences: int | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The first batch of `loader` (its first `max_sequences` rows), moved to the CPU."""
-    try:
-        first = next(iter(loader))
-    except StopIteration:
-        raise InvalidBatchError("the probe dataloader is empty; pass one with a batch") from None
+    """The first rows of `loader`'s data (at most `max_sequences`), moved to the CPU.
+
+    Read so that training does not notice: a map-style dataset is indexed directly (rows
+    0.. put together by the loader's ``collate_fn``), because iterating the loader would
+    draw a seed from the global generator (changing the run's data order and dropout),
+    start worker processes, and, for accelerate's loaders, register with the
+    gradient-accumulation bookkeeping and synchronise generators across ranks. Other
+    loaders (iterable datasets, plain iterables) give their first batch. Either way the
+    CPU generator is restored afterwards, in case a dataset or collator draws numbers.
+    """
+    with torch.random.fork_rng(devices=[]):
+        first = _first_rows(loader, max_sequences)
     ids, mask = ids_and_mask(first)
     if max_sequences is not None:
         ids = ids[:max_sequences]
         mask = None if mask is None else mask[:max_sequences]
     return ids.detach().cpu(), None if mask is None else mask.detach().cpu()
+
+
+def _first_rows(loader, max_sequences: int | None):
+    dataset = getattr(loader, "dataset", None)
+    collate = getattr(loader, "collate_fn", None)
+    limits = [n for n in (max_sequences, getattr(loader, "batch_size", None)) if n]
+    indexable = (
+        dataset is not None
+        and not isinstance(dataset, torch.utils.data.IterableDataset)
+        and hasattr(dataset, "__getitem__")
+        and hasattr(dataset, "__len__")
+    )
+    if indexable and callable(collate) and limits:
+        n_rows = min(len(dataset), *limits)
+        if n_rows == 0:
+            raise InvalidBatchError("the probe dataloader's dataset is empty; pass one with rows")
+        return collate([dataset[i] for i in range(n_rows)])
+    try:
+        return next(iter(loader))
+    except StopIteration:
+        raise InvalidBatchError("the probe dataloader is empty; pass one with a batch") from None

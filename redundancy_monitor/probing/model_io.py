@@ -114,18 +114,20 @@ def logit_transform(model: nn.Module):
 
 @contextlib.contextmanager
 def untouched(model: nn.Module) -> Iterator[None]:
-    """Eval mode, no autograd, no autocast, RNG restored; every module's mode restored after."""
+    """Eval mode, no autograd, no autocast; every module's mode restored after.
+
+    The random number generators are left alone, neither saved nor restored: a probe may
+    run in a thread beside training, and restoring the process-wide generator when it
+    ends would rewind every number training drew meanwhile. In eval mode a model draws
+    none (dropout is off), so the global RNG state is untouched all the same.
+    """
     modes = [(m, m.training) for m in model.modules()]
     try:
         device = next(model.parameters()).device
     except StopIteration:
         device = torch.device("cpu")
-    rng_devices = [device] if device.type == "cuda" else []
     try:
-        with contextlib.ExitStack() as stack:
-            stack.enter_context(torch.random.fork_rng(devices=rng_devices))
-            stack.enter_context(torch.no_grad())
-            stack.enter_context(torch.autocast(device.type, enabled=False))
+        with torch.no_grad(), torch.autocast(device.type, enabled=False):
             model.eval()
             yield
     finally:

@@ -120,7 +120,9 @@ def distances_with_retry(root, block_list, head_module, batch, variants, options
         except Exception as error:
             if not _is_out_of_memory(error) or attempt == retries:
                 raise
-            if torch.cuda.is_available():
+            # Not from a monitor's worker thread: emptying the allocator's cache there
+            # would make training's next allocations go back to the driver mid-step.
+            if torch.cuda.is_available() and current_token() is None:
                 torch.cuda.empty_cache()
             rows = options.logit_rows or max(
                 8, DEFAULT_LOGIT_ELEMENTS // (vocab_size_of(root) or 1)
