@@ -106,7 +106,7 @@ def test_an_alert_that_stops_training_stops_every_rank_at_the_same_step(tmp_path
 def test_fsdp2_sharded_model_is_gathered_at_the_scheduled_step_and_probed(tmp_path):
     torchrun(SCRIPTS / "fsdp2_loop.py", str(tmp_path))
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
-    assert ranks[0] == ranks[1] == {"probes": 4, "failures": 0}
+    assert ranks[0] == ranks[1] == {"probes": 4, "failures": 0, "rng_untouched": True}
     probes = probes_by_step(tmp_path / "redundancy.jsonl")
     assert sorted(probes) == [0, 3, 6, 7]
     assert_equals_single_process_probe(probes[7], tmp_path / "final.pt")

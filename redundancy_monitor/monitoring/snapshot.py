@@ -61,10 +61,11 @@ class ShadowModel:
         if any(_is_dtensor(p) for p in source.parameters()):
             return self._capture_sharded(source)
         tensors = self._tensors(source)
+        device = tensors[0].device if tensors else torch.device("cpu")
         if self.shadow is None or not self._matches(source, tensors):
             self._build(source, tensors)
+            self._used_on_side_stream(self._tensors(self.shadow), device)
         targets = self._tensors(self.shadow)
-        device = tensors[0].device if tensors else torch.device("cpu")
         with torch.no_grad(), self._copy_stream(device):
             for dst, src in zip(targets, tensors, strict=True):
                 dst.copy_(src, non_blocking=device.type == "cuda")
@@ -73,14 +74,29 @@ class ShadowModel:
                 self._copied.record(self.stream)
         return self.shadow
 
+    def _side_stream(self, device: torch.device):
+        if self.stream is None or self._device != device:
+            self.stream = torch.cuda.Stream(device=device)
+            self._device = device
+        return self.stream
+
+    def _used_on_side_stream(self, tensors: list[torch.Tensor], device: torch.device) -> None:
+        """Tell the caching allocator that `tensors` (allocated on the training stream) are
+        used on the side stream: when they are freed (a rebuilt shadow, an abandoned
+        probe's copy, gathered FSDP2 weights) their memory is not handed back to the
+        training stream before the side stream's queued kernels are done with it."""
+        if device.type != "cuda":
+            return
+        stream = self._side_stream(device)
+        for tensor in tensors:
+            tensor.record_stream(stream)
+
     @contextlib.contextmanager
     def _copy_stream(self, device: torch.device):
         if device.type != "cuda":
             yield
             return
-        if self.stream is None or self._device != device:
-            self.stream = torch.cuda.Stream(device=device)
-            self._device = device
+        self._side_stream(device)
         # The side stream must see the weights the last optimizer step wrote.
         self.stream.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(self.stream):
@@ -121,7 +137,10 @@ def _unsharded_class(module: nn.Module) -> type:
 
 
 def _plain_copy(source: nn.Module) -> nn.Module:
-    """A new, unsharded instance of a sharded Hugging Face model (weights filled later)."""
+    """A new, unsharded instance of a sharded Hugging Face model (weights filled later).
+
+    Built with the generators forked: its random initialisation (overwritten at once)
+    must not consume numbers that training would draw next."""
     config = getattr(source, "config", None)
     cls = _unsharded_class(source)
     if config is None or not hasattr(cls, "_from_config"):
@@ -132,7 +151,9 @@ def _plain_copy(source: nn.Module) -> nn.Module:
         )
     first = next(source.parameters())
     dtype = first.dtype
-    shadow = cls._from_config(config).to(dtype=dtype, device=first.device)
+    devices = [first.device] if first.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        shadow = cls._from_config(config).to(dtype=dtype, device=first.device)
     for p in shadow.parameters():
         p.requires_grad_(False)
     return shadow.eval()
@@ -143,10 +164,16 @@ def _capture_sharded_into(holder: ShadowModel, source: nn.Module) -> nn.Module:
         name: (p.full_tensor() if _is_dtensor(p) else p).detach()
         for name, p in source.named_parameters()
     }
+    buffers = {
+        name: (b.full_tensor() if _is_dtensor(b) else b).detach()
+        for name, b in source.named_buffers()
+    }
+    device = next(iter(full.values())).device if full else torch.device("cpu")
     if holder.shadow is None or holder._source_id != id(source):
         holder.shadow = None
         holder.shadow = _plain_copy(source)
         holder._source_id = id(source)
+        holder._used_on_side_stream(holder._tensors(holder.shadow), device)
     targets = dict(holder.shadow.named_parameters())
     targets.update(holder.shadow.named_buffers())
     missing = sorted(set(full) - set(targets))
@@ -155,10 +182,14 @@ def _capture_sharded_into(holder: ShadowModel, source: nn.Module) -> nn.Module:
             f"the unsharded copy has no parameters named {missing[:3]}; the sharded model's "
             "names must match its Hugging Face class"
         )
-    with torch.no_grad():
-        for name, tensor in full.items():
-            targets[name].copy_(tensor)
-        for name, buffer in source.named_buffers():
+    # The gathered weights are copied on the side stream, like an unsharded capture, so
+    # the probe runs there too; they are freed when this returns, after that copy.
+    holder._used_on_side_stream(list(full.values()) + list(buffers.values()), device)
+    with torch.no_grad(), holder._copy_stream(device):
+        for name, tensor in [*full.items(), *buffers.items()]:
             if name in targets:
-                targets[name].copy_(buffer.full_tensor() if _is_dtensor(buffer) else buffer)
+                targets[name].copy_(tensor, non_blocking=device.type == "cuda")
+        if device.type == "cuda":
+            holder._copied = torch.cuda.Event()
+            holder._copied.record(holder.stream)
     return holder.shadow

@@ -38,7 +38,9 @@ def main() -> None:
         jsonl_path=out / "redundancy.jsonl",
     )
     monitor.start()
-    monitor.step(0, model)
+    before = torch.get_rng_state()
+    monitor.step(0, model)  # builds the unsharded copy: its init must not draw for training
+    rng_untouched = torch.equal(before, torch.get_rng_state())
     step = 0
     for (ids,) in token_loader(n_seq=64):
         loss = model(input_ids=ids, labels=ids).loss
@@ -55,7 +57,13 @@ def main() -> None:
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
     rank = dist.get_rank()
     (out / f"rank{rank}.json").write_text(
-        json.dumps({"probes": monitor.n_probes, "failures": monitor.n_failures})
+        json.dumps(
+            {
+                "probes": monitor.n_probes,
+                "failures": monitor.n_failures,
+                "rng_untouched": rng_untouched,
+            }
+        )
     )
     if rank == 0:
         torch.save(full, out / "final.pt")
