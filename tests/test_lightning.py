@@ -38,18 +38,19 @@ def test_tensorboard_events_match_the_jsonl_records(tmp_path):
 
     acc = event_accumulator(cb.tensorboard_dir)
     tags = acc.Tags()
-    for name in (
-        "gap_mean",
-        "gap_median",
-        "gap_p75",
-        "gap_max",
-        "ir_median",
-        "d1/gap_mean",
-        "d_repl_mean",
-        "d_int_mean",
-        "spearman",
-    ):
-        events = acc.Scalars(f"redundancy/{name}")
+    tags_of = {
+        "gap_mean": "redundancy/gap_mean",
+        "gap_median": "redundancy/gap_median",
+        "gap_p75": "redundancy/gap_p75",
+        "gap_max": "redundancy/gap_max",
+        "ir_median": "redundancy/ir_median",
+        "d1/gap_mean": "redundancy_by_distance/d1/gap_mean",
+        "d_repl_mean": "redundancy/d_repl_mean",
+        "d_int_mean": "redundancy/d_int_mean",
+        "spearman": "redundancy_detail/spearman",
+    }
+    for name, tag in tags_of.items():
+        events = acc.Scalars(tag)
         by_step = {e.step: e.value for e in events}
         expected = {p["step"]: p["result"]["summary"] for p in probes}
         assert sorted(by_step) == sorted(expected), name
@@ -60,7 +61,7 @@ def test_tensorboard_events_match_the_jsonl_records(tmp_path):
             assert by_step[step] == pytest.approx(value, rel=1e-6, abs=1e-7), (name, step)
     pair = probes[-1]["result"]["pairs"][0]
     pair_events = {
-        e.step: e.value for e in acc.Scalars(f"redundancy/pair/{pair['i']}-{pair['j']}/gap")
+        e.step: e.value for e in acc.Scalars(f"redundancy_pairs/{pair['i']}-{pair['j']}/gap")
     }
     assert pair_events[probes[-1]["step"]] == pytest.approx(pair["gap"], rel=1e-6)
     for name in ("d_repl", "d_int", "gap"):

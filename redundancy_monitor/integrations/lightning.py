@@ -5,6 +5,7 @@ Works with ``lightning.pytorch`` and, when only that is installed, ``pytorch_lig
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any
 
@@ -20,6 +21,8 @@ try:
     from lightning.pytorch import Callback
 except ImportError:  # only the standalone package is installed
     from pytorch_lightning import Callback
+
+log = logging.getLogger("redundancy_monitor")
 
 
 def _is_tensorboard_logger(logger) -> bool:
@@ -96,6 +99,10 @@ class RedundancyMonitorCallback(Callback):
             checkpoint_on_alert, ...: see `RedundancyMonitor` (with `sidecar`: only
             the schedule, on_alert, stop_on_alert and checkpoint_on_alert).
 
+    Its checkpoint state is kept under a `state_key` made of the probe batch and what is
+    probed, so several monitors can be attached to one trainer. With ``fast_dev_run``
+    it probes but writes nothing (no record file, no TensorBoard events, no checkpoint).
+
     Raises:
         InvalidConfigError, InvalidBatchError: as `RedundancyMonitor`; probing
             arguments given with `sidecar`.
@@ -133,6 +140,14 @@ class RedundancyMonitorCallback(Callback):
         self._lm: nn.Module | None = None
         self._root: str | None = None  # the trainer's default_root_dir
         self._saved_jsonl: str | None = None  # the record file a restored checkpoint names
+        self._alert_dir: str | None = None  # where alert checkpoints go, the same on every rank
+        self._synced_step: int | None = None
+
+    @property
+    def state_key(self) -> str:
+        if self.monitor is None:  # a sidecar keeps its own state
+            return super().state_key
+        return self._generate_state_key(**self.monitor.config_key, model=self.model_path)
 
     # ----- setup -------------------------------------------------------------------------
 
@@ -199,16 +214,23 @@ class RedundancyMonitorCallback(Callback):
         )
 
     def on_train_start(self, trainer, pl_module) -> None:
+        writes = not trainer.fast_dev_run
         if self.sidecar is not None:
+            folder = str(trainer.default_root_dir)
+            self._alert_dir = trainer.strategy.broadcast(folder) if writes else None
             self.sidecar.start()
             self._read_sidecar(trainer)
             return
         if self._probes_here(trainer):
             self._lm = find_language_model(pl_module, self.model_path)
             self._fallback_batch(trainer)
-            if not self._attached and trainer.is_global_zero:
+            if not self._attached and trainer.is_global_zero and writes:
                 self._attach_sinks(trainer)
                 self._attached = True
+        folder = getattr(self, "tensorboard_dir", None) or trainer.default_root_dir
+        # A collective: a sharded checkpoint needs one path on every rank.
+        self._alert_dir = trainer.strategy.broadcast(folder) if writes else None
+        if self._probes_here(trainer):
             self.monitor.start()
             self.monitor.step(trainer.global_step, self._lm)
         self._apply_requests(trainer)
@@ -228,7 +250,7 @@ class RedundancyMonitorCallback(Callback):
     def on_train_end(self, trainer, pl_module) -> None:
         if self._probes_here(trainer):
             self.monitor.train_end(trainer.global_step, self._lm)
-        self._apply_requests(trainer)
+        self._apply_requests(trainer, at_end=True)
 
     def on_exception(self, trainer, pl_module, exception) -> None:
         # Also reached on KeyboardInterrupt. Bounded: a running probe gets close_timeout
@@ -248,11 +270,16 @@ class RedundancyMonitorCallback(Callback):
             self.sidecar.checkpoint_requested = False
             self._act(trainer, self.sidecar.stop_requested, save)
 
-    def _apply_requests(self, trainer) -> None:
+    def _apply_requests(self, trainer, at_end: bool = False) -> None:
         if self.monitor is None:
             return
         stop, save = self.monitor.stop_requested, self.monitor.checkpoint_requested
-        if trainer.world_size > 1:  # every rank must agree (they do when all ranks probe)
+        if trainer.world_size > 1 and self.monitor.distributed is False:
+            # Rank 0 probes alone, so only it knows; it tells the others at scheduled
+            # steps (the same on every rank), not at every batch. When all ranks share
+            # the probe, each reaches the same decisions from the gathered result.
+            if not (at_end or self._sync_due(trainer.global_step)):
+                return
             if self.monitor.stop_rules:
                 stop = trainer.strategy.reduce_boolean_decision(stop, all=False)
             if self.monitor.checkpoint_rules:
@@ -264,11 +291,17 @@ class RedundancyMonitorCallback(Callback):
     def _act(self, trainer, stop: bool, save: bool) -> None:
         if stop:
             trainer.should_stop = True
-        if save:
-            folder = getattr(self, "tensorboard_dir", None) or trainer.default_root_dir
-            trainer.save_checkpoint(
-                os.path.join(folder, f"redundancy-alert-step{trainer.global_step}.ckpt")
-            )
+        if save and self._alert_dir is not None:
+            name = f"redundancy-alert-step{trainer.global_step}.ckpt"
+            trainer.save_checkpoint(os.path.join(self._alert_dir, name))
+
+    def _sync_due(self, step: int) -> bool:
+        """Whether `step` is a scheduled step seen for the first time (micro-batches of
+        one optimizer step share it)."""
+        if step == self._synced_step or not self.monitor.schedule.is_due(step):
+            return False
+        self._synced_step = step
+        return True
 
     # ----- resume ------------------------------------------------------------------------
 
@@ -289,4 +322,24 @@ class RedundancyMonitorCallback(Callback):
             return
         state = dict(state_dict)
         self._saved_jsonl = state.pop("jsonl_file", None)
-        self.monitor.load_state_dict(state)
+        # A hook: another batch, pair set or world size starts a new trajectory with an
+        # alert instead of raising.
+        self.monitor.load_state_dict(state, strict=False)
+
+    def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:
+        """Resumed with another configuration, the state is under another key: take the
+        one monitor state no attached monitor claims (its changes are then alerted)."""
+        states = checkpoint.get("callbacks") or {}
+        if self.monitor is None or self.state_key in states:
+            return  # Lightning hands it to load_state_dict
+        claimed = {cb.state_key for cb in trainer.callbacks if isinstance(cb, type(self))}
+        prefix = type(self).__qualname__
+        orphans = [k for k in states if str(k).startswith(prefix) and k not in claimed]
+        if len(orphans) == 1:
+            self.load_state_dict(states[orphans[0]])
+        elif orphans:
+            log.warning(
+                "redundancy monitor: the checkpoint holds %d monitor states and none matches "
+                "this monitor's configuration; starting a fresh trajectory",
+                len(orphans),
+            )

@@ -642,7 +642,10 @@ class RedundancyMonitor:
             return
         log.error("redundancy monitor: sink %s failed", name, exc_info=exc)
         step = self.last_step if self.last_step is not None else 0
-        self._deliver(self.alert_engine.observe_sink_failure(step, name, exc))
+        # Only rank 0 writes, so only it sees this: with several ranks it must not stop or
+        # checkpoint the run, which every rank has to do together.
+        alerts = self.alert_engine.observe_sink_failure(step, name, exc)
+        self._deliver(alerts, act=self._ranks is None)
 
     # ----- trajectories and resume -------------------------------------------------------
 

@@ -15,6 +15,15 @@ from redundancy_monitor.probing.result import ProbeResult
 
 PREFIX = "redundancy"
 GAP_CHART = ("gap_mean", "gap_median", "gap_p75", "gap_max")
+#: The summary scalars kept in the ``redundancy/`` section, the first screen of a
+#: dashboard; the others go to sections of their own (`scalar_tag`).
+HEADLINE = (*GAP_CHART, "ir_median", "d_repl_mean", "d_int_mean")
+BY_DISTANCE, DETAIL, PAIRS, MONITOR = (
+    f"{PREFIX}_by_distance",
+    f"{PREFIX}_detail",
+    f"{PREFIX}_pairs",
+    f"{PREFIX}_monitor",
+)
 
 
 @dataclass
@@ -38,18 +47,32 @@ class ProbeRecord:
         }
 
 
+def scalar_tag(name: str) -> str:
+    """The logged name of a summary scalar: ``redundancy/<name>`` for the headline ones,
+    ``redundancy_by_distance/d<k>/<name>`` per pair distance, else
+    ``redundancy_detail/<name>``. Dashboards group tags by the part before the first
+    slash, so the headline section stays one screen."""
+    if name in HEADLINE:
+        return f"{PREFIX}/{name}"
+    if name.startswith("d") and name.split("/", 1)[0][1:].isdigit():
+        return f"{BY_DISTANCE}/{name}"
+    return f"{DETAIL}/{name}"
+
+
 def probe_scalars(result: ProbeResult, per_pair: bool = False) -> dict[str, float]:
-    """``redundancy/<summary scalar>`` (and optionally ``redundancy/pair/i-j/<field>``).
+    """Every summary scalar under its `scalar_tag` (and optionally
+    ``redundancy_pairs/i-j/<field>``).
 
     Undefined values (None) are left out rather than logged as NaN.
     """
-    out = {f"{PREFIX}/{k}": v for k, v in result.summary.scalars().items() if v is not None}
+    scalars = result.summary.scalars()
+    out = {scalar_tag(k): v for k, v in scalars.items() if v is not None}
     if per_pair:
         for r in result.pairs:
             for name in ("d_repl", "d_int", "gap", "ir"):
                 v = getattr(r, name)
                 if v is not None:
-                    out[f"{PREFIX}/pair/{r.i}-{r.j}/{name}"] = v
+                    out[f"{PAIRS}/{r.i}-{r.j}/{name}"] = v
     return out
 
 
@@ -111,7 +134,7 @@ class MetricsSink(Sink):
     (every Lightning logger has one: CSV, W&B, MLflow, ...).
 
     Results arrive at the step of their snapshot, which can be earlier than the step the
-    logger last saw; ``redundancy/snapshot_step`` is logged too, for loggers that need a
+    logger last saw; ``redundancy_monitor/snapshot_step`` is logged too, for loggers that need a
     monotonic step and let you pick the x-axis.
     """
 
@@ -121,5 +144,5 @@ class MetricsSink(Sink):
 
     def write_probe(self, record: ProbeRecord) -> None:
         metrics = probe_scalars(record.result, self.per_pair)
-        metrics[f"{PREFIX}/snapshot_step"] = float(record.step)
+        metrics[f"{MONITOR}/snapshot_step"] = float(record.step)
         self.log_metrics(metrics, record.step)

@@ -2,15 +2,27 @@
 
 from __future__ import annotations
 
+import logging
 import os
+from pathlib import Path
 
 import numpy as np
 
 from redundancy_monitor.monitoring.alerts import Alert
-from redundancy_monitor.monitoring.sinks import GAP_CHART, PREFIX, ProbeRecord, Sink, probe_scalars
+from redundancy_monitor.monitoring.sinks import (
+    BY_DISTANCE,
+    GAP_CHART,
+    MONITOR,
+    PREFIX,
+    ProbeRecord,
+    Sink,
+    probe_scalars,
+)
 from redundancy_monitor.probing.result import ProbeResult
 
+log = logging.getLogger("redundancy_monitor")
 HEATMAPS = ("d_repl", "d_int", "gap")
+LAYOUT_TAG = "custom_scalars__config__"
 MISSING = np.array([64, 64, 64], dtype=np.float64)  # pairs not probed
 # Anchors of matplotlib's viridis, enough for a faithful linear interpolation.
 VIRIDIS = np.array(
@@ -66,22 +78,70 @@ def heatmap_image(
 
 
 def custom_scalars_layout() -> dict:
-    """One chart with the gap mean/median/p75/max, one with ir, one with both distances."""
+    """One chart with the gap mean/median/p75/max, one with ir, one with both distances,
+    one with the mean gap per pair distance."""
     tag = f"{PREFIX}/{{}}".format
     return {
-        "redundancy": {
+        PREFIX: {
             "protocol gap (nats)": ["Multiline", [tag(k) for k in GAP_CHART]],
-            "interchange / replacement ratio": ["Multiline", [tag("ir_mean"), tag("ir_median")]],
+            "interchange / replacement ratio": ["Multiline", [tag("ir_median")]],
             "distances (nats)": ["Multiline", [tag("d_repl_mean"), tag("d_int_mean")]],
+            "gap by pair distance (nats)": ["Multiline", [rf"{BY_DISTANCE}/d\d+/gap_mean"]],
         }
     }
+
+
+def merged_layout_summary(log_dir: str | os.PathLike | None):
+    """Our custom-scalars layout merged into the one already in `log_dir`'s event files.
+
+    A run has one layout (TensorBoard shows the last one written), so writing ours into a
+    run someone else writes to (Lightning's or the HF Trainer's) would replace theirs.
+    Their categories are kept; ours replaces only a category with our title.
+    """
+    from tensorboard.plugins.custom_scalar import layout_pb2
+    from torch.utils.tensorboard.summary import custom_scalars
+
+    summary = custom_scalars(custom_scalars_layout())
+    existing = _existing_layout(log_dir) if log_dir is not None else None
+    if existing is None:
+        return summary
+    ours = layout_pb2.Layout.FromString(summary.value[0].tensor.string_val[0])
+    titles = {c.title for c in ours.category}
+    merged = layout_pb2.Layout(
+        category=[c for c in existing.category if c.title not in titles] + list(ours.category)
+    )
+    summary.value[0].tensor.string_val[0] = merged.SerializeToString()
+    return summary
+
+
+def _existing_layout(log_dir: str | os.PathLike):
+    """The last custom-scalars layout written to the event files directly in `log_dir`."""
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+    from tensorboard.plugins.custom_scalar import layout_pb2
+
+    latest = None
+    for path in sorted(Path(log_dir).glob("events.out.tfevents.*")):
+        try:
+            for event in EventFileLoader(str(path)).Load():
+                for value in event.summary.value:
+                    if value.tag == LAYOUT_TAG:
+                        latest = (event.wall_time, value.tensor.string_val[0])
+        except Exception as exc:  # a file being written or damaged: use what was read
+            log.debug("redundancy monitor: reading %s for a layout failed: %s", path, exc)
+    return None if latest is None else layout_pb2.Layout.FromString(latest[1])
 
 
 class TensorBoardSink(Sink):
     """Writes to a `SummaryWriter` (Lightning's, when it has one) or its own in `log_dir`.
 
+    Headline scalars go to ``redundancy/``, the rest to sections of their own (see
+    `redundancy_monitor.monitoring.sinks.scalar_tag`); a custom-scalars layout already in
+    the run is merged with ours, not replaced.
+
     Args:
-        writer: an existing ``torch.utils.tensorboard.SummaryWriter``; not closed here.
+        writer: an existing ``torch.utils.tensorboard.SummaryWriter``, or a function that
+            returns the current one (a trainer may close and re-open its writer); not
+            closed here.
         log_dir: where to create a writer when `writer` is None.
         per_pair: also log ``redundancy/pair/i-j/{d_repl,d_int,gap,ir}``.
         images: log heatmaps of d_repl, d_int and gap at every probe.
@@ -100,7 +160,9 @@ class TensorBoardSink(Sink):
         if writer is None and log_dir is None:
             raise ValueError("TensorBoardSink needs a writer or a log_dir")
         self._writer, self._owns = writer, writer is None
-        self.log_dir = str(log_dir) if log_dir is not None else writer.get_logdir()
+        if log_dir is None:
+            log_dir = (writer() if callable(writer) else writer).get_logdir()
+        self.log_dir = str(log_dir)
         self.per_pair, self.images, self.purge_step = per_pair, images, purge_step
         self._layout_written = False
 
@@ -110,17 +172,23 @@ class TensorBoardSink(Sink):
             from torch.utils.tensorboard import SummaryWriter
 
             self._writer = SummaryWriter(log_dir=self.log_dir, purge_step=self.purge_step)
+        writer = self._writer() if callable(self._writer) else self._writer
         if not self._layout_written:
-            self._writer.add_custom_scalars(custom_scalars_layout())
+            writer.flush()  # a layout the run's owner wrote must be on disk to be merged
+            file_writer = getattr(writer, "_get_file_writer", None)
+            if file_writer is None:  # not torch's or tensorboardX's writer: ours only
+                writer.add_custom_scalars(custom_scalars_layout())
+            else:
+                file_writer().add_summary(merged_layout_summary(writer.get_logdir()))
             self._layout_written = True
-        return self._writer
+        return writer
 
     def write_probe(self, record: ProbeRecord) -> None:
         w, step = self.writer, record.step
         for tag, value in probe_scalars(record.result, self.per_pair).items():
             w.add_scalar(tag, value, step)
-        w.add_scalar(f"{PREFIX}/monitor/probe_seconds", record.probe_seconds, step)
-        w.add_scalar(f"{PREFIX}/monitor/blocked_seconds", record.blocked_seconds, step)
+        w.add_scalar(f"{MONITOR}/probe_seconds", record.probe_seconds, step)
+        w.add_scalar(f"{MONITOR}/blocked_seconds", record.blocked_seconds, step)
         if record.result.summary.regime is not None:
             w.add_text(f"{PREFIX}/regime", record.result.summary.regime, step)
         if self.images:
@@ -139,8 +207,9 @@ class TensorBoardSink(Sink):
         self.writer.add_text(f"{PREFIX}/markers", text, marker["step"])
 
     def flush(self) -> None:
-        if self._writer is not None:
-            self._writer.flush()
+        writer = self._writer() if callable(self._writer) else self._writer
+        if writer is not None:
+            writer.flush()
 
     def close(self) -> None:
         if self._writer is not None and self._owns:
