@@ -84,6 +84,17 @@ def test_a_probe_failing_on_one_rank_is_recorded_and_training_finishes(tmp_path)
     assert (tmp_path / "final.pt").exists()  # training reached its end on rank 0
 
 
+def test_lightning_rank0_alone_shares_its_stop_and_checkpoint_only_at_scheduled_steps(tmp_path):
+    run_script("lightning_ddp.py", str(tmp_path), "ddp", env={"RM_TEST_MODE": "rank0-alerts"})
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    # probes at steps 0 and 4 (the second fires the alert): every rank stops at step 4
+    assert ranks[0]["global_step"] == ranks[1]["global_step"] == 4
+    # two rules x (scheduled steps 0 and 4, then train end); not one per batch
+    assert ranks[0]["reductions"] == ranks[1]["reductions"] == 6
+    assert ranks[0]["alert_dir"] == ranks[1]["alert_dir"] == str(tmp_path / "tb")
+    assert (tmp_path / "tb" / "redundancy-alert-step4.ckpt").exists()
+
+
 def test_hf_trainer_under_torchrun_shares_the_probe_and_writes_once(tmp_path):
     pytest.importorskip("accelerate", reason="the transformers Trainer needs accelerate")
     torchrun(SCRIPTS / "hf_ddp.py", str(tmp_path), "plain")

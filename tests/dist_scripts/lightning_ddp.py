@@ -1,10 +1,12 @@
 """A 2-rank Lightning run on CPU (gloo) with the monitor attached.
 
-    python lightning_ddp.py OUT_DIR STRATEGY [FAIL_RANK FAIL_STEP]
+    python lightning_ddp.py OUT_DIR STRATEGY
 
 Lightning starts the second rank itself (ddp: a subprocess; ddp_spawn: a spawned
 process, hence module-level classes). Rank 0 saves the final weights and the monitor's
-counts at train end. With FAIL_RANK/FAIL_STEP the FAIL_STEP-th probe on that rank raises.
+counts at train end. With RM_TEST_FAIL=RANK,N the N-th probe on that rank raises. With
+RM_TEST_MODE=rank0-alerts rank 0 probes alone (distributed=False), an alert asks for a
+stop and a checkpoint, and every rank writes what it saw to rank<r>.json.
 """
 
 import json
@@ -20,6 +22,7 @@ from conftest import tiny_model
 from training_fixtures import probe_ids, token_loader
 
 import redundancy_monitor.monitoring.monitor as monitor_module
+from redundancy_monitor import AlertConfig
 from redundancy_monitor.integrations.lightning import RedundancyMonitorCallback
 
 FAIL = tuple(int(x) for x in os.environ.get("RM_TEST_FAIL", "-1,-1").split(","))
@@ -63,21 +66,57 @@ class SaveAtEnd(L.Callback):
             (self.out / "summary.json").write_text(json.dumps(counts))
 
 
+class ReportEveryRank(L.Callback):
+    """Counts the trainer's boolean reductions (only the monitor makes any here)."""
+
+    def __init__(self, out: Path, monitor_callback: RedundancyMonitorCallback):
+        self.out, self.monitor_callback, self.reductions = out, monitor_callback, 0
+
+    def setup(self, trainer, pl_module, stage):
+        real = trainer.strategy.reduce_boolean_decision
+
+        def counted(*args, **kwargs):
+            self.reductions += 1
+            return real(*args, **kwargs)
+
+        trainer.strategy.reduce_boolean_decision = counted
+
+    def on_train_end(self, trainer, pl_module):
+        report = {
+            "global_step": trainer.global_step,
+            "reductions": self.reductions,
+            "alert_dir": self.monitor_callback._alert_dir,
+        }
+        (self.out / f"rank{trainer.global_rank}.json").write_text(json.dumps(report))
+
+
 def main() -> None:
     out, strategy = Path(sys.argv[1]), sys.argv[2]
     torch.set_num_threads(1)
+    extra = {}
+    if os.environ.get("RM_TEST_MODE") == "rank0-alerts":
+        extra = dict(
+            executor="inline",
+            distributed=False,
+            alerts=AlertConfig(gap_threshold=-10.0, hysteresis=2),
+            stop_on_alert=["gap_threshold"],
+            checkpoint_on_alert=["gap_threshold"],
+        )
     monitor = RedundancyMonitorCallback(
         probe_ids(),
-        every_n_steps=4,
-        log_spaced=False,
-        executor="background",
-        pairs="window:2",
-        log_dir=str(out / "tb"),
-        jsonl_path=str(out / "redundancy.jsonl"),
+        **{
+            "every_n_steps": 4,
+            "log_spaced": False,
+            "executor": "background",
+            "pairs": "window:2",
+            "log_dir": str(out / "tb"),
+            "jsonl_path": str(out / "redundancy.jsonl"),
+            **extra,
+        },
     )
     trainer = L.Trainer(
         default_root_dir=str(out),
-        callbacks=[monitor, SaveAtEnd(out, monitor)],
+        callbacks=[monitor, SaveAtEnd(out, monitor), ReportEveryRank(out, monitor)],
         accelerator="cpu",
         devices=2,
         strategy=strategy,
