@@ -18,10 +18,10 @@ def make_trainer(tmp_path, callbacks, **kw):
         output_dir=str(tmp_path),
         per_device_train_batch_size=8,
         learning_rate=3e-3,
-        report_to=[],
+        report_to=kw.pop("report_to", []),
         use_cpu=True,
         save_strategy=kw.pop("save_strategy", "no"),
-        logging_strategy="no",
+        logging_strategy=kw.pop("logging_strategy", "no"),
         dataloader_num_workers=0,
         disable_tqdm=True,
         seed=0,
@@ -35,16 +35,31 @@ def make_trainer(tmp_path, callbacks, **kw):
     )
 
 
-def test_hf_run_writes_tensorboard_matching_the_jsonl(tmp_path):
+def test_hf_run_writes_into_the_trainers_tensorboard_run_matching_the_jsonl(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     cb = RedundancyMonitorTrainerCallback(probe_ids(), every_n_steps=2, log_spaced=False)
-    make_trainer(tmp_path, [cb], max_steps=6).train()
+    trainer = make_trainer(
+        tmp_path,
+        [cb],
+        max_steps=6,
+        report_to=["tensorboard"],
+        logging_strategy="steps",
+        logging_steps=1,
+    )
+    trainer.train()
     probes = [r for r in read_records(cb.jsonl_file) if r["type"] == "probe"]
     assert [p["step"] for p in probes] == [0, 2, 4, 6] or {0, 6} <= {p["step"] for p in probes}
-    assert cb.tensorboard_dir == str(tmp_path / "runs" / "redundancy")
+    assert cb.jsonl_file == str(tmp_path / "redundancy" / "redundancy.jsonl")
+    tensorboard = next(
+        c for c in trainer.callback_handler.callbacks if type(c).__name__ == "TensorBoardCallback"
+    )
+    assert cb.tensorboard_dir == tensorboard.logging_dir
+    runs = {str(p.parent) for p in tmp_path.rglob("events.out.tfevents.*")}
+    assert runs == {cb.tensorboard_dir}  # one run: the trainer's own
     acc = EventAccumulator(cb.tensorboard_dir, size_guidance={"scalars": 0})
     acc.Reload()
+    assert "train/loss" in acc.Tags()["scalars"]
     logged = {e.step: e.value for e in acc.Scalars("redundancy/gap_median")}
     assert logged == pytest.approx(
         {p["step"]: p["result"]["summary"]["gap_median"] for p in probes}

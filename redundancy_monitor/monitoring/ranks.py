@@ -75,6 +75,12 @@ class RankGroup:
         dist.all_reduce(value, op=dist.ReduceOp.MIN, group=self.group)
         return bool(value.item())
 
+    def any_true(self, flags: list[bool]) -> list[bool]:
+        """Element-wise: True on every rank where any rank's flag is true."""
+        value = torch.tensor([1 if f else 0 for f in flags], dtype=torch.int32)
+        dist.all_reduce(value, op=dist.ReduceOp.MAX, group=self.group)
+        return [bool(v) for v in value.tolist()]
+
     def merge(self, outcome):
         """Every rank's outcome of one probe, merged into one (the same on every rank).
 
