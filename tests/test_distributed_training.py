@@ -103,7 +103,8 @@ def test_hf_trainer_under_torchrun_shares_the_probe_and_writes_once(tmp_path):
     probes = probes_by_step(tmp_path / "tb" / "redundancy.jsonl")
     assert sorted(probes) == [0, 2, 4, 6, 8]
     assert_equals_single_process_probe(probes[8], tmp_path / "final.pt")
-    assert len(list((tmp_path / "tb").glob("events.out.tfevents.*"))) == 1  # rank 0 only
+    events = list(tmp_path.rglob("events.out.tfevents.*"))
+    assert [p.parent for p in events] == [tmp_path / "runs"]  # the trainer's run, rank 0 only
 
 
 def test_an_alert_that_stops_training_stops_every_rank_at_the_same_step(tmp_path):
@@ -112,6 +113,15 @@ def test_an_alert_that_stops_training_stops_every_rank_at_the_same_step(tmp_path
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert ranks[0]["global_step"] == ranks[1]["global_step"] < 8
     assert "gap_threshold" in ranks[0]["alerts"]
+
+
+def test_rank0_probing_alone_stops_every_rank_at_the_same_step(tmp_path):
+    pytest.importorskip("accelerate", reason="the transformers Trainer needs accelerate")
+    torchrun(SCRIPTS / "hf_ddp.py", str(tmp_path), "stop-rank0")  # a lone stop would hang
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    # probes at steps 0 and 2 on rank 0; the second fires: both ranks stop at step 2
+    assert ranks[0]["global_step"] == ranks[1]["global_step"] == 2
+    assert ranks[0]["alerts"] == ["gap_threshold"] and ranks[1]["alerts"] == []
 
 
 def test_fsdp2_sharded_model_is_gathered_at_the_scheduled_step_and_probed(tmp_path):

@@ -165,6 +165,7 @@ class TensorBoardSink(Sink):
         self.log_dir = str(log_dir)
         self.per_pair, self.images, self.purge_step = per_pair, images, purge_step
         self._layout_written = False
+        self._last_writer = None
 
     @property
     def writer(self):
@@ -173,6 +174,7 @@ class TensorBoardSink(Sink):
 
             self._writer = SummaryWriter(log_dir=self.log_dir, purge_step=self.purge_step)
         writer = self._writer() if callable(self._writer) else self._writer
+        self._last_writer = writer
         if not self._layout_written:
             writer.flush()  # a layout the run's owner wrote must be on disk to be merged
             file_writer = getattr(writer, "_get_file_writer", None)
@@ -207,13 +209,13 @@ class TensorBoardSink(Sink):
         self.writer.add_text(f"{PREFIX}/markers", text, marker["step"])
 
     def flush(self) -> None:
-        writer = self._writer() if callable(self._writer) else self._writer
-        if writer is not None:
-            writer.flush()
+        # The writer last written to: flushing must not re-open one its owner closed.
+        if self._last_writer is not None:
+            self._last_writer.flush()
 
     def close(self) -> None:
         if self._writer is not None and self._owns:
             self._writer.close()
-            self._writer = None
+            self._writer = self._last_writer = None
         else:
             self.flush()

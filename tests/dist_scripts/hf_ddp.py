@@ -1,12 +1,15 @@
 """A 2-rank Hugging Face Trainer run on CPU (gloo), launched with torchrun.
 
-    torchrun --nproc_per_node 2 hf_ddp.py OUT_DIR MODE     (MODE: plain | stop)
+    torchrun --nproc_per_node 2 hf_ddp.py OUT_DIR MODE     (MODE: plain | stop | stop-rank0)
 
 Rank 0 writes the final weights and, per rank, the global step reached; `stop` asks
-every rank to stop on the first alert (a rank that did not stop would hang DDP).
+every rank to stop on the first alert (a rank that did not stop would hang DDP);
+`stop-rank0` does the same with rank 0 probing alone (distributed=False). The Trainer
+reports to TensorBoard in OUT_DIR/runs.
 """
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -25,8 +28,11 @@ def main() -> None:
     out, mode = Path(sys.argv[1]), sys.argv[2]
     torch.set_num_threads(1)
     extra = {}
-    if mode == "stop":
+    if mode.startswith("stop"):
         extra = dict(alerts=AlertConfig(gap_threshold=-10.0, hysteresis=2), stop_on_alert=True)
+    if mode == "stop-rank0":
+        extra.update(distributed=False, executor="inline")
+    os.environ["TENSORBOARD_LOGGING_DIR"] = str(out / "runs")
     callback = RedundancyMonitorTrainerCallback(
         probe_ids(),
         every_n_steps=2,
@@ -39,7 +45,7 @@ def main() -> None:
         output_dir=str(out),
         per_device_train_batch_size=4,
         learning_rate=3e-3,
-        report_to=[],
+        report_to=["tensorboard"],
         use_cpu=True,
         ddp_backend="gloo",
         save_strategy="no",
