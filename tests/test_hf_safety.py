@@ -58,7 +58,7 @@ def test_every_callback_gets_the_scalars_at_the_snapshot_step_before_training_en
     for (step, logs), h in zip(probes, cb.monitor.history, strict=True):
         assert logs["redundancy/gap_mean"] == pytest.approx(h["scalars"]["gap_mean"])
         assert logs["redundancy_detail/spearman"] == pytest.approx(h["scalars"]["spearman"])
-        assert logs["redundancy_monitor/snapshot_step"] == step
+        assert logs["redundancy_probe/snapshot_step"] == step
     last_probe = max(i for i, e in enumerate(recorder.events) if "redundancy/gap_mean" in e[2])
     end = next(i for i, e in enumerate(recorder.events) if e[0] == "train_end")
     assert last_probe < end  # the final probe arrived while the integrations were open

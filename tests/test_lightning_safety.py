@@ -114,7 +114,7 @@ def test_the_headline_section_holds_only_the_headline_scalars(tmp_path):
         "redundancy_by_distance",
         "redundancy_detail",
         "redundancy_pairs",
-        "redundancy_monitor",
+        "redundancy_probe",
     }
     assert {t for t in scalars if t.startswith("redundancy/")} == {
         f"redundancy/{name}"

@@ -19,7 +19,7 @@ from transformers.trainer_callback import CallbackHandler, ExportableState
 from redundancy_monitor.errors import InvalidConfigError
 from redundancy_monitor.monitoring.monitor import RedundancyMonitor
 from redundancy_monitor.monitoring.sidecar import SidecarAlerts, sidecar_from_kwargs
-from redundancy_monitor.monitoring.sinks import MONITOR, ProbeRecord, Sink, probe_scalars
+from redundancy_monitor.monitoring.sinks import PROBE_INFO, ProbeRecord, Sink, probe_scalars
 from redundancy_monitor.monitoring.tensorboard import TensorBoardSink
 
 log = logging.getLogger("redundancy_monitor")
@@ -100,7 +100,7 @@ class TrainerLogSink(Sink):
     def write_probe(self, record: ProbeRecord) -> None:
         args, state, control = self.owner._args, self.owner._state, self.owner._control
         logs = probe_scalars(record.result, self.per_pair)
-        logs[f"{MONITOR}/snapshot_step"] = float(record.step)
+        logs[f"{PROBE_INFO}/snapshot_step"] = float(record.step)
         at_snapshot = copy.copy(state)  # logged at the step of the snapshot (§6)
         at_snapshot.global_step = record.step
         state.log_history.append({**logs, "step": record.step})

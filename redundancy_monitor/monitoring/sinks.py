@@ -18,11 +18,11 @@ GAP_CHART = ("gap_mean", "gap_median", "gap_p75", "gap_max")
 #: The summary scalars kept in the ``redundancy/`` section, the first screen of a
 #: dashboard; the others go to sections of their own (`scalar_tag`).
 HEADLINE = (*GAP_CHART, "ir_median", "d_repl_mean", "d_int_mean")
-BY_DISTANCE, DETAIL, PAIRS, MONITOR = (
+BY_DISTANCE, DETAIL, PAIRS, PROBE_INFO = (
     f"{PREFIX}_by_distance",
     f"{PREFIX}_detail",
     f"{PREFIX}_pairs",
-    f"{PREFIX}_monitor",
+    f"{PREFIX}_probe",
 )
 
 
@@ -134,7 +134,7 @@ class MetricsSink(Sink):
     (every Lightning logger has one: CSV, W&B, MLflow, ...).
 
     Results arrive at the step of their snapshot, which can be earlier than the step the
-    logger last saw; ``redundancy_monitor/snapshot_step`` is logged too, for loggers that need a
+    logger last saw; ``redundancy_probe/snapshot_step`` is logged too, for loggers that need a
     monotonic step and let you pick the x-axis.
     """
 
@@ -144,5 +144,5 @@ class MetricsSink(Sink):
 
     def write_probe(self, record: ProbeRecord) -> None:
         metrics = probe_scalars(record.result, self.per_pair)
-        metrics[f"{MONITOR}/snapshot_step"] = float(record.step)
+        metrics[f"{PROBE_INFO}/snapshot_step"] = float(record.step)
         self.log_metrics(metrics, record.step)

@@ -12,8 +12,8 @@ from redundancy_monitor.monitoring.alerts import Alert
 from redundancy_monitor.monitoring.sinks import (
     BY_DISTANCE,
     GAP_CHART,
-    MONITOR,
     PREFIX,
+    PROBE_INFO,
     ProbeRecord,
     Sink,
     probe_scalars,
@@ -189,8 +189,8 @@ class TensorBoardSink(Sink):
         w, step = self.writer, record.step
         for tag, value in probe_scalars(record.result, self.per_pair).items():
             w.add_scalar(tag, value, step)
-        w.add_scalar(f"{MONITOR}/probe_seconds", record.probe_seconds, step)
-        w.add_scalar(f"{MONITOR}/blocked_seconds", record.blocked_seconds, step)
+        w.add_scalar(f"{PROBE_INFO}/probe_seconds", record.probe_seconds, step)
+        w.add_scalar(f"{PROBE_INFO}/blocked_seconds", record.blocked_seconds, step)
         if record.result.summary.regime is not None:
             w.add_text(f"{PREFIX}/regime", record.result.summary.regime, step)
         if self.images:
