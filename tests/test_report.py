@@ -22,7 +22,8 @@ from run_folders import (
     write_records,
 )
 
-from redundancy_monitor.tools.records import RunFolderError, load_run
+from redundancy_monitor.errors import RunFolderError
+from redundancy_monitor.tools.records import load_run
 from redundancy_monitor.tools.report import write_report
 
 ALWAYS = ("gap_trajectory", "ir_by_distance", "heatmaps", "gap_vs_depth", "alert_timeline")

@@ -6,6 +6,7 @@ import os
 
 import numpy as np
 
+from redundancy_monitor.errors import InvalidConfigError
 from redundancy_monitor.monitoring.alerts import Alert
 from redundancy_monitor.monitoring.sinks import GAP_CHART, PREFIX, ProbeRecord, Sink, probe_scalars
 from redundancy_monitor.probing.result import ProbeResult
@@ -98,7 +99,10 @@ class TensorBoardSink(Sink):
         purge_step: int | None = None,
     ):
         if writer is None and log_dir is None:
-            raise ValueError("TensorBoardSink needs a writer or a log_dir")
+            raise InvalidConfigError(
+                "TensorBoardSink needs a writer or a log_dir; pass writer=SummaryWriter(...) "
+                "or log_dir='runs/redundancy'"
+            )
         self._writer, self._owns = writer, writer is None
         self.log_dir = str(log_dir) if log_dir is not None else writer.get_logdir()
         self.per_pair, self.images, self.purge_step = per_pair, images, purge_step

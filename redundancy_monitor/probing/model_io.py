@@ -10,7 +10,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from redundancy_monitor.errors import InvalidBatchError
+from redundancy_monitor.errors import InvalidBatchError, UnsupportedModelError
 from redundancy_monitor.probing.batch import ProbeBatch
 
 
@@ -74,7 +74,10 @@ def logits_of(output) -> torch.Tensor:
         return logits
     if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
         return output[0]
-    raise TypeError(f"cannot find logits in a model output of type {type(output).__name__}")
+    raise UnsupportedModelError(
+        f"cannot find logits in a model output of type {type(output).__name__}; the model "
+        "must return a logits tensor, a tuple starting with one, or an object with .logits"
+    )
 
 
 def block_hidden(output) -> torch.Tensor:

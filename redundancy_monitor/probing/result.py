@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from redundancy_monitor.errors import InvalidConfigError
+from redundancy_monitor.errors import InvalidConfigError, NotInResultError
 
 
 @dataclass(frozen=True)
@@ -328,7 +328,10 @@ class ProbeResult:
         for r in self.pairs:
             if (r.i, r.j) == (i, j):
                 return r
-        raise KeyError(f"pair {(i, j)} was not probed")
+        raise NotInResultError(
+            f"pair {(i, j)} was not probed; probe with pairs='all' (or a list holding it) "
+            "to measure it"
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return {

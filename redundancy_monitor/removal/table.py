@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 from torch import nn
 
-from redundancy_monitor.errors import InvalidConfigError
+from redundancy_monitor.errors import InvalidConfigError, NotInResultError
 from redundancy_monitor.probing.result import ProbeResult
 from redundancy_monitor.removal.baselines import (
     greedy_deletion_steps,
@@ -113,10 +113,19 @@ class RemovalReport:
         for r in self.rows:
             if (r.budget, r.selector) == (budget, selector):
                 return r
-        raise KeyError(f"no row for budget {budget}, selector {selector!r}")
+        selectors = list(dict.fromkeys(r.selector for r in self.rows))
+        raise NotInResultError(
+            f"no row for budget {budget}, selector {selector!r}; the table has budgets "
+            f"{list(self.budgets)} and selectors {selectors}"
+        )
 
     def verdict(self, budget: int) -> BudgetVerdict:
-        return next(v for v in self.verdicts if v.budget == budget)
+        for v in self.verdicts:
+            if v.budget == budget:
+                return v
+        raise NotInResultError(
+            f"no verdict for budget {budget}; the table has budgets {list(self.budgets)}"
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return {

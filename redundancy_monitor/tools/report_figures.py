@@ -11,17 +11,13 @@ from collections.abc import Callable
 
 import numpy as np
 
-from redundancy_monitor.errors import RedundancyMonitorError
+from redundancy_monitor.errors import MissingDependencyError
 from redundancy_monitor.monitoring.sinks import GAP_CHART
 from redundancy_monitor.monitoring.tensorboard import HEATMAPS, pair_matrix
 from redundancy_monitor.probing.result import ProbeResult
 from redundancy_monitor.tools.records import RunRecords
 
 MISSING = "#d0d0d0"  # pairs not probed
-
-
-class MissingDependencyError(RedundancyMonitorError, ImportError):
-    """An optional dependency a feature needs is not installed."""
 
 
 def _matplotlib():
