@@ -8,10 +8,11 @@ import pytest
 import torch
 from conftest import ARCHITECTURES, tiny_batch, tiny_model
 
-from redundancy_monitor import Variant, probe, reference_distances
+from redundancy_monitor import probe
 from redundancy_monitor.probing.engine import EngineOptions, variant_distances
 from redundancy_monitor.probing.probe import plan_variants, prepare
-from redundancy_monitor.probing.variants import parse_pairs
+from redundancy_monitor.probing.reference import reference_distances
+from redundancy_monitor.probing.variants import Variant, parse_pairs
 
 ATOL, RTOL = 1e-5, 1e-4
 

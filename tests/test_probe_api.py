@@ -12,17 +12,11 @@ from conftest import ARCHITECTURES, tiny_batch, tiny_model
 from torch import nn
 
 import redundancy_monitor as rm
-from redundancy_monitor import (
-    BlockDiscoveryError,
-    InvalidBatchError,
-    InvalidPairsError,
-    InvalidProtocolError,
-    UnsupportedModelError,
-    find_blocks,
-    parse_pairs,
-    probe,
-)
+from redundancy_monitor import BlockDiscoveryError, InvalidBatchError, find_blocks, probe
+from redundancy_monitor.errors import InvalidPairsError, InvalidProtocolError, UnsupportedModelError
 from redundancy_monitor.probing.probe import prepare
+from redundancy_monitor.probing.reference import reference_distances
+from redundancy_monitor.probing.variants import Variant, parse_pairs
 
 BLOCK_PATHS = {
     "gpt_neox": "gpt_neox.layers",
@@ -153,7 +147,7 @@ def test_qwen3_mixed_attention_types_keep_their_slot():
     ids = torch.randint(0, 61, (2, 10))
     result = probe(model, ids, pairs="adjacent")
     root, blocks, _, batch = prepare(model, ids, None)
-    ref = rm.reference_distances(root, blocks, batch, [rm.Variant.replacement(4, 0, 1)])
+    ref = reference_distances(root, blocks, batch, [Variant.replacement(4, 0, 1)])
     assert result.pair(0, 1).repl_ij == pytest.approx(ref[0].mean, rel=1e-4, abs=1e-6)
 
 
@@ -215,6 +209,21 @@ def test_batch_hash_depends_on_ids_and_mask():
     ids2 = ids.clone()
     ids2[1, 3] += 1
     assert a != rm.make_batch(ids2, mask).sha256
+
+
+def test_public_api_is_the_short_list_and_internals_stay_in_their_modules():
+    from redundancy_monitor.probing import engine, reference
+
+    assert 18 <= len(rm.__all__) <= 26
+    for name in rm.__all__:
+        assert getattr(rm, name) is not None, name
+    assert rm.MonitorStateError.__module__ == "redundancy_monitor.errors"
+    assert rm.probe.__module__ == "redundancy_monitor.probing.probe"
+    for internal in ("reference_distances", "variant_distances", "EngineOptions", "Variant"):
+        assert internal not in rm.__all__
+        with pytest.raises(AttributeError, match=internal):
+            getattr(rm, internal)
+    assert callable(reference.reference_distances) and callable(engine.variant_distances)
 
 
 def test_importing_the_package_does_not_import_trainers():

@@ -11,22 +11,20 @@ import torch
 from conftest import tiny_batch, tiny_model
 
 from redundancy_monitor import (
-    InvalidBudgetError,
     InvalidConfigError,
-    InvalidProtocolError,
     PairRecord,
     ProbeResult,
-    Variant,
     make_batch,
     plan_removal,
     probe,
-    reference_distances,
-    removability,
     removal_cost,
-    summarize,
 )
+from redundancy_monitor.errors import InvalidBudgetError, InvalidProtocolError
 from redundancy_monitor.probing.blocks import find_blocks
-from redundancy_monitor.removal.cost import greedy_non_adjacent, jaccard, window_plan
+from redundancy_monitor.probing.reference import reference_distances
+from redundancy_monitor.probing.result import summarize
+from redundancy_monitor.probing.variants import Variant
+from redundancy_monitor.removal.cost import greedy_non_adjacent, jaccard, removability, window_plan
 
 
 def hand_result(n_layers: int, pairs: dict[tuple[int, int], tuple[float, float]]) -> ProbeResult:

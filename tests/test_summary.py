@@ -8,7 +8,8 @@ import math
 import numpy as np
 import pytest
 
-from redundancy_monitor import PairRecord, Thresholds, summarize
+from redundancy_monitor import PairRecord, Thresholds
+from redundancy_monitor.probing.result import summarize
 
 
 def rec(i, j, repl, inter, last=None):
