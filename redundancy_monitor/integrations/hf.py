@@ -8,13 +8,14 @@ import os
 import weakref
 from typing import Any
 
-from transformers import TrainerCallback
-from transformers.trainer_callback import ExportableState
-
 from redundancy_monitor.errors import InvalidConfigError
+from redundancy_monitor.extras import require
 from redundancy_monitor.monitoring.monitor import RedundancyMonitor
 from redundancy_monitor.monitoring.sidecar import SidecarAlerts, sidecar_from_kwargs
 from redundancy_monitor.monitoring.tensorboard import TensorBoardSink
+
+_callbacks = require("transformers.trainer_callback", "RedundancyMonitorTrainerCallback")
+TrainerCallback, ExportableState = _callbacks.TrainerCallback, _callbacks.ExportableState
 
 # The Trainer rebuilds stateful callbacks as ``type(cb)(**args)`` when
 # `restore_callback_states_from_checkpoint=True`; args must be JSON, so they carry a token

@@ -11,6 +11,7 @@ from typing import Any
 from torch import nn
 
 from redundancy_monitor.errors import InvalidConfigError
+from redundancy_monitor.extras import missing
 from redundancy_monitor.monitoring.monitor import RedundancyMonitor
 from redundancy_monitor.monitoring.sidecar import SidecarAlerts, sidecar_from_kwargs
 from redundancy_monitor.monitoring.sinks import MetricsSink
@@ -18,8 +19,11 @@ from redundancy_monitor.monitoring.tensorboard import TensorBoardSink
 
 try:
     from lightning.pytorch import Callback
-except ImportError:  # only the standalone package is installed
-    from pytorch_lightning import Callback
+except ModuleNotFoundError:
+    try:  # only the standalone package is installed
+        from pytorch_lightning import Callback
+    except ModuleNotFoundError:
+        raise missing("lightning", "RedundancyMonitorCallback") from None
 
 
 def _is_tensorboard_logger(logger) -> bool:

@@ -11,6 +11,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from redundancy_monitor.errors import RedundancyMonitorError
+from redundancy_monitor.extras import require
 
 EXIT_OK = 0
 EXIT_BAD_INPUT = 2
@@ -120,13 +121,12 @@ def add_score_parser(sub) -> None:
 
 
 def cmd_score(args: argparse.Namespace) -> int:
-    from transformers.utils import logging as hf_logging
-
     from redundancy_monitor.tools.loading import check_output_folder
     from redundancy_monitor.tools.score import ScoreConfig, score_checkpoint
     from redundancy_monitor.tools.score_outputs import terminal_summary, write_outputs
 
     # Our own bars show progress; keep stderr for them and for one-line errors.
+    hf_logging = require("transformers.utils.logging", "redundancy-monitor score")
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
 
@@ -236,8 +236,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
     tokenizer = load_tokenizer(args.tokenizer or find_tokenizer(checkpoints))
     ids = probe_batch_from_text(tokenizer, read_text([args.text]), args.n_seq, args.seq_len)
     if not args.no_progress:
-        from transformers.utils import logging as hf_logging
-
+        hf_logging = require("transformers.utils.logging", "redundancy-monitor replay")
         hf_logging.disable_progress_bar()  # one bar, ours with the ETA, is enough
     done = replay(
         checkpoints, ids, args.out, loader, pairs=args.pairs, progress=not args.no_progress
@@ -352,8 +351,6 @@ def add_watch_parser(sub) -> None:
 def cmd_watch(args: argparse.Namespace) -> int:
     import signal
 
-    from transformers.utils import logging as hf_logging
-
     from redundancy_monitor.tools.loading import (
         load_probe_batch,
         probe_batch_from_text,
@@ -363,6 +360,7 @@ def cmd_watch(args: argparse.Namespace) -> int:
     from redundancy_monitor.tools.replay import ModelLoader, find_tokenizer, load_tokenizer
     from redundancy_monitor.tools.watch import watch
 
+    hf_logging = require("transformers.utils.logging", "redundancy-monitor watch")
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
     resolve_device(args.device)

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from redundancy_monitor.errors import CheckpointError
+from redundancy_monitor.extras import require
 
 DTYPES = {
     "auto": "auto",
@@ -87,6 +88,7 @@ def load_checkpoint(
         CheckpointError: missing path, not a causal LM, no tokenizer, unknown dtype or
             device, gguf package missing.
     """
+    require("transformers", "loading a checkpoint")  # fails naming the extra to install
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
