@@ -30,7 +30,7 @@ _LAZY = {
     "ProbeResult": "redundancy_monitor.probing.result",
     "ProbeSummary": "redundancy_monitor.probing.result",
     "Thresholds": "redundancy_monitor.probing.result",
-    "plan_removal": "redundancy_monitor.removal.cost",
+    "plan_removal": "redundancy_monitor.removal.selection",
     "removal_cost": "redundancy_monitor.removal.cost",
     "compare_removal": "redundancy_monitor.removal.table",
     "RedundancyMonitor": "redundancy_monitor.monitoring.monitor",

@@ -8,7 +8,7 @@ from conftest import tiny_batch, tiny_config, tiny_model
 
 from redundancy_monitor import find_blocks, make_batch
 from redundancy_monitor.errors import InvalidBudgetError
-from redundancy_monitor.removal.cost import slots_skipped
+from redundancy_monitor.probing.model_io import slots_skipped
 from redundancy_monitor.removal.export import export_pruned, prune_model
 
 

@@ -131,3 +131,19 @@ raise SystemExit(main(["score", {str(tmp_path)!r}, "--text", "-"]))
         "redundancy-monitor score: error: redundancy-monitor score needs transformers, which "
         "is not installed; install it with: pip install 'redundancy-monitor[hf]'"
     ]
+
+
+def test_selection_alerts_and_report_import_without_torch():
+    """The removal selection is pure: the alert rules and the report reach it without
+    loading torch (or the engine)."""
+    done = run_blocked(
+        """
+import redundancy_monitor.monitoring.alerts
+import redundancy_monitor.removal.selection
+import redundancy_monitor.tools.report
+
+print(sorted(m for m in ("torch", "redundancy_monitor.probing.engine") if m in sys.modules))
+"""
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"

@@ -24,7 +24,8 @@ from redundancy_monitor.probing.blocks import find_blocks
 from redundancy_monitor.probing.reference import reference_distances
 from redundancy_monitor.probing.result import summarize
 from redundancy_monitor.probing.variants import Variant
-from redundancy_monitor.removal.cost import greedy_non_adjacent, jaccard, removability, window_plan
+from redundancy_monitor.removal.cost import window_plan
+from redundancy_monitor.removal.selection import greedy_non_adjacent, jaccard, removability
 
 
 def hand_result(n_layers: int, pairs: dict[tuple[int, int], tuple[float, float]]) -> ProbeResult:

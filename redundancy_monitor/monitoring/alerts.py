@@ -16,7 +16,7 @@ from typing import Any
 
 from redundancy_monitor.errors import InvalidConfigError
 from redundancy_monitor.probing.result import ProbeResult
-from redundancy_monitor.removal.cost import greedy_non_adjacent, removability
+from redundancy_monitor.removal.selection import default_budget, removal_overlap
 
 RULES = (
     "gap_threshold",
@@ -107,22 +107,6 @@ class AlertConfig:
             raise InvalidConfigError(f"overlap_budget must be >= 1, got {self.overlap_budget}")
         if self.growth_floor <= 0:
             raise InvalidConfigError(f"growth_floor must be > 0, got {self.growth_floor}")
-
-
-def removal_overlap(result: ProbeResult, budget: int) -> tuple[float | None, set[int], set[int]]:
-    """Jaccard overlap of the replacement- and interchange-guided removal sets at `budget`
-    (the docs/definitions.md §5 selection of `redundancy_monitor.removal.cost`)."""
-    by_repl = _removal_set(result, "replacement", budget)
-    by_int = _removal_set(result, "interchange", budget)
-    union = by_repl | by_int
-    if not union:
-        return None, by_repl, by_int
-    return len(by_repl & by_int) / len(union), by_repl, by_int
-
-
-def _removal_set(result: ProbeResult, protocol: str, budget: int) -> set[int]:
-    """Up to `budget` layers picked by the docs/definitions.md §5 rule (fewer when fewer can be picked)."""
-    return set(greedy_non_adjacent(removability(result, protocol))[:budget])
 
 
 @dataclass
@@ -263,7 +247,7 @@ class AlertEngine:
 
     def _overlap(self, step: int, result: ProbeResult) -> Alert | None:
         c = self.config
-        budget = c.overlap_budget or max(1, result.n_layers // 4)
+        budget = c.overlap_budget or default_budget(result.n_layers)
         jaccard, by_repl, by_int = removal_overlap(result, budget)
         holds = jaccard is not None and jaccard < c.overlap_threshold
         return self._update(

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 import torch
 from torch import nn
@@ -192,3 +192,17 @@ class SkippedSlot(SlotStandIn):
 
     def forward(self, hidden_states, *args, **kwargs):
         return (hidden_states,) if self.returns_tuple else hidden_states
+
+
+@contextlib.contextmanager
+def slots_skipped(
+    model: nn.Module, blocks: nn.ModuleList, layers: Iterable[int], batch: ProbeBatch
+) -> Iterator[None]:
+    """Run `model` with the given slots skipped (identity): the pruned model. Restored on exit.
+
+    `batch` supplies two tokens for a forward that tells how each block returns.
+    """
+    layers = sorted(set(layers))
+    kinds = block_return_kinds(model, blocks, batch)
+    with blocks_replaced(blocks, {s: SkippedSlot(blocks[s], kinds[s]) for s in layers}):
+        yield

@@ -23,10 +23,9 @@ from redundancy_monitor.removal.baselines import (
     hidden_state_scores_on,
     random_sets,
 )
-from redundancy_monitor.removal.cost import (
+from redundancy_monitor.removal.cost import CostMeter, RemovalCost
+from redundancy_monitor.removal.selection import (
     GUIDED_PROTOCOLS,
-    CostMeter,
-    RemovalCost,
     RemovalPlan,
     check_budgets,
     jaccard,

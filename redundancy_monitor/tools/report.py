@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from redundancy_monitor.errors import InvalidBudgetError
-from redundancy_monitor.removal.cost import plan_removal
+from redundancy_monitor.removal.selection import default_budget, jaccard, plan_removal
 from redundancy_monitor.tools.records import ProbePoint, RunRecords, load_run
 
 REGIME_MEANING = {
@@ -43,11 +43,6 @@ class Report:
 
 def _f(x: float | None, digits: int = 4) -> str:
     return "n/a" if x is None else f"{x:.{digits}f}"
-
-
-def removal_budget(n_layers: int) -> int:
-    """The budget the summary and the overlap alert use: a quarter of the layers, >= 1."""
-    return max(1, n_layers // 4)
 
 
 def _change(name: str, first: float | None, last: float | None) -> str:
@@ -119,7 +114,7 @@ def _baseline_sentences(run: RunRecords) -> list[str]:
 
 
 def _removal_sentences(point: ProbePoint) -> list[str]:
-    budget = removal_budget(point.result.n_layers)
+    budget = default_budget(point.result.n_layers)
     try:
         plan = plan_removal(
             point.result, budgets=(budget,), protocols=("replacement", "interchange")
@@ -130,8 +125,8 @@ def _removal_sentences(point: ProbePoint) -> list[str]:
         ]
     by_repl = set(plan.layers("replacement", budget))
     by_int = set(plan.layers("interchange", budget))
-    jaccard = len(by_repl & by_int) / len(by_repl | by_int)
-    agree = "the same set" if by_repl == by_int else f"Jaccard overlap {_f(jaccard, 2)}"
+    overlap = jaccard(by_repl, by_int)
+    agree = "the same set" if by_repl == by_int else f"Jaccard overlap {_f(overlap, 2)}"
     return [
         f"Layers each protocol would remove at budget {budget} (the non-adjacent removability rule on the step "
         f"{point.step} distances; 0-based): replacement {sorted(by_repl)}, interchange "

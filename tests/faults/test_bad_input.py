@@ -20,9 +20,14 @@ from redundancy_monitor.errors import (
     InvalidProtocolError,
     RedundancyMonitorError,
 )
-from redundancy_monitor.monitoring.alerts import AlertConfig, removal_overlap
+from redundancy_monitor.monitoring.alerts import AlertConfig
 from redundancy_monitor.probing.result import PairRecord, ProbeResult, summarize
-from redundancy_monitor.removal.cost import greedy_non_adjacent, plan_removal, removability
+from redundancy_monitor.removal.selection import (
+    greedy_non_adjacent,
+    plan_removal,
+    removability,
+    removal_overlap,
+)
 
 IDS = torch.ones(2, 4, dtype=torch.long)
 
@@ -154,7 +159,7 @@ def _unprobed_pair():
 
 
 def _report_without_budget():
-    from redundancy_monitor.removal.cost import RemovalPlan
+    from redundancy_monitor.removal.selection import RemovalPlan
     from redundancy_monitor.removal.table import RemovalReport
 
     RemovalReport(1.0, 4, 2, 8, (1,), [], [], RemovalPlan({}, {}, {})).verdict(2)
