@@ -10,11 +10,11 @@ applies. The regime rule fires when a new regime has persisted for `hysteresis` 
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from redundancy_monitor.errors import InvalidConfigError
+from redundancy_monitor.formatting import finite_or_none, fmt
 from redundancy_monitor.probing.result import ProbeResult
 from redundancy_monitor.removal.selection import default_budget, removal_overlap
 
@@ -41,9 +41,7 @@ class Alert:
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
-        for key in ("value", "threshold"):
-            if isinstance(out[key], float) and not math.isfinite(out[key]):
-                out[key] = None
+        out["value"], out["threshold"] = finite_or_none(self.value), finite_or_none(self.threshold)
         return out
 
 
@@ -164,7 +162,7 @@ class AlertEngine:
                     holds,
                     value,
                     c.gap_threshold,
-                    f"step {step}: {c.gap_metric} = {_f(value)} nats is above the threshold "
+                    f"step {step}: {c.gap_metric} = {fmt(value)} nats is above the threshold "
                     f"{c.gap_threshold}: replacement and interchange disagree on which layers "
                     "are redundant",
                 )
@@ -240,8 +238,8 @@ class AlertEngine:
             ratio > c.growth_factor,
             ratio,
             c.growth_factor,
-            f"step {step}: {c.gap_metric} = {_f(value)} nats is {ratio:.1f}x its value "
-            f"{_f(self.baseline)} at the baseline probe (step {self.baseline_at}); "
+            f"step {step}: {c.gap_metric} = {fmt(value)} nats is {ratio:.1f}x its value "
+            f"{fmt(self.baseline)} at the baseline probe (step {self.baseline_at}); "
             f"the protocols are diverging",
         )
 
@@ -258,7 +256,7 @@ class AlertEngine:
             c.overlap_threshold,
             f"step {step}: at budget {budget} replacement would remove layers "
             f"{sorted(by_repl)} and interchange layers {sorted(by_int)} (Jaccard "
-            f"{_f(jaccard, 2)} < {c.overlap_threshold}); measure removal cost before pruning",
+            f"{fmt(jaccard, 2)} < {c.overlap_threshold}); measure removal cost before pruning",
         )
 
     def _regime(self, step: int, regime: str | None) -> Alert | None:
@@ -307,7 +305,3 @@ class AlertEngine:
         self.baseline_at = state.get("baseline_at")
         self.regime = state.get("regime")
         self.regime_candidate = state.get("regime_candidate")
-
-
-def _f(x: float | None, digits: int = 4) -> str:
-    return "null" if x is None else f"{x:.{digits}f}"

@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 
 from redundancy_monitor.errors import InvalidConfigError, NotInResultError
+from redundancy_monitor.formatting import finite_floats, finite_or_none, fmt
 
 
 @dataclass(frozen=True)
@@ -33,14 +34,6 @@ class Thresholds:
                 f"thresholds need 0 <= strong <= conditional, got strong={self.strong}, "
                 f"conditional={self.conditional}"
             )
-
-
-def _clean(x: float | None) -> float | None:
-    """JSON-safe float: NaN and inf become None."""
-    if x is None:
-        return None
-    x = float(x)
-    return x if math.isfinite(x) else None
 
 
 @dataclass(frozen=True)
@@ -79,7 +72,7 @@ class PairRecord:
         return all(x is None or math.isfinite(x) for x in measured)
 
     def to_dict(self) -> dict[str, Any]:
-        return {k: (_clean(v) if isinstance(v, float) else v) for k, v in asdict(self).items()}
+        return finite_floats(asdict(self))
 
 
 def _derive(repl_ij, repl_ji, d_int) -> dict[str, float | None]:
@@ -122,8 +115,8 @@ class DeletionRecord:
     def to_dict(self) -> dict[str, Any]:
         return {
             "slot": self.slot,
-            "d_del": _clean(self.d_del),
-            "d_del_last": _clean(self.d_del_last),
+            "d_del": finite_or_none(self.d_del),
+            "d_del_last": finite_or_none(self.d_del_last),
         }
 
 
@@ -176,24 +169,17 @@ class ProbeSummary:
             value = getattr(self, f.name)
             if f.name in ("regime", "by_distance"):
                 continue
-            out[f.name] = _clean(value) if value is not None else None
+            out[f.name] = finite_or_none(value)
         for d, stats in sorted(self.by_distance.items()):
             for f in fields(stats):
                 value = getattr(stats, f.name)
-                out[f"d{d}/{f.name}"] = _clean(value) if value is not None else None
+                out[f"d{d}/{f.name}"] = finite_or_none(value)
         return out
 
     def to_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {
-            f.name: _clean(getattr(self, f.name))
-            if isinstance(getattr(self, f.name), float)
-            else getattr(self, f.name)
-            for f in fields(self)
-            if f.name != "by_distance"
-        }
+        out = finite_floats({f.name: getattr(self, f.name) for f in fields(self)})
         out["by_distance"] = {
-            str(d): {k: (_clean(v) if isinstance(v, float) else v) for k, v in asdict(s).items()}
-            for d, s in sorted(self.by_distance.items())
+            str(d): finite_floats(asdict(s)) for d, s in sorted(self.by_distance.items())
         }
         return out
 
@@ -359,8 +345,8 @@ class ProbeResult:
         rows = self.pairs if max_rows is None else self.pairs[:max_rows]
         for r in rows:
             lines.append(
-                f"{r.i:>3} {r.j:>3} {r.distance:>5} {_fmt(r.repl_ij):>9} {_fmt(r.repl_ji):>9} "
-                f"{_fmt(r.d_repl):>9} {_fmt(r.d_int):>9} {_fmt(r.gap):>9} {_fmt(r.ir, 3):>7}"
+                f"{r.i:>3} {r.j:>3} {r.distance:>5} {fmt(r.repl_ij):>9} {fmt(r.repl_ji):>9} "
+                f"{fmt(r.d_repl):>9} {fmt(r.d_int):>9} {fmt(r.gap):>9} {fmt(r.ir, 3):>7}"
             )
         if max_rows is not None and len(self.pairs) > max_rows:
             lines.append(f"... {len(self.pairs) - max_rows} more pairs")
@@ -368,16 +354,8 @@ class ProbeResult:
             lines.append(f"{s.i:>3} {s.j:>3}  skipped: {s.reason}")
         sm = self.summary
         lines.append(
-            f"regime={sm.regime}  gap mean={_fmt(sm.gap_mean)} median={_fmt(sm.gap_median)} "
-            f"max={_fmt(sm.gap_max)}  ir median={_fmt(sm.ir_median, 3)}  "
-            f"d_repl mean={_fmt(sm.d_repl_mean)}  d_int mean={_fmt(sm.d_int_mean)}"
+            f"regime={sm.regime}  gap mean={fmt(sm.gap_mean)} median={fmt(sm.gap_median)} "
+            f"max={fmt(sm.gap_max)}  ir median={fmt(sm.ir_median, 3)}  "
+            f"d_repl mean={fmt(sm.d_repl_mean)}  d_int mean={fmt(sm.d_int_mean)}"
         )
         return "\n".join(lines)
-
-
-def _fmt(x: float | None, digits: int = 4) -> str:
-    if x is None:
-        return "null"
-    if not math.isfinite(x):
-        return str(x)
-    return f"{x:.{digits}f}"

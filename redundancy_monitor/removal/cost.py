@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from redundancy_monitor.errors import InvalidConfigError
+from redundancy_monitor.formatting import finite_or_none
 from redundancy_monitor.probing.batch import make_batch
 from redundancy_monitor.probing.engine import EngineOptions, variant_distances
 from redundancy_monitor.probing.model_io import (
@@ -140,19 +141,15 @@ class RemovalCost:
     def to_dict(self) -> dict[str, Any]:
         return {
             "layers": list(self.layers),
-            "d_del": _clean(self.d_del),
-            "d_del_last": _clean(self.d_del_last),
-            "perplexity": _clean(self.perplexity),
-            "base_perplexity": _clean(self.base_perplexity),
-            "perplexity_change": _clean(self.perplexity_change),
+            "d_del": finite_or_none(self.d_del),
+            "d_del_last": finite_or_none(self.d_del_last),
+            "perplexity": finite_or_none(self.perplexity),
+            "base_perplexity": finite_or_none(self.base_perplexity),
+            "perplexity_change": finite_or_none(self.perplexity_change),
             "window": self.window,
             "stride": self.stride,
             "heldout_tokens": self.heldout_tokens,
         }
-
-
-def _clean(x: float | None) -> float | None:
-    return x if x is not None and math.isfinite(x) else None
 
 
 @dataclass

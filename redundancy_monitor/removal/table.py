@@ -8,7 +8,6 @@ protocol with the smaller distances is not always the one whose removals cost le
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,6 +16,7 @@ import numpy as np
 from torch import nn
 
 from redundancy_monitor.errors import InvalidConfigError, NotInResultError
+from redundancy_monitor.formatting import finite_or_none, fmt
 from redundancy_monitor.probing.result import ProbeResult
 from redundancy_monitor.removal.baselines import (
     greedy_deletion_steps,
@@ -34,10 +34,6 @@ from redundancy_monitor.removal.selection import (
 
 GUIDED = GUIDED_PROTOCOLS
 BASELINES = ("greedy", "block_influence", "angular", "random")
-
-
-def _clean(x: float | None) -> float | None:
-    return x if x is not None and math.isfinite(x) else None
 
 
 @dataclass(frozen=True)
@@ -59,11 +55,11 @@ class SelectorCost:
             "budget": self.budget,
             "selector": self.selector,
             "layers": None if self.layers is None else list(self.layers),
-            "d_del": _clean(self.d_del),
-            "perplexity": _clean(self.perplexity),
-            "perplexity_change": _clean(self.perplexity_change),
-            "d_del_std": _clean(self.d_del_std),
-            "perplexity_std": _clean(self.perplexity_std),
+            "d_del": finite_or_none(self.d_del),
+            "perplexity": finite_or_none(self.perplexity),
+            "perplexity_change": finite_or_none(self.perplexity_change),
+            "d_del_std": finite_or_none(self.d_del_std),
+            "perplexity_std": finite_or_none(self.perplexity_std),
             "draws": [list(d) for d in self.draws],
         }
 
@@ -84,13 +80,13 @@ class BudgetVerdict:
     def to_dict(self) -> dict[str, Any]:
         return {
             "budget": self.budget,
-            "increase_ratio": _clean(self.increase_ratio),
-            "perplexity_ratio": _clean(self.perplexity_ratio),
-            "d_del_ratio": _clean(self.d_del_ratio),
-            "jaccard": _clean(self.jaccard),
+            "increase_ratio": finite_or_none(self.increase_ratio),
+            "perplexity_ratio": finite_or_none(self.perplexity_ratio),
+            "d_del_ratio": finite_or_none(self.d_del_ratio),
+            "jaccard": finite_or_none(self.jaccard),
             "recommended": list(self.recommended),
             "recommended_by": list(self.recommended_by),
-            "recommended_perplexity": _clean(self.recommended_perplexity),
+            "recommended_perplexity": finite_or_none(self.recommended_perplexity),
         }
 
 
@@ -128,7 +124,7 @@ class RemovalReport:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "base_perplexity": _clean(self.base_perplexity),
+            "base_perplexity": finite_or_none(self.base_perplexity),
             "window": self.window,
             "stride": self.stride,
             "heldout_tokens": self.heldout_tokens,
@@ -161,14 +157,10 @@ class RemovalReport:
             lines.append(
                 f"n={v.budget}: recommend remove {list(v.recommended)} "
                 f"({', '.join(v.recommended_by)}; ppl {v.recommended_perplexity:.4f})  "
-                f"repl/int Δppl ratio {_fmt(v.increase_ratio)}  "
-                f"Jaccard(int, repl) {_fmt(v.jaccard)}"
+                f"repl/int Δppl ratio {fmt(v.increase_ratio, 3)}  "
+                f"Jaccard(int, repl) {fmt(v.jaccard, 3)}"
             )
         return "\n".join(lines)
-
-
-def _fmt(x: float | None) -> str:
-    return "null" if x is None or not math.isfinite(x) else f"{x:.3f}"
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:

@@ -214,12 +214,11 @@ def add_replay_parser(sub) -> None:
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
-    from redundancy_monitor.tools.loading import probe_batch_from_text, read_text
+    from redundancy_monitor.tools.loading import load_tokenizer, probe_batch_from_text, read_text
     from redundancy_monitor.tools.replay import (
         ModelLoader,
         find_checkpoints,
         find_tokenizer,
-        load_tokenizer,
         replay,
     )
 
@@ -353,11 +352,12 @@ def cmd_watch(args: argparse.Namespace) -> int:
 
     from redundancy_monitor.tools.loading import (
         load_probe_batch,
+        load_tokenizer,
         probe_batch_from_text,
         read_text,
         resolve_device,
     )
-    from redundancy_monitor.tools.replay import ModelLoader, find_tokenizer, load_tokenizer
+    from redundancy_monitor.tools.replay import ModelLoader, find_tokenizer
     from redundancy_monitor.tools.watch import watch
 
     hf_logging = require("transformers.utils.logging", "redundancy-monitor watch")

@@ -428,17 +428,6 @@ def state_dict_prefix(module: nn.Module, state: dict[str, Any]) -> str:
 # ----- the probe batch -----------------------------------------------------------------
 
 
-def load_tokenizer(path: str | os.PathLike):
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(path, local_files_only=True)
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise CheckpointError(
-            f"no usable tokenizer in {path} ({exc}); pass --tokenizer DIR"
-        ) from None
-
-
 def find_tokenizer(checkpoints: Sequence[CheckpointRef]) -> Path:
     for ref in checkpoints:
         if ref.kind == "hf" and any((ref.path / f).is_file() for f in TOKENIZER_FILES):

@@ -9,16 +9,20 @@ Content-Security-Policy forbids every network fetch, so the file can be mailed a
 from __future__ import annotations
 
 import base64
+import functools
 import html
 import os
-import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from redundancy_monitor.errors import InvalidBudgetError
+from redundancy_monitor.files import write_bytes_atomic
+from redundancy_monitor.formatting import fmt
 from redundancy_monitor.removal.selection import default_budget, jaccard, plan_removal
 from redundancy_monitor.tools.records import ProbePoint, RunRecords, load_run
+
+_f = functools.partial(fmt, missing="n/a")  # a page for people: "n/a", not "null"
 
 REGIME_MEANING = {
     "divergent": "the two protocols disagree strongly (median ir <= 0.5 with median d_repl "
@@ -39,10 +43,6 @@ class Report:
     html: Path
     images: dict[str, Path] = field(default_factory=dict)
     summary: list[str] = field(default_factory=list)
-
-
-def _f(x: float | None, digits: int = 4) -> str:
-    return "n/a" if x is None else f"{x:.{digits}f}"
 
 
 def _change(name: str, first: float | None, last: float | None) -> str:
@@ -328,18 +328,6 @@ def render_html(run: RunRecords, figures: dict[str, bytes | None], summary: list
     )
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_report(
     run_dir: str | os.PathLike,
     out: str | os.PathLike | None = None,
@@ -371,10 +359,11 @@ def write_report(
     }
     summary = summary_sentences(run)
     report = Report(html_path, summary=summary)
+    html_path.parent.mkdir(parents=True, exist_ok=True)
     for name, png in figures.items():
         if png is not None:
             path = html_path.parent / f"{name}.png"
-            _write_atomic(path, png)
+            write_bytes_atomic(path, png)
             report.images[name] = path
-    _write_atomic(html_path, render_html(run, figures, summary).encode("utf-8"))
+    write_bytes_atomic(html_path, render_html(run, figures, summary).encode("utf-8"))
     return report

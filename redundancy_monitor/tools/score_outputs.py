@@ -3,7 +3,6 @@ and a TensorBoard run folder. matplotlib is optional: without it the PNGs are sk
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -11,15 +10,12 @@ from typing import Any
 import numpy as np
 
 from redundancy_monitor.files import write_json_atomic
+from redundancy_monitor.formatting import fmt
 from redundancy_monitor.monitoring.tensorboard import HEATMAPS, pair_matrix
 from redundancy_monitor.probing.result import PairRecord, ProbeResult
 from redundancy_monitor.tools.score import ScoreRun
 
 TOP_PAIRS = 10
-
-
-def _fmt(x: float | None, digits: int = 4) -> str:
-    return "null" if x is None or not math.isfinite(x) else f"{x:.{digits}f}"
 
 
 def most_interchangeable(result: ProbeResult, field: str, k: int = TOP_PAIRS) -> list[PairRecord]:
@@ -32,12 +28,12 @@ def _pair_lines(result: ProbeResult, field: str, markdown: bool) -> list[str]:
     rows = most_interchangeable(result, field)
     if markdown:
         lines = ["| i | j | d_int | d_repl | gap |", "|---|---|---|---|---|"]
-        fmt = "| {} | {} | {} | {} | {} |"
+        row = "| {} | {} | {} | {} | {} |"
     else:
         lines = [f"{'i':>3} {'j':>3} {'d_int':>9} {'d_repl':>9} {'gap':>9}"]
-        fmt = "{:>3} {:>3} {:>9} {:>9} {:>9}"
+        row = "{:>3} {:>3} {:>9} {:>9} {:>9}"
     for r in rows:
-        lines.append(fmt.format(r.i, r.j, _fmt(r.d_int), _fmt(r.d_repl), _fmt(r.gap)))
+        lines.append(row.format(r.i, r.j, fmt(r.d_int), fmt(r.d_repl), fmt(r.gap)))
     return lines
 
 
@@ -47,9 +43,9 @@ def terminal_summary(run: ScoreRun) -> str:
     lines = [
         f"{meta['model_class']}: {meta['n_layers']} layers, probe batch {meta['n_seq']} x "
         f"{meta['seq_len']} tokens (sha256 {meta['batch_sha256'][:12]}), pairs {meta['pairs']}",
-        f"regime: {s.regime}  (median ir {_fmt(s.ir_median, 3)}, median d_repl "
-        f"{_fmt(s.d_repl_median)}, median d_int {_fmt(s.d_int_median)}, mean gap "
-        f"{_fmt(s.gap_mean)})",
+        f"regime: {s.regime}  (median ir {fmt(s.ir_median, 3)}, median d_repl "
+        f"{fmt(s.d_repl_median)}, median d_int {fmt(s.d_int_median)}, mean gap "
+        f"{fmt(s.gap_mean)})",
     ]
     for field, name in (("d_int", "interchange"), ("d_repl", "replacement")):
         lines += ["", f"most interchangeable pairs under {name} ({field}):"]
@@ -69,9 +65,9 @@ def summary_markdown(run: ScoreRun) -> str:
         f"- model: {meta['model_class']}, {meta['n_layers']} layers, dtype {meta['dtype']}",
         f"- probe batch: {meta['n_seq']} x {meta['seq_len']} tokens, sha256 "
         f"`{meta['batch_sha256']}`; pairs: {meta['pairs']}",
-        f"- regime: **{s.regime}** (median ir {_fmt(s.ir_median, 3)}, median d_repl "
-        f"{_fmt(s.d_repl_median)}, median d_int {_fmt(s.d_int_median)}, mean gap "
-        f"{_fmt(s.gap_mean)}). The regime describes; the recommendation below comes from "
+        f"- regime: **{s.regime}** (median ir {fmt(s.ir_median, 3)}, median d_repl "
+        f"{fmt(s.d_repl_median)}, median d_int {fmt(s.d_int_median)}, mean gap "
+        f"{fmt(s.gap_mean)}). The regime describes; the recommendation below comes from "
         "measured cost.",
         "",
     ]
@@ -81,7 +77,7 @@ def summary_markdown(run: ScoreRun) -> str:
     out += [
         "## Removal table",
         "",
-        f"Base perplexity {_fmt(rep.base_perplexity)} on {rep.heldout_tokens} held-out tokens "
+        f"Base perplexity {fmt(rep.base_perplexity)} on {rep.heldout_tokens} held-out tokens "
         f"(sliding window {rep.window}, stride {rep.stride}).",
         "",
         "| n | selector | layers | d_del | perplexity | Δppl |",
@@ -89,11 +85,11 @@ def summary_markdown(run: ScoreRun) -> str:
     ]
     for r in rep.rows:
         layers = "random (mean of draws)" if r.layers is None else ", ".join(map(str, r.layers))
-        ppl = _fmt(r.perplexity)
+        ppl = fmt(r.perplexity)
         if r.perplexity_std is not None:
             ppl += f" ± {r.perplexity_std:.3f}"
         out.append(
-            f"| {r.budget} | {r.selector} | {layers} | {_fmt(r.d_del)} | {ppl} | "
+            f"| {r.budget} | {r.selector} | {layers} | {fmt(r.d_del)} | {ppl} | "
             f"{100 * r.perplexity_change:+.2f} % |"
         )
     out += [
@@ -104,8 +100,8 @@ def summary_markdown(run: ScoreRun) -> str:
     for v in rep.verdicts:
         out.append(
             f"| {v.budget} | {', '.join(map(str, v.recommended))} | "
-            f"{', '.join(v.recommended_by)} | {_fmt(v.recommended_perplexity)} | "
-            f"{_fmt(v.increase_ratio, 3)} | {_fmt(v.jaccard, 3)} |"
+            f"{', '.join(v.recommended_by)} | {fmt(v.recommended_perplexity)} | "
+            f"{fmt(v.increase_ratio, 3)} | {fmt(v.jaccard, 3)} |"
         )
     if run.export:
         out += ["", f"Pruned checkpoint: `{run.export['dir']}` (removed {run.export['removed']})."]
