@@ -14,9 +14,16 @@ def finite_or_none(x: float | None) -> float | None:
     return x if math.isfinite(x) else None
 
 
-def finite_floats(values: dict[str, Any]) -> dict[str, Any]:
-    """`values` with every float made JSON-safe by `finite_or_none`; other values as they are."""
-    return {k: finite_or_none(v) if isinstance(v, float) else v for k, v in values.items()}
+def json_safe(value: Any) -> Any:
+    """`value` with every float made finite-or-None and every tuple a list, through dicts
+    and lists (what ``to_dict()`` methods return)."""
+    if isinstance(value, float):
+        return finite_or_none(value)
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    return value
 
 
 def fmt(x: float | None, digits: int = 4, missing: str = "null") -> str:

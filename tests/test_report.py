@@ -199,6 +199,34 @@ def test_without_matplotlib_the_report_says_how_to_install_it(tmp_path):
     assert "pip install 'redundancy-monitor[plots]'" in done.stderr
 
 
+def test_figures_use_no_pyplot_and_leave_the_backend_alone(tmp_path):
+    write_records(tmp_path, probes=[(3, hand_result([0.2, 0.1], [0.05, 0.1]))])
+    table = {
+        "rows": [{"budget": 1, "selector": "random", "perplexity": 9.0, "perplexity_std": 1.0}]
+    }
+    code = (
+        "import sys, matplotlib\n"
+        "backend = lambda: dict.__getitem__(matplotlib.rcParams, 'backend')  # unresolved\n"
+        "before = backend()\n"
+        "from redundancy_monitor.tools import figures\n"
+        "from redundancy_monitor.tools.report import write_report\n"
+        f"report = write_report({str(tmp_path)!r})\n"
+        f"image = figures.rgb(figures.removal_cost({table!r}))\n"
+        "print(len(report.images), image.ndim, image.shape[2], image.dtype)\n"
+        "print('matplotlib.pyplot' in sys.modules, backend() == before)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"},
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == ["5 3 3 uint8", "False True"]
+
+
 def test_no_finite_adjacent_pair_means_no_removal_selection(tmp_path):
     nan = float("nan")
     write_records(tmp_path, probes=[(0, hand_result([nan, nan], [nan, nan]))])

@@ -10,9 +10,9 @@ from typing import Any
 
 from redundancy_monitor.errors import InvalidConfigError
 from redundancy_monitor.extras import require
+from redundancy_monitor.monitoring.adapters import add_default_sinks, probes_here
 from redundancy_monitor.monitoring.monitor import RedundancyMonitor
 from redundancy_monitor.monitoring.sidecar import SidecarAlerts, sidecar_from_kwargs
-from redundancy_monitor.monitoring.tensorboard import TensorBoardSink
 
 _callbacks = require("transformers.trainer_callback", "RedundancyMonitorTrainerCallback")
 TrainerCallback, ExportableState = _callbacks.TrainerCallback, _callbacks.ExportableState
@@ -140,21 +140,9 @@ class RedundancyMonitorTrainerCallback(TrainerCallback, ExportableState):
     def _attach_sinks(self, args) -> None:
         default = os.environ.get("TENSORBOARD_LOGGING_DIR") or os.path.join(args.output_dir, "runs")
         log_dir = str(self.log_dir or os.path.join(default, "redundancy"))
-        resumed = self.monitor.last_step
-        self.monitor.sinks.append(
-            TensorBoardSink(
-                log_dir=log_dir,
-                per_pair=self.per_pair,
-                images=self.images,
-                purge_step=None if resumed is None else resumed + 1,
-            )
+        self.tensorboard_dir, self.jsonl_file = add_default_sinks(
+            self.monitor, log_dir, self.jsonl_path, self.per_pair, self.images
         )
-        self.tensorboard_dir = log_dir
-        if self.jsonl_path is not False:
-            from redundancy_monitor.monitoring.jsonl import JsonlSink
-
-            self.jsonl_file = str(self.jsonl_path or os.path.join(log_dir, "redundancy.jsonl"))
-            self.monitor.sinks.append(JsonlSink(self.jsonl_file))
 
     def _fallback_batch(self, kwargs) -> None:
         loader = kwargs.get("eval_dataloader") or kwargs.get("train_dataloader")
@@ -164,13 +152,7 @@ class RedundancyMonitorTrainerCallback(TrainerCallback, ExportableState):
     # ----- events ------------------------------------------------------------------------
 
     def _probes_here(self, args, state) -> bool:
-        # With several processes every one probes its share of the pairs (unless
-        # distributed probing is off, in which case the main process probes alone).
-        if self.monitor is None:
-            return False  # a sidecar probes
-        return state.is_world_process_zero or (
-            args.world_size > 1 and self.monitor.distributed is not False
-        )
+        return probes_here(state.is_world_process_zero, args.world_size, self.monitor)
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         refuse_deepspeed_zero3(args)

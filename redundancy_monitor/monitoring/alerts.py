@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from redundancy_monitor.errors import InvalidConfigError
-from redundancy_monitor.formatting import finite_or_none, fmt
+from redundancy_monitor.formatting import fmt, json_safe
 from redundancy_monitor.probing.result import ProbeResult
 from redundancy_monitor.removal.selection import default_budget, removal_overlap
 
@@ -40,9 +40,7 @@ class Alert:
     message: str
 
     def to_dict(self) -> dict[str, Any]:
-        out = asdict(self)
-        out["value"], out["threshold"] = finite_or_none(self.value), finite_or_none(self.threshold)
-        return out
+        return json_safe(asdict(self))
 
 
 @dataclass(frozen=True)

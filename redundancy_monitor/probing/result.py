@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 from redundancy_monitor.errors import InvalidConfigError, NotInResultError
-from redundancy_monitor.formatting import finite_floats, finite_or_none, fmt
+from redundancy_monitor.formatting import finite_or_none, fmt, json_safe
 
 
 @dataclass(frozen=True)
@@ -72,7 +72,7 @@ class PairRecord:
         return all(x is None or math.isfinite(x) for x in measured)
 
     def to_dict(self) -> dict[str, Any]:
-        return finite_floats(asdict(self))
+        return json_safe(asdict(self))
 
 
 def _derive(repl_ij, repl_ji, d_int) -> dict[str, float | None]:
@@ -96,6 +96,8 @@ def _derive(repl_ij, repl_ji, d_int) -> dict[str, float | None]:
 
 @dataclass(frozen=True)
 class SkippedPair:
+    """A pair the probe could not compute (e.g. blocks of different shapes), and why."""
+
     i: int
     j: int
     reason: str
@@ -113,11 +115,7 @@ class DeletionRecord:
     d_del_last: float
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "slot": self.slot,
-            "d_del": finite_or_none(self.d_del),
-            "d_del_last": finite_or_none(self.d_del_last),
-        }
+        return json_safe(asdict(self))
 
 
 @dataclass(frozen=True)
@@ -134,18 +132,15 @@ class DistanceStats:
 
 
 @dataclass(frozen=True)
-class ProbeSummary:
-    """The docs/definitions.md §4 scalars of one probe; these form the trajectories."""
+class ProbeSummary(DistanceStats):
+    """The docs/definitions.md §4 scalars of one probe; these form the trajectories.
 
-    n_pairs: int = 0
+    The gap and ir statistics it inherits are over the finite pairs; `n_pairs` counts
+    every computed pair.
+    """
+
     n_finite: int = 0
     n_nonfinite: int = 0
-    gap_mean: float | None = None
-    gap_median: float | None = None
-    gap_p75: float | None = None
-    gap_max: float | None = None
-    ir_mean: float | None = None
-    ir_median: float | None = None
     d_repl_mean: float | None = None
     d_repl_median: float | None = None
     d_int_mean: float | None = None
@@ -177,9 +172,9 @@ class ProbeSummary:
         return out
 
     def to_dict(self) -> dict[str, Any]:
-        out = finite_floats({f.name: getattr(self, f.name) for f in fields(self)})
+        out = json_safe({f.name: getattr(self, f.name) for f in fields(self)})
         out["by_distance"] = {
-            str(d): finite_floats(asdict(s)) for d, s in sorted(self.by_distance.items())
+            str(d): json_safe(asdict(s)) for d, s in sorted(self.by_distance.items())
         }
         return out
 

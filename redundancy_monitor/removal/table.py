@@ -9,14 +9,14 @@ protocol with the smaller distances is not always the one whose removals cost le
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
 from torch import nn
 
 from redundancy_monitor.errors import InvalidConfigError, NotInResultError
-from redundancy_monitor.formatting import finite_or_none, fmt
+from redundancy_monitor.formatting import finite_or_none, fmt, json_safe
 from redundancy_monitor.probing.result import ProbeResult
 from redundancy_monitor.removal.baselines import (
     greedy_deletion_steps,
@@ -51,17 +51,7 @@ class SelectorCost:
     draws: tuple[tuple[int, ...], ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "budget": self.budget,
-            "selector": self.selector,
-            "layers": None if self.layers is None else list(self.layers),
-            "d_del": finite_or_none(self.d_del),
-            "perplexity": finite_or_none(self.perplexity),
-            "perplexity_change": finite_or_none(self.perplexity_change),
-            "d_del_std": finite_or_none(self.d_del_std),
-            "perplexity_std": finite_or_none(self.perplexity_std),
-            "draws": [list(d) for d in self.draws],
-        }
+        return json_safe(asdict(self))
 
 
 @dataclass(frozen=True)
@@ -78,16 +68,7 @@ class BudgetVerdict:
     recommended_perplexity: float
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "budget": self.budget,
-            "increase_ratio": finite_or_none(self.increase_ratio),
-            "perplexity_ratio": finite_or_none(self.perplexity_ratio),
-            "d_del_ratio": finite_or_none(self.d_del_ratio),
-            "jaccard": finite_or_none(self.jaccard),
-            "recommended": list(self.recommended),
-            "recommended_by": list(self.recommended_by),
-            "recommended_perplexity": finite_or_none(self.recommended_perplexity),
-        }
+        return json_safe(asdict(self))
 
 
 @dataclass

@@ -63,6 +63,19 @@ def _pair_set(text: str) -> str:
     return text
 
 
+def _add_probe_options(p: argparse.ArgumentParser, n_seq: int) -> None:
+    """The probe batch's shape, the pair set, and how the model is loaded."""
+    p.add_argument(
+        "--n-seq", type=_positive, default=n_seq, help=f"sequences in the batch ({n_seq})"
+    )
+    p.add_argument("--seq-len", type=_positive, default=128, help="tokens per sequence (128)")
+    p.add_argument(
+        "--pairs", type=_pair_set, default="adjacent", help="adjacent | window:k | all (adjacent)"
+    )
+    p.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (cpu)")
+
+
 # -- score --------------------------------------------------------------------------
 
 
@@ -88,19 +101,13 @@ def add_score_parser(sub) -> None:
         metavar="FILE",
         help="held-out text for perplexity (default: the text after the batch)",
     )
-    p.add_argument("--n-seq", type=_positive, default=32, help="sequences in the batch (32)")
-    p.add_argument("--seq-len", type=_positive, default=128, help="tokens per sequence (128)")
-    p.add_argument(
-        "--pairs", type=_pair_set, default="adjacent", help="adjacent | window:k | all (adjacent)"
-    )
+    _add_probe_options(p, n_seq=32)
     p.add_argument(
         "--budgets",
         type=_positive_list,
         default=(1, 2, 3),
         help="layers to remove, comma-separated (1,2,3)",
     )
-    p.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto")
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (cpu)")
     p.add_argument("--window", type=_positive, help="perplexity window (min(512, max positions))")
     p.add_argument("--stride", type=_positive, help="perplexity stride (window // 2)")
     p.add_argument("--random-draws", type=_positive, default=5, help="random baseline draws (5)")
@@ -202,13 +209,7 @@ def add_replay_parser(sub) -> None:
         "only for files you trust)",
     )
     p.add_argument("--tokenizer", metavar="DIR", help="tokenizer (default: from a checkpoint)")
-    p.add_argument("--n-seq", type=_positive, default=8, help="sequences in the batch (8)")
-    p.add_argument("--seq-len", type=_positive, default=128, help="tokens per sequence (128)")
-    p.add_argument(
-        "--pairs", type=_pair_set, default="adjacent", help="adjacent | window:k | all (adjacent)"
-    )
-    p.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto")
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (cpu)")
+    _add_probe_options(p, n_seq=8)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_replay)
 

@@ -345,18 +345,22 @@ def write_report(
         RunFolderError: no usable record file.
         MissingDependencyError: matplotlib is not installed.
     """
-    from redundancy_monitor.tools import report_figures as figs
+    from redundancy_monitor.tools import figures as figs
 
     run = load_run(run_dir, removal)
     html_path = Path(out) if out is not None else run.source.parent / "report.html"
-    figures: dict[str, bytes | None] = {
+    points = [run.first] if len(run.current) == 1 else [run.first, run.last]
+    drawn = {
         "gap_trajectory": figs.gap_trajectory(run),
         "ir_by_distance": figs.ir_by_distance(run),
-        "heatmaps": figs.heatmaps(run),
-        "gap_vs_depth": figs.gap_vs_depth(run.last.result, run.last.step),
+        "heatmaps": figs.heatmaps([(f"step {p.step}", p.result) for p in points]),
+        "gap_vs_depth": figs.gap_vs_depth(
+            run.last.result, f"Per-pair gap against depth, step {run.last.step}"
+        ),
         "removal_cost": figs.removal_cost(run.removal) if run.removal is not None else None,
         "alert_timeline": figs.alert_timeline(run),
     }
+    figures = {name: None if fig is None else figs.png(fig) for name, fig in drawn.items()}
     summary = summary_sentences(run)
     report = Report(html_path, summary=summary)
     html_path.parent.mkdir(parents=True, exist_ok=True)

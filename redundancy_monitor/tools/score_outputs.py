@@ -1,5 +1,6 @@
 """What a scoring run writes: the terminal tables, result.json, summary.md, PNG plots
-and a TensorBoard run folder. matplotlib is optional: without it the PNGs are skipped."""
+and a TensorBoard run folder. matplotlib is optional: without it the PNGs (and the
+TensorBoard images) are skipped."""
 
 from __future__ import annotations
 
@@ -7,11 +8,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from redundancy_monitor.files import write_json_atomic
+from redundancy_monitor.errors import MissingDependencyError
+from redundancy_monitor.files import write_bytes_atomic, write_json_atomic
 from redundancy_monitor.formatting import fmt
-from redundancy_monitor.monitoring.tensorboard import HEATMAPS, pair_matrix
+from redundancy_monitor.monitoring.sinks import PREFIX, probe_scalars
+from redundancy_monitor.monitoring.tensorboard import HEATMAPS
 from redundancy_monitor.probing.result import PairRecord, ProbeResult
 from redundancy_monitor.tools.score import ScoreRun
 
@@ -112,78 +113,48 @@ def summary_markdown(run: ScoreRun) -> str:
 
 
 def make_figures(run: ScoreRun) -> dict[str, Any]:
-    """name -> matplotlib Figure; raises ImportError without matplotlib."""
-    import matplotlib
+    """name -> matplotlib Figure.
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    Raises:
+        MissingDependencyError: matplotlib is not installed.
+    """
+    from redundancy_monitor.tools import figures as figs
 
-    figures = {}
-    result = run.result
-    for field in HEATMAPS:
-        fig, ax = plt.subplots(figsize=(5, 4.2))
-        matrix = pair_matrix(result, field, zero_diagonal=False)
-        if field == "gap":  # signed: centre a diverging map on zero
-            limit = float(np.nanmax(np.abs(matrix))) if np.isfinite(matrix).any() else 1.0
-            style = {"cmap": "RdBu_r", "vmin": -limit, "vmax": limit}
-        else:
-            style = {"cmap": "viridis"}
-        image = ax.imshow(matrix, origin="upper", **style)
-        fig.colorbar(image, ax=ax, label=f"{field} (nats)")
-        ax.set(xlabel="slot j", ylabel="slot i", title=f"{field} over (i, j)")
-        fig.tight_layout()
-        figures[f"heatmap_{field}"] = fig
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for d in sorted({r.distance for r in result.pairs}):
-        rows = [r for r in result.pairs if r.distance == d and r.gap is not None]
-        ax.plot([(r.i + r.j) / 2 for r in rows], [r.gap for r in rows], "o-", label=f"|i-j|={d}")
-    ax.axhline(0, color="grey", lw=0.8)
-    ax.set(xlabel="pair depth (i+j)/2", ylabel="gap = d_repl - d_int (nats)", title="gap vs depth")
-    ax.legend()
-    fig.tight_layout()
-    figures["gap_vs_depth"] = fig
-    rep = run.report
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for selector in dict.fromkeys(r.selector for r in rep.rows):
-        rows = [r for r in rep.rows if r.selector == selector]
-        ax.errorbar(
-            [r.budget for r in rows],
-            [r.perplexity for r in rows],
-            yerr=[r.perplexity_std or 0.0 for r in rows],
-            marker="o",
-            capsize=3,
-            label=selector,
-        )
-    ax.axhline(rep.base_perplexity, color="black", ls="--", lw=0.8, label="unpruned")
-    ax.set(xlabel="layers removed", ylabel="held-out perplexity", title="removal cost")
-    ax.set_xticks(list(rep.budgets))
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    figures["removal_cost"] = fig
-    return figures
+    out = {
+        f"heatmap_{field}": figs.heatmap(run.result, field, zero_diagonal=False)
+        for field in HEATMAPS
+    }
+    out["gap_vs_depth"] = figs.gap_vs_depth(run.result)
+    removal = figs.removal_cost(run.report.to_dict())
+    if removal is not None:
+        out["removal_cost"] = removal
+    return out
 
 
 def write_tensorboard(run: ScoreRun, folder: Path, figures: dict[str, Any]) -> None:
-    """The summary scalars, the removal table and the figures as one TensorBoard run."""
+    """The summary scalars, the removal table and the figures as one TensorBoard run, all
+    under the ``redundancy/`` prefix the training monitor uses."""
     from torch.utils.tensorboard import SummaryWriter
 
     writer = SummaryWriter(log_dir=str(folder))
     try:
-        for name, value in run.result.summary.scalars().items():
-            if value is not None:
-                writer.add_scalar(f"probe/{name}", value, 0)
+        for tag, value in probe_scalars(run.result).items():
+            writer.add_scalar(tag, value, 0)
         for r in run.report.rows:
-            writer.add_scalar(f"removal/{r.selector}/perplexity", r.perplexity, r.budget)
-            writer.add_scalar(f"removal/{r.selector}/d_del", r.d_del, r.budget)
+            writer.add_scalar(f"{PREFIX}/removal/{r.selector}/perplexity", r.perplexity, r.budget)
+            writer.add_scalar(f"{PREFIX}/removal/{r.selector}/d_del", r.d_del, r.budget)
         for v in run.report.verdicts:
             for name in ("increase_ratio", "jaccard"):
                 value = getattr(v, name)
                 if value is not None:
-                    writer.add_scalar(f"removal/{name}", value, v.budget)
-        writer.add_scalar("removal/base_perplexity", run.report.base_perplexity, 0)
-        writer.add_text("summary", summary_markdown(run), 0)
-        for name, fig in figures.items():
-            writer.add_figure(f"figures/{name}", fig, 0, close=False)
+                    writer.add_scalar(f"{PREFIX}/removal/{name}", value, v.budget)
+        writer.add_scalar(f"{PREFIX}/removal/base_perplexity", run.report.base_perplexity, 0)
+        writer.add_text(f"{PREFIX}/summary", summary_markdown(run), 0)
+        if figures:
+            from redundancy_monitor.tools.figures import rgb
+
+            for name, fig in figures.items():
+                writer.add_image(f"{PREFIX}/figures/{name}", rgb(fig), 0, dataformats="HWC")
     finally:
         writer.close()
 
@@ -196,26 +167,21 @@ def write_outputs(
     out.mkdir(parents=True, exist_ok=True)
     written = [out / "result.json", out / "summary.md"]
     write_json_atomic(written[0], run.to_dict())
-    (out / "summary.md").write_text(summary_markdown(run), encoding="utf-8")
+    write_bytes_atomic(written[1], summary_markdown(run).encode("utf-8"))
     try:
         figures = make_figures(run)
-    except ImportError:
+    except MissingDependencyError:
         figures = {}
         notice(
             "matplotlib is not installed: PNG plots skipped "
             "(pip install 'redundancy-monitor[plots]')"
         )
-    try:
-        for name, fig in figures.items():
-            path = out / f"{name}.png"
-            fig.savefig(path, dpi=110)
-            written.append(path)
-        write_tensorboard(run, out / "tensorboard", figures)
-        written.append(out / "tensorboard")
-    finally:
-        if figures:
-            import matplotlib.pyplot as plt
+    if figures:
+        from redundancy_monitor.tools.figures import png
 
-            for fig in figures.values():
-                plt.close(fig)
+        for name, fig in figures.items():
+            written.append(out / f"{name}.png")
+            write_bytes_atomic(written[-1], png(fig))
+    write_tensorboard(run, out / "tensorboard", figures)
+    written.append(out / "tensorboard")
     return written
