@@ -83,7 +83,7 @@ def test_probe_records_match_reference_distances():
         assert rec.gap == pytest.approx(rec.d_repl - rec.d_int, abs=1e-12)
         assert rec.ir == pytest.approx(rec.d_int / rec.d_repl, rel=1e-9)
         assert rec.d_int_last == pytest.approx(d_int.last, abs=ATOL, rel=RTOL)
-        assert rec.distance == rec.j - rec.i
+        assert rec.separation == rec.j - rec.i
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -149,15 +149,15 @@ def test_qwen3_mixed_attention_types_keep_their_slot():
     assert result.pair(0, 1).repl_ij == pytest.approx(ref[0].mean, rel=1e-4, abs=1e-6)
 
 
-def test_pair_sets_have_the_documented_sizes_and_distances():
+def test_pair_sets_have_the_documented_sizes_and_separations():
     assert parse_pairs("adjacent", 6) == [(i, i + 1) for i in range(5)]
     assert len(parse_pairs("all", 6)) == 15
     window = parse_pairs("window:3", 6)
     assert all(1 <= j - i <= 3 for i, j in window) and len(window) == 5 + 4 + 3
     assert parse_pairs([(3, 1), (1, 3), (0, 5)], 6) == [(0, 5), (1, 3)]
     result = probe(tiny_model("llama", 4), tiny_batch()[0], pairs="window:2")
-    assert [r.distance for r in result.pairs] == [r.j - r.i for r in result.pairs]
-    assert set(result.summary.by_distance) == {1, 2}
+    assert [r.separation for r in result.pairs] == [r.j - r.i for r in result.pairs]
+    assert set(result.summary.by_separation) == {1, 2}
 
 
 @pytest.mark.parametrize(
@@ -197,6 +197,20 @@ def test_result_is_json_safe_and_round_trips():
     assert again.summary == result.summary
     assert result.meta["batch_sha256"] == again.meta["batch_sha256"]
     assert "regime=" in result.to_table()
+
+
+def test_results_written_with_the_old_distance_keys_read_back_the_same():
+    """|i-j| used to be written as "distance" / "by_distance"; old record files still load."""
+    result = probe(tiny_model("llama", 4), tiny_batch()[0], pairs="window:2")
+    data = json.loads(json.dumps(result.to_dict()))
+    assert "separation" in data["pairs"][0] and "by_separation" in data["summary"]
+    for pair in data["pairs"]:
+        pair["distance"] = pair.pop("separation")
+    data["summary"]["by_distance"] = data["summary"].pop("by_separation")
+    again = rm.ProbeResult.from_dict(data)
+    assert again.pairs == result.pairs
+    assert again.summary == result.summary
+    assert set(again.summary.by_separation) == {1, 2}
 
 
 def test_batch_hash_depends_on_ids_and_mask():

@@ -42,7 +42,7 @@ def test_removability_is_min_over_adjacent_pairs_only():
             (1, 2): (0.3, 0.20),
             (2, 3): (0.6, 0.10),
             (3, 4): (0.2, 0.70),
-            (0, 2): (0.01, 0.01),  # distance 2: never counts
+            (0, 2): (0.01, 0.01),  # separation 2: never counts
         },
     )
     assert removability(result, "interchange") == {0: 0.40, 1: 0.20, 2: 0.10, 3: 0.10, 4: 0.70}

@@ -26,7 +26,7 @@ from redundancy_monitor.errors import RunFolderError
 from redundancy_monitor.tools.records import load_run
 from redundancy_monitor.tools.report import write_report
 
-ALWAYS = ("gap_trajectory", "ir_by_distance", "heatmaps", "gap_vs_depth", "alert_timeline")
+ALWAYS = ("gap_trajectory", "ir_by_separation", "heatmaps", "gap_vs_depth", "alert_timeline")
 
 
 @pytest.fixture(scope="module")

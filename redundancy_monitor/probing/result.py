@@ -38,11 +38,15 @@ class Thresholds:
 
 @dataclass(frozen=True)
 class PairRecord:
-    """Distances of one pair of slots (i < j). Fields are None where not computed/defined."""
+    """Distances of one pair of slots (i < j). Fields are None where not computed/defined.
+
+    `separation` is j - i, how far apart the slots are; every other field is a distance
+    (a KL divergence in nats) or derived from distances.
+    """
 
     i: int
     j: int
-    distance: int
+    separation: int
     repl_ij: float | None = None  # R(i <- j): slot i runs block j
     repl_ji: float | None = None  # R(j <- i)
     d_repl: float | None = None  # max of the two directions
@@ -64,8 +68,16 @@ class PairRecord:
         values = _derive(repl_ij, repl_ji, d_int)
         last_values = _derive(*(last or (None, None, None)))
         return cls(
-            i=i, j=j, distance=j - i, **values, **{f"{k}_last": v for k, v in last_values.items()}
+            i=i, j=j, separation=j - i, **values, **{f"{k}_last": v for k, v in last_values.items()}
         )
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> PairRecord:
+        """Inverse of `to_dict`; also reads files that still call `separation` "distance"."""
+        data = dict(data)
+        if "distance" in data:
+            data["separation"] = data.pop("distance")
+        return cls(**data)
 
     def is_finite(self) -> bool:
         measured = [self.repl_ij, self.repl_ji, self.d_int]
@@ -119,8 +131,8 @@ class DeletionRecord:
 
 
 @dataclass(frozen=True)
-class DistanceStats:
-    """Gap and ir statistics over one set of pairs (all pairs, or one pair distance)."""
+class GapStats:
+    """Gap and ir statistics over one set of pairs (all pairs, or one separation |i-j|)."""
 
     n_pairs: int = 0
     gap_mean: float | None = None
@@ -132,7 +144,7 @@ class DistanceStats:
 
 
 @dataclass(frozen=True)
-class ProbeSummary(DistanceStats):
+class ProbeSummary(GapStats):
     """The docs/definitions.md §4 scalars of one probe; these form the trajectories.
 
     The gap and ir statistics it inherits are over the finite pairs; `n_pairs` counts
@@ -155,17 +167,17 @@ class ProbeSummary(DistanceStats):
     int_not_similar: int = 0
     frac_int_le_repl: float | None = None
     regime: str | None = None
-    by_distance: dict[int, DistanceStats] = field(default_factory=dict)
+    by_separation: dict[int, GapStats] = field(default_factory=dict)
 
     def scalars(self) -> dict[str, float | None]:
         """Flat name -> number map (regime excluded), for logging trajectories."""
         out: dict[str, float | None] = {}
         for f in fields(self):
             value = getattr(self, f.name)
-            if f.name in ("regime", "by_distance"):
+            if f.name in ("regime", "by_separation"):
                 continue
             out[f.name] = finite_or_none(value)
-        for d, stats in sorted(self.by_distance.items()):
+        for d, stats in sorted(self.by_separation.items()):  # d1/...: pairs with |i-j| = 1
             for f in fields(stats):
                 value = getattr(stats, f.name)
                 out[f"d{d}/{f.name}"] = finite_or_none(value)
@@ -173,16 +185,18 @@ class ProbeSummary(DistanceStats):
 
     def to_dict(self) -> dict[str, Any]:
         out = json_safe({f.name: getattr(self, f.name) for f in fields(self)})
-        out["by_distance"] = {
-            str(d): json_safe(asdict(s)) for d, s in sorted(self.by_distance.items())
+        out["by_separation"] = {
+            str(d): json_safe(asdict(s)) for d, s in sorted(self.by_separation.items())
         }
         return out
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ProbeSummary:
+        """Inverse of `to_dict`; also reads files that still say "by_distance"."""
         data = dict(data)
-        by = {int(d): DistanceStats(**s) for d, s in data.pop("by_distance", {}).items()}
-        return cls(**data, by_distance=by)
+        old = data.pop("by_distance", {})
+        by = {int(d): GapStats(**s) for d, s in data.pop("by_separation", old).items()}
+        return cls(**data, by_separation=by)
 
 
 def _stats(values: list[float]) -> tuple[float | None, ...]:
@@ -229,19 +243,19 @@ def regime_of(ir_median, d_repl_median, d_int_median, t: Thresholds) -> str | No
     return "mixed"
 
 
-def _distance_stats(records: list[PairRecord]) -> DistanceStats:
+def _gap_stats(records: list[PairRecord]) -> GapStats:
     gaps = [r.gap for r in records if r.gap is not None]
     irs = [r.ir for r in records if r.ir is not None]
     mean, median, p75, top = _stats(gaps)
     ir_mean, ir_median, _, _ = _stats(irs)
-    return DistanceStats(len(records), mean, median, p75, top, ir_mean, ir_median)
+    return GapStats(len(records), mean, median, p75, top, ir_mean, ir_median)
 
 
 def summarize(pairs: list[PairRecord], thresholds: Thresholds | None = None) -> ProbeSummary:
     """docs/definitions.md §4 summary over the finite pairs."""
     t = thresholds or Thresholds()
     finite = [r for r in pairs if r.is_finite()]
-    overall = _distance_stats(finite)
+    overall = _gap_stats(finite)
     repl = [r.d_repl for r in finite if r.d_repl is not None]
     inter = [r.d_int for r in finite if r.d_int is not None]
     d_repl_mean, d_repl_median, _, _ = _stats(repl)
@@ -249,9 +263,9 @@ def summarize(pairs: list[PairRecord], thresholds: Thresholds | None = None) -> 
     both = [r for r in finite if r.d_repl is not None and r.d_int is not None]
     x = np.asarray([r.d_repl for r in both], dtype=np.float64)
     y = np.asarray([r.d_int for r in both], dtype=np.float64)
-    by_distance: dict[int, list[PairRecord]] = {}
+    by_separation: dict[int, list[PairRecord]] = {}
     for r in finite:
-        by_distance.setdefault(r.distance, []).append(r)
+        by_separation.setdefault(r.separation, []).append(r)
     rs, rc, rn = _bands(repl, t)
     is_, ic, in_ = _bands(inter, t)
     return ProbeSummary(
@@ -278,7 +292,7 @@ def summarize(pairs: list[PairRecord], thresholds: Thresholds | None = None) -> 
         int_not_similar=in_,
         frac_int_le_repl=(sum(r.d_int <= r.d_repl for r in both) / len(both)) if both else None,
         regime=regime_of(overall.ir_median, d_repl_median, d_int_median, t),
-        by_distance={d: _distance_stats(rs_) for d, rs_ in sorted(by_distance.items())},
+        by_separation={d: _gap_stats(rs_) for d, rs_ in sorted(by_separation.items())},
     )
 
 
@@ -326,7 +340,7 @@ class ProbeResult:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ProbeResult:
         return cls(
-            pairs=[PairRecord(**r) for r in data["pairs"]],
+            pairs=[PairRecord.from_dict(r) for r in data["pairs"]],
             summary=ProbeSummary.from_dict(data["summary"]),
             skipped=[SkippedPair(**s) for s in data.get("skipped", [])],
             deletion=[DeletionRecord(**d) for d in data.get("deletion", [])],
@@ -340,7 +354,7 @@ class ProbeResult:
         rows = self.pairs if max_rows is None else self.pairs[:max_rows]
         for r in rows:
             lines.append(
-                f"{r.i:>3} {r.j:>3} {r.distance:>5} {fmt(r.repl_ij):>9} {fmt(r.repl_ji):>9} "
+                f"{r.i:>3} {r.j:>3} {r.separation:>5} {fmt(r.repl_ij):>9} {fmt(r.repl_ji):>9} "
                 f"{fmt(r.d_repl):>9} {fmt(r.d_int):>9} {fmt(r.gap):>9} {fmt(r.ir, 3):>7}"
             )
         if max_rows is not None and len(self.pairs) > max_rows:

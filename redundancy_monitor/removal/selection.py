@@ -41,7 +41,7 @@ def removability(result: ProbeResult, protocol: str) -> dict[int, float | None]:
         InvalidProtocolError: `protocol` is not ``"interchange"`` or ``"replacement"``.
     """
     name = _distance_field(protocol)
-    by_pair = {(r.i, r.j): getattr(r, name) for r in result.pairs if r.distance == 1}
+    by_pair = {(r.i, r.j): getattr(r, name) for r in result.pairs if r.separation == 1}
     scores: dict[int, float | None] = {}
     for layer in range(result.n_layers):
         values = [by_pair.get((layer - 1, layer)), by_pair.get((layer, layer + 1))]

@@ -106,18 +106,18 @@ def gap_trajectory(run: RunRecords):
     return fig
 
 
-def ir_by_distance(run: RunRecords):
-    """Median ir = d_int / d_repl over steps, one line per pair distance |i-j|."""
-    distances = sorted({d for p in run.probes for d in p.result.summary.by_distance})
+def ir_by_separation(run: RunRecords):
+    """Median ir = d_int / d_repl over steps, one line per pair separation |i-j|."""
+    separations = sorted({d for p in run.probes for d in p.result.summary.by_separation})
     marker = {"marker": "o", "markersize": 3}
-    lines = {f"|i-j| = {d}": (f"d{d}/ir_median", marker) for d in distances}
-    if len(distances) > 1:
+    lines = {f"|i-j| = {d}": (f"d{d}/ir_median", marker) for d in separations}
+    if len(separations) > 1:
         lines["all pairs"] = ("ir_median", {"color": "black", "linestyle": "--"})
     fig, ax = _trajectories(
         run,
         lines,
         "median ir = d_int / d_repl",
-        "Interchange / replacement ratio by pair distance",
+        "Interchange / replacement ratio by pair separation |i-j|",
     )
     ax.axhline(0.5, color="grey", linestyle=":", linewidth=0.8, label="regime threshold")
     ax.legend(loc="best", fontsize=8)
@@ -190,14 +190,14 @@ def heatmap(result: ProbeResult, field: str, zero_diagonal: bool = True):
 
 
 def gap_vs_depth(result: ProbeResult, title: str = "Per-pair gap against depth"):
-    """Per-pair gap against depth (the pair's mid-slot), one line per pair distance."""
-    by_distance: dict[int, list[tuple[float, float]]] = {}
+    """Per-pair gap against depth (the pair's mid-slot), one line per separation |i-j|."""
+    by_separation: dict[int, list[tuple[float, float]]] = {}
     for r in result.pairs:
         if r.gap is not None and math.isfinite(r.gap):
-            by_distance.setdefault(r.distance, []).append(((r.i + r.j) / 2, r.gap))
+            by_separation.setdefault(r.separation, []).append(((r.i + r.j) / 2, r.gap))
     fig, axes = new_figure((8, 3.6))
     ax = axes[0, 0]
-    for d, points in sorted(by_distance.items()):
+    for d, points in sorted(by_separation.items()):
         xs, ys = zip(*sorted(points), strict=True)
         ax.plot(xs, ys, marker="o", markersize=4, label=f"|i-j| = {d}")
     ax.axhline(0.0, color="black", linewidth=0.6)
@@ -205,7 +205,7 @@ def gap_vs_depth(result: ProbeResult, title: str = "Per-pair gap against depth")
     ax.set_ylabel("gap = d_repl - d_int (nats)")
     ax.set_title(title)
     ax.grid(True, alpha=0.3)
-    if by_distance:
+    if by_separation:
         ax.legend(loc="best", fontsize=8)
     return fig
 

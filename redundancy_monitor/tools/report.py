@@ -185,7 +185,7 @@ window.addEventListener('load', function () {
 CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'; script-src 'unsafe-inline'"
 FIGURE_TITLES = {
     "gap_trajectory": "Protocol gap over steps",
-    "ir_by_distance": "ir over steps, by pair distance",
+    "ir_by_separation": "ir over steps, by pair separation |i-j|",
     "heatmaps": "Heatmaps at the first and last probe",
     "gap_vs_depth": "Per-pair gap against depth at the last probe",
     "removal_cost": "Removal-cost curves",
@@ -302,7 +302,7 @@ def render_html(run: RunRecords, figures: dict[str, bytes | None], summary: list
     """The whole page as a string: summary, figures, tables; no external resource."""
     items = "".join(f"<li>{html.escape(s)}</li>" for s in summary)
     sections = []
-    for name in ("gap_trajectory", "ir_by_distance", "heatmaps", "gap_vs_depth"):
+    for name in ("gap_trajectory", "ir_by_separation", "heatmaps", "gap_vs_depth"):
         sections.append(f"<h2>{FIGURE_TITLES[name]}</h2>{_img(name, figures[name])}")
     removal = _removal_section(run, figures.get("removal_cost"))
     sections.append(f"<h2>{FIGURE_TITLES['removal_cost']}</h2>{removal}")
@@ -352,7 +352,7 @@ def write_report(
     points = [run.first] if len(run.current) == 1 else [run.first, run.last]
     drawn = {
         "gap_trajectory": figs.gap_trajectory(run),
-        "ir_by_distance": figs.ir_by_distance(run),
+        "ir_by_separation": figs.ir_by_separation(run),
         "heatmaps": figs.heatmaps([(f"step {p.step}", p.result) for p in points]),
         "gap_vs_depth": figs.gap_vs_depth(
             run.last.result, f"Per-pair gap against depth, step {run.last.step}"
