@@ -38,10 +38,13 @@ def make_trainer(tmp_path, callbacks, **kw):
 def test_hf_run_writes_tensorboard_matching_the_jsonl(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    cb = RedundancyMonitorTrainerCallback(probe_ids(), every_n_steps=2, log_spaced=False)
+    # Inline, so no probe is skipped for being busy and the steps are exactly the schedule.
+    cb = RedundancyMonitorTrainerCallback(
+        probe_ids(), every_n_steps=2, log_spaced=False, executor="inline"
+    )
     make_trainer(tmp_path, [cb], max_steps=6).train()
     probes = [r for r in read_records(cb.jsonl_file) if r["type"] == "probe"]
-    assert [p["step"] for p in probes] == [0, 2, 4, 6] or {0, 6} <= {p["step"] for p in probes}
+    assert [p["step"] for p in probes] == [0, 2, 4, 6]
     assert cb.tensorboard_dir == str(tmp_path / "runs" / "redundancy")
     acc = EventAccumulator(cb.tensorboard_dir, size_guidance={"scalars": 0})
     acc.Reload()
