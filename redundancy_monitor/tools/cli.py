@@ -1,12 +1,13 @@
 """The ``redundancy-monitor`` command line. It parses arguments and calls the library.
 
-One function per subcommand (``cmd_<name>``) and one ``add_<name>_parser``; new
-subcommands register themselves in `SUBCOMMANDS`.
+Each subcommand is a ``cmd_<name>`` function, whose docstring is its help (first line)
+and description, and an ``add_<name>_arguments``; both are listed in `SUBCOMMANDS`.
 """
 
 from __future__ import annotations
 
 import argparse
+import inspect
 import sys
 from collections.abc import Callable, Sequence
 
@@ -63,8 +64,8 @@ def _pair_set(text: str) -> str:
     return text
 
 
-def _add_probe_options(p: argparse.ArgumentParser, n_seq: int) -> None:
-    """The probe batch's shape, the pair set, and how the model is loaded."""
+def _add_batch_options(p: argparse.ArgumentParser, n_seq: int) -> None:
+    """The probe batch's shape and the pair set."""
     p.add_argument(
         "--n-seq", type=_positive, default=n_seq, help=f"sequences in the batch ({n_seq})"
     )
@@ -72,6 +73,10 @@ def _add_probe_options(p: argparse.ArgumentParser, n_seq: int) -> None:
     p.add_argument(
         "--pairs", type=_pair_set, default="adjacent", help="adjacent | window:k | all (adjacent)"
     )
+
+
+def _add_model_options(p: argparse.ArgumentParser) -> None:
+    """How the model is loaded."""
     p.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (cpu)")
 
@@ -79,14 +84,7 @@ def _add_probe_options(p: argparse.ArgumentParser, n_seq: int) -> None:
 # -- score --------------------------------------------------------------------------
 
 
-def add_score_parser(sub) -> None:
-    p = sub.add_parser(
-        "score",
-        help="score a saved checkpoint and measure which layers can be removed",
-        description="Probe replacement and interchange distances of a saved causal LM, "
-        "measure the cost of removing layers (d_del and held-out perplexity) per budget "
-        "for each selector, and recommend the cheapest set.",
-    )
+def add_score_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("path", help="Hugging Face checkpoint folder or .gguf file")
     p.add_argument(
         "--text",
@@ -101,7 +99,8 @@ def add_score_parser(sub) -> None:
         metavar="FILE",
         help="held-out text for perplexity (default: the text after the batch)",
     )
-    _add_probe_options(p, n_seq=32)
+    _add_batch_options(p, n_seq=32)
+    _add_model_options(p)
     p.add_argument(
         "--budgets",
         type=_positive_list,
@@ -124,10 +123,15 @@ def add_score_parser(sub) -> None:
     p.add_argument("--budget", type=_positive, help="with --protocol: export that removal set")
     p.add_argument("--protocol", choices=("interchange", "replacement"), default="interchange")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.set_defaults(func=cmd_score)
 
 
 def cmd_score(args: argparse.Namespace) -> int:
+    """score a saved checkpoint and measure which layers can be removed
+
+    Probe replacement and interchange distances of a saved causal LM, measure the cost of
+    removing layers (d_del and held-out perplexity) per budget for each selector, and
+    recommend the cheapest set.
+    """
     from redundancy_monitor.tools.loading import check_output_folder
     from redundancy_monitor.tools.score import ScoreConfig, score_checkpoint
     from redundancy_monitor.tools.score_outputs import terminal_summary, write_outputs
@@ -171,15 +175,7 @@ def cmd_score(args: argparse.Namespace) -> int:
 # -- replay -------------------------------------------------------------------------
 
 
-def add_replay_parser(sub) -> None:
-    p = sub.add_parser(
-        "replay",
-        help="probe a series of saved checkpoints into a run folder, in step order",
-        description="Probe saved checkpoints (Hugging Face checkpoint folders, Lightning "
-        ".ckpt files with --model-config, or folders holding them) in step order on one "
-        "probe batch; RUN_DIR gets what the training monitor writes (JSONL, TensorBoard, "
-        "alerts). Run it again to resume an interrupted replay.",
-    )
+def add_replay_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "checkpoints",
         metavar="CKPT",
@@ -209,12 +205,19 @@ def add_replay_parser(sub) -> None:
         "only for files you trust)",
     )
     p.add_argument("--tokenizer", metavar="DIR", help="tokenizer (default: from a checkpoint)")
-    _add_probe_options(p, n_seq=8)
+    _add_batch_options(p, n_seq=8)
+    _add_model_options(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.set_defaults(func=cmd_replay)
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
+    """probe a series of saved checkpoints into a run folder, in step order
+
+    Probe saved checkpoints (Hugging Face checkpoint folders, Lightning .ckpt files with
+    --model-config, or folders holding them) in step order on one probe batch; RUN_DIR
+    gets what the training monitor writes (JSONL, TensorBoard, alerts). Run it again to
+    resume an interrupted replay.
+    """
     from redundancy_monitor.tools.loading import load_tokenizer, probe_batch_from_text, read_text
     from redundancy_monitor.tools.replay import (
         ModelLoader,
@@ -284,16 +287,7 @@ def _alert_config(text: str):
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
-def add_watch_parser(sub) -> None:
-    p = sub.add_parser(
-        "watch",
-        help="follow a run's checkpoint folder and probe each new checkpoint (a sidecar)",
-        description="Follow CKPT_DIR while a run writes checkpoints into it (Hugging Face "
-        "checkpoint-<step> folders, Lightning .ckpt files, torch.distributed.checkpoint "
-        "folders), wait until each is completely written, and probe it once, in step order. "
-        "The log folder gets what the in-process monitor writes (JSONL, TensorBoard, "
-        "alerts); a callback with sidecar=LOG_DIR acts on the alerts. Restart it to resume.",
-    )
+def add_watch_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("ckpt_dir", metavar="CKPT_DIR", help="the folder the run saves checkpoints into")
     batch = p.add_mutually_exclusive_group(required=True)
     batch.add_argument("--text", metavar="FILE", help="text for the probe batch")
@@ -303,11 +297,7 @@ def add_watch_parser(sub) -> None:
     p.add_argument(
         "--tokenizer", metavar="PATH", help="tokenizer for --text (default: from a checkpoint)"
     )
-    p.add_argument("--n-seq", type=_positive, default=8, help="sequences in the batch (8)")
-    p.add_argument("--seq-len", type=_positive, default=128, help="tokens per sequence (128)")
-    p.add_argument(
-        "--pairs", type=_pair_set, default="adjacent", help="adjacent | window:k | all (adjacent)"
-    )
+    _add_batch_options(p, n_seq=8)
     p.add_argument(
         "--log-dir",
         metavar="DIR",
@@ -345,10 +335,17 @@ def add_watch_parser(sub) -> None:
         metavar="S",
         help="a checkpoint counts as written once unchanged for S seconds (2)",
     )
-    p.set_defaults(func=cmd_watch)
 
 
 def cmd_watch(args: argparse.Namespace) -> int:
+    """follow a run's checkpoint folder and probe each new checkpoint (a sidecar)
+
+    Follow CKPT_DIR while a run writes checkpoints into it (Hugging Face checkpoint-<step>
+    folders, Lightning .ckpt files, torch.distributed.checkpoint folders), wait until
+    each is completely written, and probe it once, in step order. The log folder gets
+    what the in-process monitor writes (JSONL, TensorBoard, alerts); a callback with
+    sidecar=LOG_DIR acts on the alerts. Restart it to resume.
+    """
     import signal
 
     from redundancy_monitor.tools.loading import (
@@ -413,13 +410,7 @@ def cmd_watch(args: argparse.Namespace) -> int:
 # -- report -------------------------------------------------------------------------
 
 
-def add_report_parser(sub) -> None:
-    p = sub.add_parser(
-        "report",
-        help="write a self-contained HTML report (and its PNGs) of a run folder",
-        description="Summarise a run folder written by the monitor or by replay in one "
-        "HTML file with embedded images (no network needed), plus the PNGs beside it.",
-    )
+def add_report_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("run_dir", metavar="RUN_DIR", help="folder the monitor or replay wrote")
     p.add_argument("--out", metavar="HTML", help="file to write (default RUN_DIR/report.html)")
     p.add_argument(
@@ -428,10 +419,14 @@ def add_report_parser(sub) -> None:
         help="result.json of `redundancy-monitor score` with measured removal costs "
         "(default: RUN_DIR/result.json if present)",
     )
-    p.set_defaults(func=cmd_report)
 
 
 def cmd_report(args: argparse.Namespace) -> int:
+    """write a self-contained HTML report (and its PNGs) of a run folder
+
+    Summarise a run folder written by the monitor or by replay in one HTML file with
+    embedded images (no network needed), plus the PNGs beside it.
+    """
     from redundancy_monitor.tools.report import write_report
 
     report = write_report(args.run_dir, args.out, args.removal)
@@ -441,12 +436,12 @@ def cmd_report(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-#: name -> function adding the subcommand's parser (it sets ``func`` to its cmd_ function).
-SUBCOMMANDS: dict[str, Callable] = {
-    "score": add_score_parser,
-    "replay": add_replay_parser,
-    "watch": add_watch_parser,
-    "report": add_report_parser,
+#: name -> (function adding the subcommand's arguments, the function running it)
+SUBCOMMANDS: dict[str, tuple[Callable, Callable]] = {
+    "score": (add_score_arguments, cmd_score),
+    "replay": (add_replay_arguments, cmd_replay),
+    "watch": (add_watch_arguments, cmd_watch),
+    "report": (add_report_arguments, cmd_report),
 }
 
 
@@ -456,8 +451,11 @@ def build_parser() -> argparse.ArgumentParser:
         description="Layer redundancy of transformer LMs: replacement vs interchange.",
     )
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    for add in SUBCOMMANDS.values():
-        add(sub)
+    for name, (add_arguments, command) in SUBCOMMANDS.items():
+        summary, _, details = inspect.cleandoc(command.__doc__).partition("\n\n")
+        p = sub.add_parser(name, help=summary, description=" ".join(details.split()))
+        add_arguments(p)
+        p.set_defaults(func=command)
     return parser
 
 
