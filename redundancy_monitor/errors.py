@@ -87,6 +87,14 @@ class CheckpointError(RedundancyMonitorError, ValueError):
     """A checkpoint, tokenizer or text given to the command line cannot be used."""
 
 
+class CheckpointVanished(CheckpointError):
+    """A checkpoint was deleted (rotated away by the run) while it was being read."""
+
+
+class MissingModelConfig(CheckpointError):
+    """Weights-only checkpoints (Lightning, DCP) and no config to build the model from."""
+
+
 class RunFolderError(RedundancyMonitorError, ValueError):
     """A run folder holds no record file, several, or one without probe records."""
 

@@ -12,9 +12,13 @@ from torch import nn
 
 from redundancy_monitor.errors import InvalidConfigError
 from redundancy_monitor.extras import missing
-from redundancy_monitor.monitoring.adapters import add_default_sinks, probes_here
+from redundancy_monitor.monitoring.adapters import (
+    add_default_sinks,
+    monitor_or_sidecar,
+    probes_here,
+)
 from redundancy_monitor.monitoring.monitor import RedundancyMonitor
-from redundancy_monitor.monitoring.sidecar import SidecarAlerts, sidecar_from_kwargs
+from redundancy_monitor.monitoring.sidecar import SidecarAlerts
 from redundancy_monitor.monitoring.sinks import MetricsSink
 
 try:
@@ -122,15 +126,11 @@ class RedundancyMonitorCallback(Callback):
         sidecar: str | os.PathLike | None = None,
         **monitor_kwargs: Any,
     ):
-        if "sinks" in monitor_kwargs or "jsonl_path" in monitor_kwargs:
-            raise InvalidConfigError("pass jsonl_path to the callback; sinks are set up by it")
-        self.sidecar: SidecarAlerts | None = None
-        self.monitor: RedundancyMonitor | None = None
-        if sidecar is not None:
-            unused = {"probe_batch": probe_batch, "log_dir": log_dir, "jsonl_path": jsonl_path}
-            self.sidecar = sidecar_from_kwargs(sidecar, unused, monitor_kwargs)
-        else:
-            self.monitor = RedundancyMonitor(probe_batch, **monitor_kwargs)
+        self.monitor: RedundancyMonitor | None
+        self.sidecar: SidecarAlerts | None
+        self.monitor, self.sidecar = monitor_or_sidecar(
+            probe_batch, log_dir, jsonl_path, sidecar, monitor_kwargs
+        )
         self.model_path, self.log_dir, self.jsonl_path = model, log_dir, jsonl_path
         self.per_pair, self.images = per_pair, images
         self._attached = False

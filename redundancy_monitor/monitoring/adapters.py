@@ -4,11 +4,36 @@ outputs (a TensorBoard run and a JSON Lines record file)."""
 from __future__ import annotations
 
 import os
+from typing import Any
 
+from redundancy_monitor.errors import InvalidConfigError
 from redundancy_monitor.monitoring.monitor import RedundancyMonitor
+from redundancy_monitor.monitoring.sidecar import SidecarAlerts, sidecar_from_kwargs
 from redundancy_monitor.monitoring.tensorboard import TensorBoardSink
 
 RECORD_FILE = "redundancy.jsonl"
+
+
+def monitor_or_sidecar(
+    probe_batch,
+    log_dir: str | os.PathLike | None,
+    jsonl_path: str | os.PathLike | bool | None,
+    sidecar: str | os.PathLike | None,
+    monitor_kwargs: dict[str, Any],
+) -> tuple[RedundancyMonitor | None, SidecarAlerts | None]:
+    """A callback's in-process monitor, or (with `sidecar`, the log folder of a `watch`
+    process) the reader of that sidecar's alerts; the other one is None.
+
+    Raises:
+        InvalidConfigError: sinks passed to the callback, probing arguments with `sidecar`,
+            or anything `RedundancyMonitor` refuses.
+    """
+    if "sinks" in monitor_kwargs or "jsonl_path" in monitor_kwargs:
+        raise InvalidConfigError("pass jsonl_path to the callback; sinks are set up by it")
+    if sidecar is not None:
+        unused = {"probe_batch": probe_batch, "log_dir": log_dir, "jsonl_path": jsonl_path}
+        return None, sidecar_from_kwargs(sidecar, unused, monitor_kwargs)
+    return RedundancyMonitor(probe_batch, **monitor_kwargs), None
 
 
 def probes_here(is_main: bool, world_size: int, monitor: RedundancyMonitor | None) -> bool:

@@ -64,8 +64,10 @@ def _pair_set(text: str) -> str:
     return text
 
 
-def _add_batch_options(p: argparse.ArgumentParser, n_seq: int) -> None:
-    """The probe batch's shape and the pair set."""
+def _add_batch_options(p: argparse.ArgumentParser, n_seq: int, tokenizer: str) -> None:
+    """Where the tokenizer comes from (`tokenizer`: its help), the probe batch's shape and
+    the pair set."""
+    p.add_argument("--tokenizer", metavar="PATH", help=tokenizer)
     p.add_argument(
         "--n-seq", type=_positive, default=n_seq, help=f"sequences in the batch ({n_seq})"
     )
@@ -93,13 +95,14 @@ def add_score_arguments(p: argparse.ArgumentParser) -> None:
         metavar="FILE",
         help="text files for the probe batch ('-' reads stdin)",
     )
-    p.add_argument("--tokenizer", metavar="DIR", help="take the tokenizer from DIR")
     p.add_argument(
         "--heldout",
         metavar="FILE",
         help="held-out text for perplexity (default: the text after the batch)",
     )
-    _add_batch_options(p, n_seq=32)
+    _add_batch_options(
+        p, n_seq=32, tokenizer="take the tokenizer from PATH (default: the checkpoint's)"
+    )
     _add_model_options(p)
     p.add_argument(
         "--budgets",
@@ -204,8 +207,7 @@ def add_replay_arguments(p: argparse.ArgumentParser) -> None:
         help="unpickle .ckpt files the safe loader refuses (runs code the files name: "
         "only for files you trust)",
     )
-    p.add_argument("--tokenizer", metavar="DIR", help="tokenizer (default: from a checkpoint)")
-    _add_batch_options(p, n_seq=8)
+    _add_batch_options(p, n_seq=8, tokenizer="tokenizer (default: from a checkpoint)")
     _add_model_options(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -294,10 +296,7 @@ def add_watch_arguments(p: argparse.ArgumentParser) -> None:
     batch.add_argument(
         "--probe-batch", metavar="FILE.pt", help="token ids saved with torch.save (weights-only)"
     )
-    p.add_argument(
-        "--tokenizer", metavar="PATH", help="tokenizer for --text (default: from a checkpoint)"
-    )
-    _add_batch_options(p, n_seq=8)
+    _add_batch_options(p, n_seq=8, tokenizer="tokenizer for --text (default: from a checkpoint)")
     p.add_argument(
         "--log-dir",
         metavar="DIR",

@@ -32,7 +32,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from redundancy_monitor.errors import CheckpointError, InvalidPairsError, InvalidProtocolError
+from redundancy_monitor.errors import (
+    CheckpointError,
+    CheckpointVanished,
+    InvalidPairsError,
+    InvalidProtocolError,
+    MissingModelConfig,
+)
 from redundancy_monitor.files import write_json_atomic
 from redundancy_monitor.monitoring.alerts import AlertConfig
 from redundancy_monitor.monitoring.executor import ProbeOutcome
@@ -70,14 +76,6 @@ class CheckpointRef:
     step: int
     path: Path
     kind: str  # "hf" (a save_pretrained folder), "lightning" (a .ckpt file) or "dcp"
-
-
-class CheckpointVanished(CheckpointError):
-    """A checkpoint was deleted (rotated away by the run) while it was being read."""
-
-
-class MissingModelConfig(CheckpointError):
-    """Weights-only checkpoints (Lightning, DCP) and no config to build the model from."""
 
 
 def is_hf_checkpoint(path: Path) -> bool:
