@@ -19,8 +19,11 @@ import time
 
 import torch
 
-from redundancy_monitor import Variant, find_blocks, find_head, make_batch, reference_distances
+from redundancy_monitor import find_blocks, make_batch
+from redundancy_monitor.probing.blocks import find_head
 from redundancy_monitor.probing.model_io import untouched
+from redundancy_monitor.probing.reference import reference_distances
+from redundancy_monitor.probing.variants import Variant
 from redundancy_monitor.removal.baselines import greedy_deletion_steps
 from redundancy_monitor.removal.cost import sliding_perplexity
 

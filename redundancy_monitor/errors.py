@@ -1,10 +1,18 @@
-"""Errors a user can hit. Every one says what was wrong and what to pass instead."""
+"""Every error this library raises on purpose, in one place.
+
+Each is a `RedundancyMonitorError` and says what was wrong and what to pass instead.
+Most also subclass the builtin a caller would catch for that kind of mistake
+(`ValueError`, `TypeError`, `KeyError`, `OSError`, `ImportError`).
+"""
 
 from __future__ import annotations
 
 
 class RedundancyMonitorError(Exception):
     """Base class of every error this library raises on purpose."""
+
+
+# ----- the probe ---------------------------------------------------------------------
 
 
 class BlockDiscoveryError(RedundancyMonitorError, LookupError):
@@ -31,16 +39,37 @@ class InvalidConfigError(RedundancyMonitorError, ValueError):
     """A configuration value is out of range or of the wrong kind."""
 
 
-class MonitorStateError(RedundancyMonitorError, ValueError):
-    """A saved monitor state cannot be restored into this monitor (wrong batch, version...)."""
+class NotInResultError(RedundancyMonitorError, KeyError):
+    """A result was asked for a pair, budget or selector it does not hold."""
+
+    def __str__(self) -> str:  # KeyError would show the message in quotes
+        return str(self.args[0]) if self.args else ""
+
+
+class ProbeCancelled(RedundancyMonitorError):
+    """The probe was asked to stop (the monitor is shutting down)."""
+
+
+# ----- removal -------------------------------------------------------------------------
 
 
 class InvalidBudgetError(RedundancyMonitorError, ValueError):
     """A removal budget or removal set cannot be satisfied by this model."""
 
 
-class CheckpointError(RedundancyMonitorError, ValueError):
-    """A checkpoint, tokenizer or text given to the command line cannot be used."""
+# ----- the monitor and its files -------------------------------------------------------
+
+
+class MonitorStateError(RedundancyMonitorError, ValueError):
+    """A saved monitor state cannot be restored into this monitor (wrong batch, version...)."""
+
+
+class RecordFileError(RedundancyMonitorError, ValueError):
+    """A record file has a line that is not a record, before its last record."""
+
+
+class RecordFileLost(RedundancyMonitorError, OSError):
+    """The record file disappeared (its folder was removed) while the run was writing it."""
 
 
 class UnsafePathError(RedundancyMonitorError, ValueError):
@@ -49,3 +78,26 @@ class UnsafePathError(RedundancyMonitorError, ValueError):
 
 class MonitorUsageError(RedundancyMonitorError, RuntimeError):
     """A monitor method was called out of order: a step behind the last one, or after close()."""
+
+
+# ----- offline tools -------------------------------------------------------------------
+
+
+class CheckpointError(RedundancyMonitorError, ValueError):
+    """A checkpoint, tokenizer or text given to the command line cannot be used."""
+
+
+class CheckpointVanished(CheckpointError):
+    """A checkpoint was deleted (rotated away by the run) while it was being read."""
+
+
+class MissingModelConfig(CheckpointError):
+    """Weights-only checkpoints (Lightning, DCP) and no config to build the model from."""
+
+
+class RunFolderError(RedundancyMonitorError, ValueError):
+    """A run folder holds no record file, several, or one without probe records."""
+
+
+class MissingDependencyError(RedundancyMonitorError, ImportError):
+    """An optional dependency a feature needs is not installed; the message names the extra."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+ROOT = Path(__file__).parents[1]
 ARCHITECTURES = ("gpt_neox", "llama", "qwen3", "mistral", "gpt2")
 VOCAB = 97
 
@@ -69,3 +71,10 @@ def tiny_batch(
 @pytest.fixture(params=ARCHITECTURES)
 def arch(request):
     return request.param
+
+
+def subprocess_env(**extra: str) -> dict[str, str]:
+    """The environment of a child Python that imports this checkout and the test helpers,
+    as pytest's ``pythonpath = ["tests"]`` lets the tests themselves."""
+    folders = (ROOT, ROOT / "tests", ROOT / "tests" / "faults")
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(map(str, folders)), **extra}

@@ -8,17 +8,11 @@ import pytest
 import torch
 from conftest import tiny_batch, tiny_model
 
-from redundancy_monitor import (
-    InvalidBudgetError,
-    InvalidConfigError,
-    Variant,
-    make_batch,
-    plan_removal,
-    probe,
-    reference_distances,
-    removal_cost,
-)
+from redundancy_monitor import InvalidConfigError, make_batch, plan_removal, probe, removal_cost
+from redundancy_monitor.errors import InvalidBudgetError
 from redundancy_monitor.probing.blocks import find_blocks
+from redundancy_monitor.probing.reference import reference_distances
+from redundancy_monitor.probing.variants import Variant
 from redundancy_monitor.removal.baselines import greedy_deletion, hidden_state_scores, random_sets
 from redundancy_monitor.removal.table import compare_removal
 

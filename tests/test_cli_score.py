@@ -112,16 +112,17 @@ def test_out_dir_has_summary_plots_and_a_tensorboard_run(scored, workdir):
     events = EventAccumulator(str(out / "tensorboard"), size_guidance={"images": 0})
     events.Reload()
     scalars = events.Tags()["scalars"]
-    gap = events.Scalars("probe/gap_mean")[0].value
+    gap = events.Scalars("redundancy/gap_mean")[0].value
     assert gap == pytest.approx(data["probe"]["summary"]["gap_mean"], rel=1e-5)
-    curve = {e.step: e.value for e in events.Scalars("removal/interchange/perplexity")}
+    curve = {e.step: e.value for e in events.Scalars("redundancy/removal/interchange/perplexity")}
     want = {r["budget"]: r["perplexity"] for r in data["removal"]["rows"]
             if r["selector"] == "interchange"}  # fmt: skip
     assert curve.keys() == want.keys()
     assert all(curve[b] == pytest.approx(want[b], rel=1e-5) for b in want)
-    assert "removal/base_perplexity" in scalars
+    assert "redundancy/removal/base_perplexity" in scalars
+    assert all(tag.startswith("redundancy/") for tag in scalars)
     if importlib.util.find_spec("matplotlib") is not None:
-        assert "figures/heatmap_gap" in events.Tags()["images"]
+        assert "redundancy/figures/heatmap_gap" in events.Tags()["images"]
 
 
 def test_exported_pruned_checkpoint_round_trips(scored, workdir):

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
 import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from conftest import tiny_batch, tiny_model
+from conftest import subprocess_env, tiny_batch, tiny_model
 
 from redundancy_monitor import ProbeResult, probe
 from redundancy_monitor.probing.probe import merge_shards, shard_pairs
@@ -39,7 +38,7 @@ def torchrun(
         str(script),
         *args,
     ]
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1]), "OMP_NUM_THREADS": "1"}
+    env = subprocess_env(OMP_NUM_THREADS="1")
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     except subprocess.TimeoutExpired as e:

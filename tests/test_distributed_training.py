@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_model
+from conftest import subprocess_env, tiny_model
 from test_distributed_probe import free_port, torchrun
 from training_fixtures import probe_ids
 
@@ -22,13 +21,7 @@ SCRIPTS = Path(__file__).parent / "dist_scripts"
 
 def run_script(script: str, *args: str, env: dict | None = None, timeout: int = 240):
     """Run a script that starts its own ranks (Lightning), with a hang guard."""
-    full_env = {
-        **os.environ,
-        "PYTHONPATH": str(Path(__file__).parents[1]),
-        "OMP_NUM_THREADS": "1",
-        "MASTER_PORT": str(free_port()),
-        **(env or {}),
-    }
+    full_env = subprocess_env(OMP_NUM_THREADS="1", MASTER_PORT=str(free_port()), **(env or {}))
     try:
         done = subprocess.run(
             [sys.executable, str(SCRIPTS / script), *args],

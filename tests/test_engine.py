@@ -8,10 +8,11 @@ import pytest
 import torch
 from conftest import ARCHITECTURES, tiny_batch, tiny_model
 
-from redundancy_monitor import Variant, probe, reference_distances
+from redundancy_monitor import probe
 from redundancy_monitor.probing.engine import EngineOptions, variant_distances
 from redundancy_monitor.probing.probe import plan_variants, prepare
-from redundancy_monitor.probing.variants import parse_pairs
+from redundancy_monitor.probing.reference import reference_distances
+from redundancy_monitor.probing.variants import Variant, parse_pairs
 
 ATOL, RTOL = 1e-5, 1e-4
 
@@ -82,7 +83,7 @@ def test_probe_records_match_reference_distances():
         assert rec.gap == pytest.approx(rec.d_repl - rec.d_int, abs=1e-12)
         assert rec.ir == pytest.approx(rec.d_int / rec.d_repl, rel=1e-9)
         assert rec.d_int_last == pytest.approx(d_int.last, abs=ATOL, rel=RTOL)
-        assert rec.distance == rec.j - rec.i
+        assert rec.separation == rec.j - rec.i
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

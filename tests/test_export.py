@@ -6,8 +6,9 @@ import pytest
 import torch
 from conftest import tiny_batch, tiny_config, tiny_model
 
-from redundancy_monitor import InvalidBudgetError, find_blocks, make_batch
-from redundancy_monitor.removal.cost import slots_skipped
+from redundancy_monitor import find_blocks, make_batch
+from redundancy_monitor.errors import InvalidBudgetError
+from redundancy_monitor.probing.model_io import slots_skipped
 from redundancy_monitor.removal.export import export_pruned, prune_model
 
 
@@ -97,7 +98,7 @@ def test_prune_bad_layers():
 def test_export_refuses_a_model_without_save_pretrained(tmp_path):
     from torch import nn
 
-    from redundancy_monitor import UnsupportedModelError
+    from redundancy_monitor.errors import UnsupportedModelError
 
     class Plain(nn.Module):
         def __init__(self):

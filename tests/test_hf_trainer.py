@@ -38,7 +38,10 @@ def make_trainer(tmp_path, callbacks, **kw):
 def test_hf_run_writes_into_the_trainers_tensorboard_run_matching_the_jsonl(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    cb = RedundancyMonitorTrainerCallback(probe_ids(), every_n_steps=2, log_spaced=False)
+    # Inline, so no probe is skipped for being busy and the steps are exactly the schedule.
+    cb = RedundancyMonitorTrainerCallback(
+        probe_ids(), every_n_steps=2, log_spaced=False, executor="inline"
+    )
     trainer = make_trainer(
         tmp_path,
         [cb],
@@ -49,7 +52,7 @@ def test_hf_run_writes_into_the_trainers_tensorboard_run_matching_the_jsonl(tmp_
     )
     trainer.train()
     probes = [r for r in read_records(cb.jsonl_file) if r["type"] == "probe"]
-    assert [p["step"] for p in probes] == [0, 2, 4, 6] or {0, 6} <= {p["step"] for p in probes}
+    assert [p["step"] for p in probes] == [0, 2, 4, 6]
     assert cb.jsonl_file == str(tmp_path / "redundancy" / "redundancy.jsonl")
     tensorboard = next(
         c for c in trainer.callback_handler.callbacks if type(c).__name__ == "TensorBoardCallback"

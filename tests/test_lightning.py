@@ -56,7 +56,9 @@ def test_tensorboard_events_match_the_jsonl_records(tmp_path):
         assert sorted(by_step) == sorted(expected), name
         for step, summary in expected.items():
             value = (
-                summary["by_distance"]["1"]["gap_mean"] if name == "d1/gap_mean" else summary[name]
+                summary["by_separation"]["1"]["gap_mean"]
+                if name == "d1/gap_mean"
+                else summary[name]
             )
             assert by_step[step] == pytest.approx(value, rel=1e-6, abs=1e-7), (name, step)
     pair = probes[-1]["result"]["pairs"][0]

@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 
 from redundancy_monitor.errors import InvalidConfigError
-from redundancy_monitor.monitoring.alerts import AlertConfig, AlertEngine, removal_overlap
+from redundancy_monitor.monitoring.alerts import AlertConfig, AlertEngine
 from redundancy_monitor.probing.result import PairRecord, ProbeResult, summarize
+from redundancy_monitor.removal.selection import removal_overlap
 
 ONLY_GAP = dict(growth_factor=None, overlap_threshold=None, regime_change=False)
 

@@ -7,8 +7,9 @@ import json
 import numpy as np
 import pytest
 
+from redundancy_monitor.errors import RecordFileError
 from redundancy_monitor.monitoring.alerts import Alert
-from redundancy_monitor.monitoring.jsonl import JsonlSink, RecordFileError, read_records
+from redundancy_monitor.monitoring.jsonl import JsonlSink, read_records
 from redundancy_monitor.monitoring.sinks import ProbeRecord
 from redundancy_monitor.monitoring.tensorboard import MISSING, VIRIDIS, heatmap_image, pair_matrix
 from redundancy_monitor.probing.result import PairRecord, ProbeResult, summarize

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -12,18 +10,11 @@ from conftest import ARCHITECTURES, tiny_batch, tiny_model
 from torch import nn
 
 import redundancy_monitor as rm
-from redundancy_monitor import (
-    BlockDiscoveryError,
-    InvalidBatchError,
-    InvalidPairsError,
-    InvalidProtocolError,
-    RedundancyMonitorError,
-    UnsupportedModelError,
-    find_blocks,
-    parse_pairs,
-    probe,
-)
+from redundancy_monitor import BlockDiscoveryError, InvalidBatchError, find_blocks, probe
+from redundancy_monitor.errors import InvalidPairsError, InvalidProtocolError, UnsupportedModelError
 from redundancy_monitor.probing.probe import prepare
+from redundancy_monitor.probing.reference import reference_distances
+from redundancy_monitor.probing.variants import Variant, parse_pairs
 
 BLOCK_PATHS = {
     "gpt_neox": "gpt_neox.layers",
@@ -154,50 +145,43 @@ def test_qwen3_mixed_attention_types_keep_their_slot():
     ids = torch.randint(0, 61, (2, 10))
     result = probe(model, ids, pairs="adjacent")
     root, blocks, _, batch = prepare(model, ids, None)
-    ref = rm.reference_distances(root, blocks, batch, [rm.Variant.replacement(4, 0, 1)])
+    ref = reference_distances(root, blocks, batch, [Variant.replacement(4, 0, 1)])
     assert result.pair(0, 1).repl_ij == pytest.approx(ref[0].mean, rel=1e-4, abs=1e-6)
 
 
-def test_pair_sets_have_the_documented_sizes_and_distances():
+def test_pair_sets_have_the_documented_sizes_and_separations():
     assert parse_pairs("adjacent", 6) == [(i, i + 1) for i in range(5)]
     assert len(parse_pairs("all", 6)) == 15
     window = parse_pairs("window:3", 6)
     assert all(1 <= j - i <= 3 for i, j in window) and len(window) == 5 + 4 + 3
     assert parse_pairs([(3, 1), (1, 3), (0, 5)], 6) == [(0, 5), (1, 3)]
     result = probe(tiny_model("llama", 4), tiny_batch()[0], pairs="window:2")
-    assert [r.distance for r in result.pairs] == [r.j - r.i for r in result.pairs]
-    assert set(result.summary.by_distance) == {1, 2}
+    assert [r.separation for r in result.pairs] == [r.j - r.i for r in result.pairs]
+    assert set(result.summary.by_separation) == {1, 2}
 
 
 @pytest.mark.parametrize(
-    ("kwargs", "error", "says"),
+    ("kwargs", "error", "says", "advice"),
     [
-        ({"input_ids": torch.zeros(5, dtype=torch.long)}, InvalidBatchError, "2-D"),
-        ({"input_ids": torch.zeros(2, 3)}, InvalidBatchError, "integer"),
-        ({"input_ids": torch.zeros(0, 4, dtype=torch.long)}, InvalidBatchError, "empty"),
-        (
-            {"input_ids": torch.ones(2, 4, dtype=torch.long), "attention_mask": torch.zeros(2, 4)},
-            InvalidBatchError,
-            "all padding",
-        ),
-        ({"input_ids": torch.full((2, 4), 97)}, InvalidBatchError, "vocabulary"),
-        (
-            {"input_ids": torch.ones(2, 4, dtype=torch.long), "attention_mask": torch.ones(2, 5)},
-            InvalidBatchError,
-            "same shape",
-        ),
-        ({"pairs": [(0, 9)]}, InvalidPairsError, "0..3"),
-        ({"pairs": "window:0"}, InvalidPairsError, "window"),
-        ({"pairs": "neighbours"}, InvalidPairsError, "adjacent"),
-        ({"protocols": ("replacement", "swap")}, InvalidProtocolError, "interchange"),
+        ({"input_ids": torch.zeros(5, dtype=torch.long)}, InvalidBatchError, "2-D", "unsqueeze(0)"),
+        ({"input_ids": torch.zeros(2, 3)}, InvalidBatchError, "integer", "pass token ids"),
+        ({"input_ids": torch.zeros(0, 4, dtype=torch.long)}, InvalidBatchError, "empty", "pass at least one token"),
+        ({"attention_mask": torch.zeros(2, 4)}, InvalidBatchError, "all padding", "pass a mask with 1"),
+        ({"input_ids": torch.full((2, 4), -1)}, InvalidBatchError, "negative", "pass the tokenizer's ids"),
+        ({"input_ids": torch.full((2, 4), 97)}, InvalidBatchError, "vocabulary", "tokenize with the model's own"),
+        ({"attention_mask": torch.ones(2, 5)}, InvalidBatchError, "same shape", "pass a mask of the same shape"),
+        ({"pairs": [(0, 9)]}, InvalidPairsError, "0..3", "valid slots are 0..3"),
+        ({"pairs": "window:0"}, InvalidPairsError, "window", "e.g. 'window:3'"),
+        ({"pairs": "neighbours"}, InvalidPairsError, "adjacent", "pass 'adjacent', 'window:k', 'all'"),
+        ({"protocols": ("replacement", "swap")}, InvalidProtocolError, "interchange", "choose from"),
     ],
-)
-def test_bad_input_gets_a_clear_error(kwargs, error, says):
+)  # fmt: skip
+def test_bad_input_gets_a_clear_error(kwargs, error, says, advice):
     model = tiny_model("llama", n_layers=4)
     args = {"input_ids": torch.ones(2, 4, dtype=torch.long), **kwargs}
     with pytest.raises(error, match=says) as info:
         probe(model, **args)
-    assert isinstance(info.value, RedundancyMonitorError)
+    assert advice in str(info.value)  # it says what to pass instead
 
 
 def test_model_with_one_block_is_refused():
@@ -215,6 +199,20 @@ def test_result_is_json_safe_and_round_trips():
     assert "regime=" in result.to_table()
 
 
+def test_results_written_with_the_old_distance_keys_read_back_the_same():
+    """|i-j| used to be written as "distance" / "by_distance"; old record files still load."""
+    result = probe(tiny_model("llama", 4), tiny_batch()[0], pairs="window:2")
+    data = json.loads(json.dumps(result.to_dict()))
+    assert "separation" in data["pairs"][0] and "by_separation" in data["summary"]
+    for pair in data["pairs"]:
+        pair["distance"] = pair.pop("separation")
+    data["summary"]["by_distance"] = data["summary"].pop("by_separation")
+    again = rm.ProbeResult.from_dict(data)
+    assert again.pairs == result.pairs
+    assert again.summary == result.summary
+    assert set(again.summary.by_separation) == {1, 2}
+
+
 def test_batch_hash_depends_on_ids_and_mask():
     ids, mask = tiny_batch(padding="left")
     a = rm.make_batch(ids, mask).sha256
@@ -225,10 +223,19 @@ def test_batch_hash_depends_on_ids_and_mask():
     assert a != rm.make_batch(ids2, mask).sha256
 
 
-def test_importing_the_package_does_not_import_trainers():
-    code = "import sys, redundancy_monitor; print(any(m.split('.')[0] in ('lightning', 'pytorch_lightning', 'transformers') for m in sys.modules))"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "False"
+def test_public_api_is_the_short_list_and_internals_stay_in_their_modules():
+    from redundancy_monitor.probing import engine, reference
+
+    assert 18 <= len(rm.__all__) <= 26
+    for name in rm.__all__:
+        assert getattr(rm, name) is not None, name
+    assert rm.MonitorStateError.__module__ == "redundancy_monitor.errors"
+    assert rm.probe.__module__ == "redundancy_monitor.probing.probe"
+    for internal in ("reference_distances", "variant_distances", "EngineOptions", "Variant"):
+        assert internal not in rm.__all__
+        with pytest.raises(AttributeError, match=internal):
+            getattr(rm, internal)
+    assert callable(reference.reference_distances) and callable(engine.variant_distances)
 
 
 def test_find_blocks_unwraps_a_peft_style_wrapper():

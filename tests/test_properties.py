@@ -10,9 +10,10 @@ from conftest import tiny_model
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from redundancy_monitor import InvalidPairsError, Variant, parse_pairs
+from redundancy_monitor.errors import InvalidPairsError
 from redundancy_monitor.probing.engine import variant_distances
 from redundancy_monitor.probing.probe import prepare
+from redundancy_monitor.probing.variants import Variant, parse_pairs
 
 FAST = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

@@ -11,22 +11,21 @@ import torch
 from conftest import tiny_batch, tiny_model
 
 from redundancy_monitor import (
-    InvalidBudgetError,
     InvalidConfigError,
-    InvalidProtocolError,
     PairRecord,
     ProbeResult,
-    Variant,
     make_batch,
     plan_removal,
     probe,
-    reference_distances,
-    removability,
     removal_cost,
-    summarize,
 )
+from redundancy_monitor.errors import InvalidBudgetError, InvalidProtocolError
 from redundancy_monitor.probing.blocks import find_blocks
-from redundancy_monitor.removal.cost import greedy_non_adjacent, jaccard, window_plan
+from redundancy_monitor.probing.reference import reference_distances
+from redundancy_monitor.probing.result import summarize
+from redundancy_monitor.probing.variants import Variant
+from redundancy_monitor.removal.cost import window_plan
+from redundancy_monitor.removal.selection import greedy_non_adjacent, jaccard, removability
 
 
 def hand_result(n_layers: int, pairs: dict[tuple[int, int], tuple[float, float]]) -> ProbeResult:
@@ -43,7 +42,7 @@ def test_removability_is_min_over_adjacent_pairs_only():
             (1, 2): (0.3, 0.20),
             (2, 3): (0.6, 0.10),
             (3, 4): (0.2, 0.70),
-            (0, 2): (0.01, 0.01),  # distance 2: never counts
+            (0, 2): (0.01, 0.01),  # separation 2: never counts
         },
     )
     assert removability(result, "interchange") == {0: 0.40, 1: 0.20, 2: 0.10, 3: 0.10, 4: 0.70}

@@ -15,12 +15,11 @@ from redundancy_monitor.monitoring.alerts import AlertConfig
 from redundancy_monitor.monitoring.jsonl import read_records
 from redundancy_monitor.probing.probe import probe
 from redundancy_monitor.tools.cli import main
-from redundancy_monitor.tools.loading import probe_batch_from_text
+from redundancy_monitor.tools.loading import load_tokenizer, probe_batch_from_text
 from redundancy_monitor.tools.records import load_run
 from redundancy_monitor.tools.replay import (
     ModelLoader,
     find_checkpoints,
-    load_tokenizer,
     replay,
 )
 from redundancy_monitor.tools.report import write_report

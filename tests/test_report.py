@@ -22,10 +22,11 @@ from run_folders import (
     write_records,
 )
 
-from redundancy_monitor.tools.records import RunFolderError, load_run
+from redundancy_monitor.errors import RunFolderError
+from redundancy_monitor.tools.records import load_run
 from redundancy_monitor.tools.report import write_report
 
-ALWAYS = ("gap_trajectory", "ir_by_distance", "heatmaps", "gap_vs_depth", "alert_timeline")
+ALWAYS = ("gap_trajectory", "ir_by_separation", "heatmaps", "gap_vs_depth", "alert_timeline")
 
 
 @pytest.fixture(scope="module")
@@ -196,6 +197,34 @@ def test_without_matplotlib_the_report_says_how_to_install_it(tmp_path):
     )
     assert done.returncode == 2
     assert "pip install 'redundancy-monitor[plots]'" in done.stderr
+
+
+def test_figures_use_no_pyplot_and_leave_the_backend_alone(tmp_path):
+    write_records(tmp_path, probes=[(3, hand_result([0.2, 0.1], [0.05, 0.1]))])
+    table = {
+        "rows": [{"budget": 1, "selector": "random", "perplexity": 9.0, "perplexity_std": 1.0}]
+    }
+    code = (
+        "import sys, matplotlib\n"
+        "backend = lambda: dict.__getitem__(matplotlib.rcParams, 'backend')  # unresolved\n"
+        "before = backend()\n"
+        "from redundancy_monitor.tools import figures\n"
+        "from redundancy_monitor.tools.report import write_report\n"
+        f"report = write_report({str(tmp_path)!r})\n"
+        f"image = figures.rgb(figures.removal_cost({table!r}))\n"
+        "print(len(report.images), image.ndim, image.shape[2], image.dtype)\n"
+        "print('matplotlib.pyplot' in sys.modules, backend() == before)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"},
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == ["5 3 3 uint8", "False True"]
 
 
 def test_no_finite_adjacent_pair_means_no_removal_selection(tmp_path):

@@ -8,7 +8,8 @@ import math
 import numpy as np
 import pytest
 
-from redundancy_monitor import PairRecord, Thresholds, summarize
+from redundancy_monitor import PairRecord, Thresholds
+from redundancy_monitor.probing.result import summarize
 
 
 def rec(i, j, repl, inter, last=None):
@@ -44,7 +45,7 @@ def test_summary_statistics_and_bands():
     assert (s.repl_strong, s.repl_conditional, s.repl_not_similar) == (1, 1, 2)
     assert (s.int_strong, s.int_conditional, s.int_not_similar) == (1, 1, 2)
     assert s.frac_int_le_repl == pytest.approx(0.5)
-    assert s.by_distance[1].n_pairs == 3 and s.by_distance[2].gap_max == pytest.approx(0.3)
+    assert s.by_separation[1].n_pairs == 3 and s.by_separation[2].gap_max == pytest.approx(0.3)
     x, y = [0.2, 0.08, 0.03, 0.5], [0.04, 0.09, 0.12, 0.2]
     assert s.pearson == pytest.approx(np.corrcoef(x, y)[0, 1])
     assert s.spearman == pytest.approx(np.corrcoef([2, 1, 0, 3], [0, 1, 2, 3])[0, 1])

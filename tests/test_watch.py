@@ -21,8 +21,8 @@ from redundancy_monitor.monitoring.jsonl import read_records
 from redundancy_monitor.probing.probe import probe
 from redundancy_monitor.tools.cli import main
 from redundancy_monitor.tools.dcp import read_metadata
-from redundancy_monitor.tools.loading import probe_batch_from_text
-from redundancy_monitor.tools.replay import ModelLoader, find_checkpoints, load_tokenizer, replay
+from redundancy_monitor.tools.loading import load_tokenizer, probe_batch_from_text
+from redundancy_monitor.tools.replay import ModelLoader, find_checkpoints, replay
 from redundancy_monitor.tools.watch import CheckpointFolder, default_log_dir, watch
 
 N_SEQ = 2

@@ -13,14 +13,20 @@ import sys
 import weakref
 from typing import Any
 
-from transformers import TrainerCallback
-from transformers.trainer_callback import CallbackHandler, ExportableState
-
 from redundancy_monitor.errors import InvalidConfigError
+from redundancy_monitor.extras import require
+from redundancy_monitor.monitoring.adapters import (
+    monitor_or_sidecar,
+    probes_here,
+)
 from redundancy_monitor.monitoring.monitor import RedundancyMonitor
-from redundancy_monitor.monitoring.sidecar import SidecarAlerts, sidecar_from_kwargs
+from redundancy_monitor.monitoring.sidecar import SidecarAlerts
 from redundancy_monitor.monitoring.sinks import PROBE_INFO, ProbeRecord, Sink, probe_scalars
 from redundancy_monitor.monitoring.tensorboard import TensorBoardSink
+
+_callbacks = require("transformers.trainer_callback", "RedundancyMonitorTrainerCallback")
+TrainerCallback, ExportableState = _callbacks.TrainerCallback, _callbacks.ExportableState
+CallbackHandler = _callbacks.CallbackHandler
 
 log = logging.getLogger("redundancy_monitor")
 
@@ -146,13 +152,14 @@ class RedundancyMonitorTrainerCallback(TrainerCallback, ExportableState):
         log_dir: folder of the record file (default ``<output_dir>/redundancy``).
         jsonl_path: the JSON Lines file (default ``<log_dir>/redundancy.jsonl``; False: none).
         per_pair, images: as for the TensorBoard sink.
-        sidecar: the log folder of a ``redundancy-monitor watch`` sidecar that probes
-            this run's checkpoints. Nothing is probed in this process: at scheduled
-            steps the sidecar's new alerts are read and `stop_on_alert` /
-            `checkpoint_on_alert` applied on every rank (see `SidecarAlerts`).
+        sidecar: the log folder of a ``redundancy-monitor watch`` process that probes
+            this run's saved checkpoints instead of this process; at scheduled steps
+            the callback reads its new alerts and sets ``control.should_training_stop``
+            / ``should_save`` on every rank as `stop_on_alert` / `checkpoint_on_alert`
+            ask (see `SidecarAlerts`).
         **monitor_kwargs: schedule, pairs, executor, alerts, on_alert, stop_on_alert,
-            checkpoint_on_alert, ...: see `RedundancyMonitor` (with `sidecar`: only
-            the schedule, on_alert, stop_on_alert and checkpoint_on_alert).
+            checkpoint_on_alert, ...: see `RedundancyMonitor`; with `sidecar` only the
+            schedule and the alert actions apply.
 
     On resume the monitor state is read back from the checkpoint's ``trainer_state.json``
     (whether or not ``restore_callback_states_from_checkpoint`` is set, in the same or a
@@ -183,15 +190,11 @@ class RedundancyMonitorTrainerCallback(TrainerCallback, ExportableState):
         if restore_token is not None:
             self._adopt(restore_token)
             return
-        if "sinks" in monitor_kwargs or "jsonl_path" in monitor_kwargs:
-            raise InvalidConfigError("pass jsonl_path to the callback; sinks are set up by it")
-        self.sidecar: SidecarAlerts | None = None
-        self.monitor: RedundancyMonitor | None = None
-        if sidecar is not None:
-            unused = {"probe_batch": probe_batch, "log_dir": log_dir, "jsonl_path": jsonl_path}
-            self.sidecar = sidecar_from_kwargs(sidecar, unused, monitor_kwargs)
-        else:
-            self.monitor = RedundancyMonitor(probe_batch, **monitor_kwargs)
+        self.monitor: RedundancyMonitor | None
+        self.sidecar: SidecarAlerts | None
+        self.monitor, self.sidecar = monitor_or_sidecar(
+            probe_batch, log_dir, jsonl_path, sidecar, monitor_kwargs
+        )
         self.log_dir, self.jsonl_path = log_dir, jsonl_path
         self.per_pair, self.images = per_pair, images
         self._attached = self._restored = self._ended = False
@@ -306,13 +309,7 @@ class RedundancyMonitorTrainerCallback(TrainerCallback, ExportableState):
     # ----- events ------------------------------------------------------------------------
 
     def _probes_here(self, args, state) -> bool:
-        # With several processes every one probes its share of the pairs (unless
-        # distributed probing is off, in which case the main process probes alone).
-        if self.monitor is None:
-            return False  # a sidecar probes
-        return state.is_world_process_zero or (
-            args.world_size > 1 and self.monitor.distributed is not False
-        )
+        return probes_here(state.is_world_process_zero, args.world_size, self.monitor)
 
     def _bind(self, args, state, control) -> None:
         self._args, self._state, self._control = args, state, control

@@ -12,15 +12,23 @@ from typing import Any
 from torch import nn
 
 from redundancy_monitor.errors import InvalidConfigError
+from redundancy_monitor.extras import missing
+from redundancy_monitor.monitoring.adapters import (
+    add_default_sinks,
+    monitor_or_sidecar,
+    probes_here,
+)
 from redundancy_monitor.monitoring.monitor import RedundancyMonitor
-from redundancy_monitor.monitoring.sidecar import SidecarAlerts, sidecar_from_kwargs
+from redundancy_monitor.monitoring.sidecar import SidecarAlerts
 from redundancy_monitor.monitoring.sinks import MetricsSink
-from redundancy_monitor.monitoring.tensorboard import TensorBoardSink
 
 try:
     from lightning.pytorch import Callback
-except ImportError:  # only the standalone package is installed
-    from pytorch_lightning import Callback
+except ModuleNotFoundError:
+    try:  # only the standalone package is installed
+        from pytorch_lightning import Callback
+    except ModuleNotFoundError:
+        raise missing("lightning", "RedundancyMonitorCallback") from None
 
 log = logging.getLogger("redundancy_monitor")
 
@@ -125,15 +133,11 @@ class RedundancyMonitorCallback(Callback):
         sidecar: str | os.PathLike | None = None,
         **monitor_kwargs: Any,
     ):
-        if "sinks" in monitor_kwargs or "jsonl_path" in monitor_kwargs:
-            raise InvalidConfigError("pass jsonl_path to the callback; sinks are set up by it")
-        self.sidecar: SidecarAlerts | None = None
-        self.monitor: RedundancyMonitor | None = None
-        if sidecar is not None:
-            unused = {"probe_batch": probe_batch, "log_dir": log_dir, "jsonl_path": jsonl_path}
-            self.sidecar = sidecar_from_kwargs(sidecar, unused, monitor_kwargs)
-        else:
-            self.monitor = RedundancyMonitor(probe_batch, **monitor_kwargs)
+        self.monitor: RedundancyMonitor | None
+        self.sidecar: SidecarAlerts | None
+        self.monitor, self.sidecar = monitor_or_sidecar(
+            probe_batch, log_dir, jsonl_path, sidecar, monitor_kwargs
+        )
         self.model_path, self.log_dir, self.jsonl_path = model, log_dir, jsonl_path
         self.per_pair, self.images = per_pair, images
         self._attached = False
@@ -159,29 +163,16 @@ class RedundancyMonitorCallback(Callback):
             else:
                 self.monitor.sinks.append(MetricsSink(logger.log_metrics, self.per_pair))
         if tensorboard is not None:
-            log_dir = tensorboard.log_dir
-            sink = TensorBoardSink(
-                writer=tensorboard.experiment, per_pair=self.per_pair, images=self.images
-            )
+            log_dir, writer = tensorboard.log_dir, tensorboard.experiment
         else:
             log_dir = str(self.log_dir or os.path.join(trainer.default_root_dir, "redundancy"))
-            resumed = self.monitor.last_step
-            sink = TensorBoardSink(
-                log_dir=log_dir,
-                per_pair=self.per_pair,
-                images=self.images,
-                purge_step=None if resumed is None else resumed + 1,
-            )
-        self.monitor.sinks.append(sink)
-        self.tensorboard_dir = sink.log_dir
-        if self.jsonl_path is not False:
-            from redundancy_monitor.monitoring.jsonl import JsonlSink
-
-            self._root = str(trainer.default_root_dir)
-            saved = self._saved_jsonl and os.path.join(self._root, self._saved_jsonl)
-            path = self.jsonl_path or saved or os.path.join(log_dir, "redundancy.jsonl")
-            self.monitor.sinks.append(JsonlSink(path))
-            self.jsonl_file = str(path)
+            writer = None
+        self._root = str(trainer.default_root_dir)
+        saved = self._saved_jsonl and os.path.join(self._root, self._saved_jsonl)
+        jsonl = False if self.jsonl_path is False else self.jsonl_path or saved
+        self.tensorboard_dir, self.jsonl_file = add_default_sinks(
+            self.monitor, log_dir, jsonl, self.per_pair, self.images, writer
+        )
 
     def _fallback_batch(self, trainer) -> None:
         if self.monitor.has_probe_batch:
@@ -205,13 +196,7 @@ class RedundancyMonitorCallback(Callback):
             )
 
     def _probes_here(self, trainer) -> bool:
-        # With several ranks every rank probes its share of the pairs (unless the user
-        # turned distributed probing off, in which case rank 0 probes alone).
-        if self.monitor is None:
-            return False  # a sidecar probes
-        return trainer.is_global_zero or (
-            trainer.world_size > 1 and self.monitor.distributed is not False
-        )
+        return probes_here(trainer.is_global_zero, trainer.world_size, self.monitor)
 
     def on_train_start(self, trainer, pl_module) -> None:
         writes = not trainer.fast_dev_run

@@ -10,13 +10,13 @@ applies. The regime rule fires when a new regime has persisted for `hysteresis` 
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from redundancy_monitor.errors import InvalidConfigError
+from redundancy_monitor.formatting import fmt, json_safe
 from redundancy_monitor.probing.result import ProbeResult
-from redundancy_monitor.removal.cost import greedy_non_adjacent, removability
+from redundancy_monitor.removal.selection import default_budget, removal_overlap
 
 RULES = (
     "gap_threshold",
@@ -41,11 +41,7 @@ class Alert:
     message: str
 
     def to_dict(self) -> dict[str, Any]:
-        out = asdict(self)
-        for key in ("value", "threshold"):
-            if isinstance(out[key], float) and not math.isfinite(out[key]):
-                out[key] = None
-        return out
+        return json_safe(asdict(self))
 
 
 @dataclass(frozen=True)
@@ -114,22 +110,6 @@ class AlertConfig:
             raise InvalidConfigError(f"growth_floor must be > 0, got {self.growth_floor}")
 
 
-def removal_overlap(result: ProbeResult, budget: int) -> tuple[float | None, set[int], set[int]]:
-    """Jaccard overlap of the replacement- and interchange-guided removal sets at `budget`
-    (the docs/definitions.md §5 selection of `redundancy_monitor.removal.cost`)."""
-    by_repl = _removal_set(result, "replacement", budget)
-    by_int = _removal_set(result, "interchange", budget)
-    union = by_repl | by_int
-    if not union:
-        return None, by_repl, by_int
-    return len(by_repl & by_int) / len(union), by_repl, by_int
-
-
-def _removal_set(result: ProbeResult, protocol: str, budget: int) -> set[int]:
-    """Up to `budget` layers picked by the docs/definitions.md §5 rule (fewer when fewer can be picked)."""
-    return set(greedy_non_adjacent(removability(result, protocol))[:budget])
-
-
 @dataclass
 class RuleState:
     streak: int = 0
@@ -185,7 +165,7 @@ class AlertEngine:
                     holds,
                     value,
                     c.gap_threshold,
-                    f"step {step}: {c.gap_metric} = {_f(value)} nats is above the threshold "
+                    f"step {step}: {c.gap_metric} = {fmt(value)} nats is above the threshold "
                     f"{c.gap_threshold}: replacement and interchange disagree on which layers "
                     "are redundant",
                 )
@@ -278,14 +258,14 @@ class AlertEngine:
             ratio > c.growth_factor,
             ratio,
             c.growth_factor,
-            f"step {step}: {c.gap_metric} = {_f(value)} nats is {ratio:.1f}x its value "
-            f"{_f(self.baseline)} at the baseline probe (step {self.baseline_at}); "
+            f"step {step}: {c.gap_metric} = {fmt(value)} nats is {ratio:.1f}x its value "
+            f"{fmt(self.baseline)} at the baseline probe (step {self.baseline_at}); "
             f"the protocols are diverging",
         )
 
     def _overlap(self, step: int, result: ProbeResult) -> Alert | None:
         c = self.config
-        budget = c.overlap_budget or max(1, result.n_layers // 4)
+        budget = c.overlap_budget or default_budget(result.n_layers)
         jaccard, by_repl, by_int = removal_overlap(result, budget)
         holds = jaccard is not None and jaccard < c.overlap_threshold
         return self._update(
@@ -296,7 +276,7 @@ class AlertEngine:
             c.overlap_threshold,
             f"step {step}: at budget {budget} replacement would remove layers "
             f"{sorted(by_repl)} and interchange layers {sorted(by_int)} (Jaccard "
-            f"{_f(jaccard, 2)} < {c.overlap_threshold}); measure removal cost before pruning",
+            f"{fmt(jaccard, 2)} < {c.overlap_threshold}); measure removal cost before pruning",
         )
 
     def _regime(self, step: int, regime: str | None) -> Alert | None:
@@ -345,7 +325,3 @@ class AlertEngine:
         self.baseline_at = state.get("baseline_at")
         self.regime = state.get("regime")
         self.regime_candidate = state.get("regime_candidate")
-
-
-def _f(x: float | None, digits: int = 4) -> str:
-    return "null" if x is None else f"{x:.{digits}f}"

@@ -22,17 +22,9 @@ from collections import deque
 from pathlib import Path
 from typing import Any
 
-from redundancy_monitor.errors import RedundancyMonitorError, UnsafePathError
+from redundancy_monitor.errors import RecordFileError, RecordFileLost, UnsafePathError
 from redundancy_monitor.monitoring.alerts import Alert
 from redundancy_monitor.monitoring.sinks import ProbeRecord, Sink
-
-
-class RecordFileError(RedundancyMonitorError, ValueError):
-    """A record file has a line that is not a record, before its last record."""
-
-
-class RecordFileLost(RedundancyMonitorError, OSError):
-    """The record file disappeared (its folder was removed) while the run was writing it."""
 
 
 class JsonlSink(Sink):

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
+from redundancy_monitor.errors import InvalidConfigError
 from redundancy_monitor.monitoring.alerts import Alert
 from redundancy_monitor.monitoring.sinks import (
     BY_DISTANCE,
@@ -158,7 +159,10 @@ class TensorBoardSink(Sink):
         purge_step: int | None = None,
     ):
         if writer is None and log_dir is None:
-            raise ValueError("TensorBoardSink needs a writer or a log_dir")
+            raise InvalidConfigError(
+                "TensorBoardSink needs a writer or a log_dir; pass writer=SummaryWriter(...) "
+                "or log_dir='runs/redundancy'"
+            )
         self._writer, self._owns = writer, writer is None
         if log_dir is None:
             log_dir = (writer() if callable(writer) else writer).get_logdir()

@@ -107,7 +107,10 @@ def make_batch(
         mask = attention_mask.to(device=input_ids.device, dtype=torch.long)
     per_seq = mask.sum(-1)
     if int(per_seq.sum()) == 0:
-        raise InvalidBatchError("the batch is all padding (attention_mask is all 0)")
+        raise InvalidBatchError(
+            "the batch is all padding (attention_mask is all 0); pass a mask with 1 at "
+            "every real token"
+        )
     empty = (per_seq == 0).nonzero().flatten().tolist()
     if empty:
         raise InvalidBatchError(
@@ -116,7 +119,10 @@ def make_batch(
     valid_ids = input_ids[mask.bool()]
     low, high = int(valid_ids.min()), int(valid_ids.max())
     if low < 0:
-        raise InvalidBatchError(f"input_ids holds a negative token id ({low})")
+        raise InvalidBatchError(
+            f"input_ids holds a negative token id ({low}); pass the tokenizer's ids, with "
+            "padding marked in attention_mask rather than by a negative id"
+        )
     if vocab_size is not None and high >= vocab_size:
         raise InvalidBatchError(
             f"input_ids holds token id {high}, but the model's vocabulary has {vocab_size} "

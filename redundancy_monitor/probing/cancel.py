@@ -11,11 +11,7 @@ from __future__ import annotations
 
 import threading
 
-from redundancy_monitor.errors import RedundancyMonitorError
-
-
-class ProbeCancelled(RedundancyMonitorError):
-    """The probe was asked to stop (the monitor is shutting down)."""
+from redundancy_monitor.errors import ProbeCancelled
 
 
 class CancelToken:

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 import torch
 from torch import nn
 
-from redundancy_monitor.errors import InvalidBatchError
+from redundancy_monitor.errors import InvalidBatchError, UnsupportedModelError
 from redundancy_monitor.probing.batch import ProbeBatch
 
 
@@ -74,7 +74,10 @@ def logits_of(output) -> torch.Tensor:
         return logits
     if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
         return output[0]
-    raise TypeError(f"cannot find logits in a model output of type {type(output).__name__}")
+    raise UnsupportedModelError(
+        f"cannot find logits in a model output of type {type(output).__name__}; the model "
+        "must return a logits tensor, a tuple starting with one, or an object with .logits"
+    )
 
 
 def block_hidden(output) -> torch.Tensor:
@@ -191,3 +194,17 @@ class SkippedSlot(SlotStandIn):
 
     def forward(self, hidden_states, *args, **kwargs):
         return (hidden_states,) if self.returns_tuple else hidden_states
+
+
+@contextlib.contextmanager
+def slots_skipped(
+    model: nn.Module, blocks: nn.ModuleList, layers: Iterable[int], batch: ProbeBatch
+) -> Iterator[None]:
+    """Run `model` with the given slots skipped (identity): the pruned model. Restored on exit.
+
+    `batch` supplies two tokens for a forward that tells how each block returns.
+    """
+    layers = sorted(set(layers))
+    kinds = block_return_kinds(model, blocks, batch)
+    with blocks_replaced(blocks, {s: SkippedSlot(blocks[s], kinds[s]) for s in layers}):
+        yield

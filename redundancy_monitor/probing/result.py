@@ -8,7 +8,8 @@ from typing import Any
 
 import numpy as np
 
-from redundancy_monitor.errors import InvalidConfigError
+from redundancy_monitor.errors import InvalidConfigError, NotInResultError
+from redundancy_monitor.formatting import finite_or_none, fmt, json_safe
 
 
 @dataclass(frozen=True)
@@ -35,21 +36,17 @@ class Thresholds:
             )
 
 
-def _clean(x: float | None) -> float | None:
-    """JSON-safe float: NaN and inf become None."""
-    if x is None:
-        return None
-    x = float(x)
-    return x if math.isfinite(x) else None
-
-
 @dataclass(frozen=True)
 class PairRecord:
-    """Distances of one pair of slots (i < j). Fields are None where not computed/defined."""
+    """Distances of one pair of slots (i < j). Fields are None where not computed/defined.
+
+    `separation` is j - i, how far apart the slots are; every other field is a distance
+    (a KL divergence in nats) or derived from distances.
+    """
 
     i: int
     j: int
-    distance: int
+    separation: int
     repl_ij: float | None = None  # R(i <- j): slot i runs block j
     repl_ji: float | None = None  # R(j <- i)
     d_repl: float | None = None  # max of the two directions
@@ -71,15 +68,23 @@ class PairRecord:
         values = _derive(repl_ij, repl_ji, d_int)
         last_values = _derive(*(last or (None, None, None)))
         return cls(
-            i=i, j=j, distance=j - i, **values, **{f"{k}_last": v for k, v in last_values.items()}
+            i=i, j=j, separation=j - i, **values, **{f"{k}_last": v for k, v in last_values.items()}
         )
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> PairRecord:
+        """Inverse of `to_dict`; also reads files that still call `separation` "distance"."""
+        data = dict(data)
+        if "distance" in data:
+            data["separation"] = data.pop("distance")
+        return cls(**data)
 
     def is_finite(self) -> bool:
         measured = [self.repl_ij, self.repl_ji, self.d_int]
         return all(x is None or math.isfinite(x) for x in measured)
 
     def to_dict(self) -> dict[str, Any]:
-        return {k: (_clean(v) if isinstance(v, float) else v) for k, v in asdict(self).items()}
+        return json_safe(asdict(self))
 
 
 def _derive(repl_ij, repl_ji, d_int) -> dict[str, float | None]:
@@ -103,6 +108,8 @@ def _derive(repl_ij, repl_ji, d_int) -> dict[str, float | None]:
 
 @dataclass(frozen=True)
 class SkippedPair:
+    """A pair the probe could not compute (e.g. blocks of different shapes), and why."""
+
     i: int
     j: int
     reason: str
@@ -120,16 +127,12 @@ class DeletionRecord:
     d_del_last: float
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "slot": self.slot,
-            "d_del": _clean(self.d_del),
-            "d_del_last": _clean(self.d_del_last),
-        }
+        return json_safe(asdict(self))
 
 
 @dataclass(frozen=True)
-class DistanceStats:
-    """Gap and ir statistics over one set of pairs (all pairs, or one pair distance)."""
+class GapStats:
+    """Gap and ir statistics over one set of pairs (all pairs, or one separation |i-j|)."""
 
     n_pairs: int = 0
     gap_mean: float | None = None
@@ -141,18 +144,15 @@ class DistanceStats:
 
 
 @dataclass(frozen=True)
-class ProbeSummary:
-    """The docs/definitions.md §4 scalars of one probe; these form the trajectories."""
+class ProbeSummary(GapStats):
+    """The docs/definitions.md §4 scalars of one probe; these form the trajectories.
 
-    n_pairs: int = 0
+    The gap and ir statistics it inherits are over the finite pairs; `n_pairs` counts
+    every computed pair.
+    """
+
     n_finite: int = 0
     n_nonfinite: int = 0
-    gap_mean: float | None = None
-    gap_median: float | None = None
-    gap_p75: float | None = None
-    gap_max: float | None = None
-    ir_mean: float | None = None
-    ir_median: float | None = None
     d_repl_mean: float | None = None
     d_repl_median: float | None = None
     d_int_mean: float | None = None
@@ -167,41 +167,36 @@ class ProbeSummary:
     int_not_similar: int = 0
     frac_int_le_repl: float | None = None
     regime: str | None = None
-    by_distance: dict[int, DistanceStats] = field(default_factory=dict)
+    by_separation: dict[int, GapStats] = field(default_factory=dict)
 
     def scalars(self) -> dict[str, float | None]:
         """Flat name -> number map (regime excluded), for logging trajectories."""
         out: dict[str, float | None] = {}
         for f in fields(self):
             value = getattr(self, f.name)
-            if f.name in ("regime", "by_distance"):
+            if f.name in ("regime", "by_separation"):
                 continue
-            out[f.name] = _clean(value) if value is not None else None
-        for d, stats in sorted(self.by_distance.items()):
+            out[f.name] = finite_or_none(value)
+        for d, stats in sorted(self.by_separation.items()):  # d1/...: pairs with |i-j| = 1
             for f in fields(stats):
                 value = getattr(stats, f.name)
-                out[f"d{d}/{f.name}"] = _clean(value) if value is not None else None
+                out[f"d{d}/{f.name}"] = finite_or_none(value)
         return out
 
     def to_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {
-            f.name: _clean(getattr(self, f.name))
-            if isinstance(getattr(self, f.name), float)
-            else getattr(self, f.name)
-            for f in fields(self)
-            if f.name != "by_distance"
-        }
-        out["by_distance"] = {
-            str(d): {k: (_clean(v) if isinstance(v, float) else v) for k, v in asdict(s).items()}
-            for d, s in sorted(self.by_distance.items())
+        out = json_safe({f.name: getattr(self, f.name) for f in fields(self)})
+        out["by_separation"] = {
+            str(d): json_safe(asdict(s)) for d, s in sorted(self.by_separation.items())
         }
         return out
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ProbeSummary:
+        """Inverse of `to_dict`; also reads files that still say "by_distance"."""
         data = dict(data)
-        by = {int(d): DistanceStats(**s) for d, s in data.pop("by_distance", {}).items()}
-        return cls(**data, by_distance=by)
+        old = data.pop("by_distance", {})
+        by = {int(d): GapStats(**s) for d, s in data.pop("by_separation", old).items()}
+        return cls(**data, by_separation=by)
 
 
 def _stats(values: list[float]) -> tuple[float | None, ...]:
@@ -248,19 +243,19 @@ def regime_of(ir_median, d_repl_median, d_int_median, t: Thresholds) -> str | No
     return "mixed"
 
 
-def _distance_stats(records: list[PairRecord]) -> DistanceStats:
+def _gap_stats(records: list[PairRecord]) -> GapStats:
     gaps = [r.gap for r in records if r.gap is not None]
     irs = [r.ir for r in records if r.ir is not None]
     mean, median, p75, top = _stats(gaps)
     ir_mean, ir_median, _, _ = _stats(irs)
-    return DistanceStats(len(records), mean, median, p75, top, ir_mean, ir_median)
+    return GapStats(len(records), mean, median, p75, top, ir_mean, ir_median)
 
 
 def summarize(pairs: list[PairRecord], thresholds: Thresholds | None = None) -> ProbeSummary:
     """docs/definitions.md §4 summary over the finite pairs."""
     t = thresholds or Thresholds()
     finite = [r for r in pairs if r.is_finite()]
-    overall = _distance_stats(finite)
+    overall = _gap_stats(finite)
     repl = [r.d_repl for r in finite if r.d_repl is not None]
     inter = [r.d_int for r in finite if r.d_int is not None]
     d_repl_mean, d_repl_median, _, _ = _stats(repl)
@@ -268,9 +263,9 @@ def summarize(pairs: list[PairRecord], thresholds: Thresholds | None = None) -> 
     both = [r for r in finite if r.d_repl is not None and r.d_int is not None]
     x = np.asarray([r.d_repl for r in both], dtype=np.float64)
     y = np.asarray([r.d_int for r in both], dtype=np.float64)
-    by_distance: dict[int, list[PairRecord]] = {}
+    by_separation: dict[int, list[PairRecord]] = {}
     for r in finite:
-        by_distance.setdefault(r.distance, []).append(r)
+        by_separation.setdefault(r.separation, []).append(r)
     rs, rc, rn = _bands(repl, t)
     is_, ic, in_ = _bands(inter, t)
     return ProbeSummary(
@@ -297,7 +292,7 @@ def summarize(pairs: list[PairRecord], thresholds: Thresholds | None = None) -> 
         int_not_similar=in_,
         frac_int_le_repl=(sum(r.d_int <= r.d_repl for r in both) / len(both)) if both else None,
         regime=regime_of(overall.ir_median, d_repl_median, d_int_median, t),
-        by_distance={d: _distance_stats(rs_) for d, rs_ in sorted(by_distance.items())},
+        by_separation={d: _gap_stats(rs_) for d, rs_ in sorted(by_separation.items())},
     )
 
 
@@ -328,7 +323,10 @@ class ProbeResult:
         for r in self.pairs:
             if (r.i, r.j) == (i, j):
                 return r
-        raise KeyError(f"pair {(i, j)} was not probed")
+        raise NotInResultError(
+            f"pair {(i, j)} was not probed; probe with pairs='all' (or a list holding it) "
+            "to measure it"
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -342,7 +340,7 @@ class ProbeResult:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ProbeResult:
         return cls(
-            pairs=[PairRecord(**r) for r in data["pairs"]],
+            pairs=[PairRecord.from_dict(r) for r in data["pairs"]],
             summary=ProbeSummary.from_dict(data["summary"]),
             skipped=[SkippedPair(**s) for s in data.get("skipped", [])],
             deletion=[DeletionRecord(**d) for d in data.get("deletion", [])],
@@ -356,8 +354,8 @@ class ProbeResult:
         rows = self.pairs if max_rows is None else self.pairs[:max_rows]
         for r in rows:
             lines.append(
-                f"{r.i:>3} {r.j:>3} {r.distance:>5} {_fmt(r.repl_ij):>9} {_fmt(r.repl_ji):>9} "
-                f"{_fmt(r.d_repl):>9} {_fmt(r.d_int):>9} {_fmt(r.gap):>9} {_fmt(r.ir, 3):>7}"
+                f"{r.i:>3} {r.j:>3} {r.separation:>5} {fmt(r.repl_ij):>9} {fmt(r.repl_ji):>9} "
+                f"{fmt(r.d_repl):>9} {fmt(r.d_int):>9} {fmt(r.gap):>9} {fmt(r.ir, 3):>7}"
             )
         if max_rows is not None and len(self.pairs) > max_rows:
             lines.append(f"... {len(self.pairs) - max_rows} more pairs")
@@ -365,16 +363,8 @@ class ProbeResult:
             lines.append(f"{s.i:>3} {s.j:>3}  skipped: {s.reason}")
         sm = self.summary
         lines.append(
-            f"regime={sm.regime}  gap mean={_fmt(sm.gap_mean)} median={_fmt(sm.gap_median)} "
-            f"max={_fmt(sm.gap_max)}  ir median={_fmt(sm.ir_median, 3)}  "
-            f"d_repl mean={_fmt(sm.d_repl_mean)}  d_int mean={_fmt(sm.d_int_mean)}"
+            f"regime={sm.regime}  gap mean={fmt(sm.gap_mean)} median={fmt(sm.gap_median)} "
+            f"max={fmt(sm.gap_max)}  ir median={fmt(sm.ir_median, 3)}  "
+            f"d_repl mean={fmt(sm.d_repl_mean)}  d_int mean={fmt(sm.d_int_mean)}"
         )
         return "\n".join(lines)
-
-
-def _fmt(x: float | None, digits: int = 4) -> str:
-    if x is None:
-        return "null"
-    if not math.isfinite(x):
-        return str(x)
-    return f"{x:.{digits}f}"

@@ -16,7 +16,7 @@ from torch import nn
 
 from redundancy_monitor.errors import UnsupportedModelError
 from redundancy_monitor.probing.blocks import find_blocks, unwrap_model
-from redundancy_monitor.removal.cost import check_removal_set
+from redundancy_monitor.removal.selection import check_removal_set
 
 #: Per-layer config lists (one entry per block) that shrink with the stack.
 PER_LAYER_CONFIG_LISTS = ("layer_types",)

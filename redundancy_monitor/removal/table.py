@@ -8,25 +8,24 @@ protocol with the smaller distances is not always the one whose removals cost le
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
 from torch import nn
 
-from redundancy_monitor.errors import InvalidConfigError
+from redundancy_monitor.errors import InvalidConfigError, NotInResultError
+from redundancy_monitor.formatting import finite_or_none, fmt, json_safe
 from redundancy_monitor.probing.result import ProbeResult
 from redundancy_monitor.removal.baselines import (
     greedy_deletion_steps,
     hidden_state_scores_on,
     random_sets,
 )
-from redundancy_monitor.removal.cost import (
+from redundancy_monitor.removal.cost import CostMeter, RemovalCost
+from redundancy_monitor.removal.selection import (
     GUIDED_PROTOCOLS,
-    CostMeter,
-    RemovalCost,
     RemovalPlan,
     check_budgets,
     jaccard,
@@ -35,10 +34,6 @@ from redundancy_monitor.removal.cost import (
 
 GUIDED = GUIDED_PROTOCOLS
 BASELINES = ("greedy", "block_influence", "angular", "random")
-
-
-def _clean(x: float | None) -> float | None:
-    return x if x is not None and math.isfinite(x) else None
 
 
 @dataclass(frozen=True)
@@ -56,17 +51,7 @@ class SelectorCost:
     draws: tuple[tuple[int, ...], ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "budget": self.budget,
-            "selector": self.selector,
-            "layers": None if self.layers is None else list(self.layers),
-            "d_del": _clean(self.d_del),
-            "perplexity": _clean(self.perplexity),
-            "perplexity_change": _clean(self.perplexity_change),
-            "d_del_std": _clean(self.d_del_std),
-            "perplexity_std": _clean(self.perplexity_std),
-            "draws": [list(d) for d in self.draws],
-        }
+        return json_safe(asdict(self))
 
 
 @dataclass(frozen=True)
@@ -83,16 +68,7 @@ class BudgetVerdict:
     recommended_perplexity: float
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "budget": self.budget,
-            "increase_ratio": _clean(self.increase_ratio),
-            "perplexity_ratio": _clean(self.perplexity_ratio),
-            "d_del_ratio": _clean(self.d_del_ratio),
-            "jaccard": _clean(self.jaccard),
-            "recommended": list(self.recommended),
-            "recommended_by": list(self.recommended_by),
-            "recommended_perplexity": _clean(self.recommended_perplexity),
-        }
+        return json_safe(asdict(self))
 
 
 @dataclass
@@ -113,14 +89,23 @@ class RemovalReport:
         for r in self.rows:
             if (r.budget, r.selector) == (budget, selector):
                 return r
-        raise KeyError(f"no row for budget {budget}, selector {selector!r}")
+        selectors = list(dict.fromkeys(r.selector for r in self.rows))
+        raise NotInResultError(
+            f"no row for budget {budget}, selector {selector!r}; the table has budgets "
+            f"{list(self.budgets)} and selectors {selectors}"
+        )
 
     def verdict(self, budget: int) -> BudgetVerdict:
-        return next(v for v in self.verdicts if v.budget == budget)
+        for v in self.verdicts:
+            if v.budget == budget:
+                return v
+        raise NotInResultError(
+            f"no verdict for budget {budget}; the table has budgets {list(self.budgets)}"
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "base_perplexity": _clean(self.base_perplexity),
+            "base_perplexity": finite_or_none(self.base_perplexity),
             "window": self.window,
             "stride": self.stride,
             "heldout_tokens": self.heldout_tokens,
@@ -153,14 +138,10 @@ class RemovalReport:
             lines.append(
                 f"n={v.budget}: recommend remove {list(v.recommended)} "
                 f"({', '.join(v.recommended_by)}; ppl {v.recommended_perplexity:.4f})  "
-                f"repl/int Δppl ratio {_fmt(v.increase_ratio)}  "
-                f"Jaccard(int, repl) {_fmt(v.jaccard)}"
+                f"repl/int Δppl ratio {fmt(v.increase_ratio, 3)}  "
+                f"Jaccard(int, repl) {fmt(v.jaccard, 3)}"
             )
         return "\n".join(lines)
-
-
-def _fmt(x: float | None) -> str:
-    return "null" if x is None or not math.isfinite(x) else f"{x:.3f}"
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:

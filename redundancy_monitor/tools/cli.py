@@ -1,16 +1,18 @@
 """The ``redundancy-monitor`` command line. It parses arguments and calls the library.
 
-One function per subcommand (``cmd_<name>``) and one ``add_<name>_parser``; new
-subcommands register themselves in `SUBCOMMANDS`.
+Each subcommand is a ``cmd_<name>`` function, whose docstring is its help (first line)
+and description, and an ``add_<name>_arguments``; both are listed in `SUBCOMMANDS`.
 """
 
 from __future__ import annotations
 
 import argparse
+import inspect
 import sys
 from collections.abc import Callable, Sequence
 
 from redundancy_monitor.errors import RedundancyMonitorError
+from redundancy_monitor.extras import require
 
 EXIT_OK = 0
 EXIT_BAD_INPUT = 2
@@ -62,17 +64,29 @@ def _pair_set(text: str) -> str:
     return text
 
 
+def _add_batch_options(p: argparse.ArgumentParser, n_seq: int, tokenizer: str) -> None:
+    """Where the tokenizer comes from (`tokenizer`: its help), the probe batch's shape and
+    the pair set."""
+    p.add_argument("--tokenizer", metavar="PATH", help=tokenizer)
+    p.add_argument(
+        "--n-seq", type=_positive, default=n_seq, help=f"sequences in the batch ({n_seq})"
+    )
+    p.add_argument("--seq-len", type=_positive, default=128, help="tokens per sequence (128)")
+    p.add_argument(
+        "--pairs", type=_pair_set, default="adjacent", help="adjacent | window:k | all (adjacent)"
+    )
+
+
+def _add_model_options(p: argparse.ArgumentParser) -> None:
+    """How the model is loaded."""
+    p.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (cpu)")
+
+
 # -- score --------------------------------------------------------------------------
 
 
-def add_score_parser(sub) -> None:
-    p = sub.add_parser(
-        "score",
-        help="score a saved checkpoint and measure which layers can be removed",
-        description="Probe replacement and interchange distances of a saved causal LM, "
-        "measure the cost of removing layers (d_del and held-out perplexity) per budget "
-        "for each selector, and recommend the cheapest set.",
-    )
+def add_score_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("path", help="Hugging Face checkpoint folder or .gguf file")
     p.add_argument(
         "--text",
@@ -81,25 +95,21 @@ def add_score_parser(sub) -> None:
         metavar="FILE",
         help="text files for the probe batch ('-' reads stdin)",
     )
-    p.add_argument("--tokenizer", metavar="DIR", help="take the tokenizer from DIR")
     p.add_argument(
         "--heldout",
         metavar="FILE",
         help="held-out text for perplexity (default: the text after the batch)",
     )
-    p.add_argument("--n-seq", type=_positive, default=32, help="sequences in the batch (32)")
-    p.add_argument("--seq-len", type=_positive, default=128, help="tokens per sequence (128)")
-    p.add_argument(
-        "--pairs", type=_pair_set, default="adjacent", help="adjacent | window:k | all (adjacent)"
+    _add_batch_options(
+        p, n_seq=32, tokenizer="take the tokenizer from PATH (default: the checkpoint's)"
     )
+    _add_model_options(p)
     p.add_argument(
         "--budgets",
         type=_positive_list,
         default=(1, 2, 3),
         help="layers to remove, comma-separated (1,2,3)",
     )
-    p.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto")
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (cpu)")
     p.add_argument("--window", type=_positive, help="perplexity window (min(512, max positions))")
     p.add_argument("--stride", type=_positive, help="perplexity stride (window // 2)")
     p.add_argument("--random-draws", type=_positive, default=5, help="random baseline draws (5)")
@@ -116,17 +126,21 @@ def add_score_parser(sub) -> None:
     p.add_argument("--budget", type=_positive, help="with --protocol: export that removal set")
     p.add_argument("--protocol", choices=("interchange", "replacement"), default="interchange")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.set_defaults(func=cmd_score)
 
 
 def cmd_score(args: argparse.Namespace) -> int:
-    from transformers.utils import logging as hf_logging
+    """score a saved checkpoint and measure which layers can be removed
 
+    Probe replacement and interchange distances of a saved causal LM, measure the cost of
+    removing layers (d_del and held-out perplexity) per budget for each selector, and
+    recommend the cheapest set.
+    """
     from redundancy_monitor.tools.loading import check_output_folder
     from redundancy_monitor.tools.score import ScoreConfig, score_checkpoint
     from redundancy_monitor.tools.score_outputs import terminal_summary, write_outputs
 
     # Our own bars show progress; keep stderr for them and for one-line errors.
+    hf_logging = require("transformers.utils.logging", "redundancy-monitor score")
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
 
@@ -164,15 +178,7 @@ def cmd_score(args: argparse.Namespace) -> int:
 # -- replay -------------------------------------------------------------------------
 
 
-def add_replay_parser(sub) -> None:
-    p = sub.add_parser(
-        "replay",
-        help="probe a series of saved checkpoints into a run folder, in step order",
-        description="Probe saved checkpoints (Hugging Face checkpoint folders, Lightning "
-        ".ckpt files with --model-config, or folders holding them) in step order on one "
-        "probe batch; RUN_DIR gets what the training monitor writes (JSONL, TensorBoard, "
-        "alerts). Run it again to resume an interrupted replay.",
-    )
+def add_replay_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "checkpoints",
         metavar="CKPT",
@@ -201,25 +207,24 @@ def add_replay_parser(sub) -> None:
         help="unpickle .ckpt files the safe loader refuses (runs code the files name: "
         "only for files you trust)",
     )
-    p.add_argument("--tokenizer", metavar="DIR", help="tokenizer (default: from a checkpoint)")
-    p.add_argument("--n-seq", type=_positive, default=8, help="sequences in the batch (8)")
-    p.add_argument("--seq-len", type=_positive, default=128, help="tokens per sequence (128)")
-    p.add_argument(
-        "--pairs", type=_pair_set, default="adjacent", help="adjacent | window:k | all (adjacent)"
-    )
-    p.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto")
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (cpu)")
+    _add_batch_options(p, n_seq=8, tokenizer="tokenizer (default: from a checkpoint)")
+    _add_model_options(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.set_defaults(func=cmd_replay)
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
-    from redundancy_monitor.tools.loading import probe_batch_from_text, read_text
+    """probe a series of saved checkpoints into a run folder, in step order
+
+    Probe saved checkpoints (Hugging Face checkpoint folders, Lightning .ckpt files with
+    --model-config, or folders holding them) in step order on one probe batch; RUN_DIR
+    gets what the training monitor writes (JSONL, TensorBoard, alerts). Run it again to
+    resume an interrupted replay.
+    """
+    from redundancy_monitor.tools.loading import load_tokenizer, probe_batch_from_text, read_text
     from redundancy_monitor.tools.replay import (
         ModelLoader,
         find_checkpoints,
         find_tokenizer,
-        load_tokenizer,
         replay,
     )
 
@@ -236,8 +241,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
     tokenizer = load_tokenizer(args.tokenizer or find_tokenizer(checkpoints))
     ids = probe_batch_from_text(tokenizer, read_text([args.text]), args.n_seq, args.seq_len)
     if not args.no_progress:
-        from transformers.utils import logging as hf_logging
-
+        hf_logging = require("transformers.utils.logging", "redundancy-monitor replay")
         hf_logging.disable_progress_bar()  # one bar, ours with the ETA, is enough
     done = replay(
         checkpoints, ids, args.out, loader, pairs=args.pairs, progress=not args.no_progress
@@ -285,30 +289,14 @@ def _alert_config(text: str):
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
-def add_watch_parser(sub) -> None:
-    p = sub.add_parser(
-        "watch",
-        help="follow a run's checkpoint folder and probe each new checkpoint (a sidecar)",
-        description="Follow CKPT_DIR while a run writes checkpoints into it (Hugging Face "
-        "checkpoint-<step> folders, Lightning .ckpt files, torch.distributed.checkpoint "
-        "folders), wait until each is completely written, and probe it once, in step order. "
-        "The log folder gets what the in-process monitor writes (JSONL, TensorBoard, "
-        "alerts); a callback with sidecar=LOG_DIR acts on the alerts. Restart it to resume.",
-    )
+def add_watch_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("ckpt_dir", metavar="CKPT_DIR", help="the folder the run saves checkpoints into")
     batch = p.add_mutually_exclusive_group(required=True)
     batch.add_argument("--text", metavar="FILE", help="text for the probe batch")
     batch.add_argument(
         "--probe-batch", metavar="FILE.pt", help="token ids saved with torch.save (weights-only)"
     )
-    p.add_argument(
-        "--tokenizer", metavar="PATH", help="tokenizer for --text (default: from a checkpoint)"
-    )
-    p.add_argument("--n-seq", type=_positive, default=8, help="sequences in the batch (8)")
-    p.add_argument("--seq-len", type=_positive, default=128, help="tokens per sequence (128)")
-    p.add_argument(
-        "--pairs", type=_pair_set, default="adjacent", help="adjacent | window:k | all (adjacent)"
-    )
+    _add_batch_options(p, n_seq=8, tokenizer="tokenizer for --text (default: from a checkpoint)")
     p.add_argument(
         "--log-dir",
         metavar="DIR",
@@ -346,23 +334,30 @@ def add_watch_parser(sub) -> None:
         metavar="S",
         help="a checkpoint counts as written once unchanged for S seconds (2)",
     )
-    p.set_defaults(func=cmd_watch)
 
 
 def cmd_watch(args: argparse.Namespace) -> int:
-    import signal
+    """follow a run's checkpoint folder and probe each new checkpoint (a sidecar)
 
-    from transformers.utils import logging as hf_logging
+    Follow CKPT_DIR while a run writes checkpoints into it (Hugging Face checkpoint-<step>
+    folders, Lightning .ckpt files, torch.distributed.checkpoint folders), wait until
+    each is completely written, and probe it once, in step order. The log folder gets
+    what the in-process monitor writes (JSONL, TensorBoard, alerts); a callback with
+    sidecar=LOG_DIR acts on the alerts. Restart it to resume.
+    """
+    import signal
 
     from redundancy_monitor.tools.loading import (
         load_probe_batch,
+        load_tokenizer,
         probe_batch_from_text,
         read_text,
         resolve_device,
     )
-    from redundancy_monitor.tools.replay import ModelLoader, find_tokenizer, load_tokenizer
+    from redundancy_monitor.tools.replay import ModelLoader, find_tokenizer
     from redundancy_monitor.tools.watch import watch
 
+    hf_logging = require("transformers.utils.logging", "redundancy-monitor watch")
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
     resolve_device(args.device)
@@ -414,13 +409,7 @@ def cmd_watch(args: argparse.Namespace) -> int:
 # -- report -------------------------------------------------------------------------
 
 
-def add_report_parser(sub) -> None:
-    p = sub.add_parser(
-        "report",
-        help="write a self-contained HTML report (and its PNGs) of a run folder",
-        description="Summarise a run folder written by the monitor or by replay in one "
-        "HTML file with embedded images (no network needed), plus the PNGs beside it.",
-    )
+def add_report_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("run_dir", metavar="RUN_DIR", help="folder the monitor or replay wrote")
     p.add_argument("--out", metavar="HTML", help="file to write (default RUN_DIR/report.html)")
     p.add_argument(
@@ -429,10 +418,14 @@ def add_report_parser(sub) -> None:
         help="result.json of `redundancy-monitor score` with measured removal costs "
         "(default: RUN_DIR/result.json if present)",
     )
-    p.set_defaults(func=cmd_report)
 
 
 def cmd_report(args: argparse.Namespace) -> int:
+    """write a self-contained HTML report (and its PNGs) of a run folder
+
+    Summarise a run folder written by the monitor or by replay in one HTML file with
+    embedded images (no network needed), plus the PNGs beside it.
+    """
     from redundancy_monitor.tools.report import write_report
 
     report = write_report(args.run_dir, args.out, args.removal)
@@ -442,12 +435,12 @@ def cmd_report(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-#: name -> function adding the subcommand's parser (it sets ``func`` to its cmd_ function).
-SUBCOMMANDS: dict[str, Callable] = {
-    "score": add_score_parser,
-    "replay": add_replay_parser,
-    "watch": add_watch_parser,
-    "report": add_report_parser,
+#: name -> (function adding the subcommand's arguments, the function running it)
+SUBCOMMANDS: dict[str, tuple[Callable, Callable]] = {
+    "score": (add_score_arguments, cmd_score),
+    "replay": (add_replay_arguments, cmd_replay),
+    "watch": (add_watch_arguments, cmd_watch),
+    "report": (add_report_arguments, cmd_report),
 }
 
 
@@ -457,8 +450,11 @@ def build_parser() -> argparse.ArgumentParser:
         description="Layer redundancy of transformer LMs: replacement vs interchange.",
     )
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    for add in SUBCOMMANDS.values():
-        add(sub)
+    for name, (add_arguments, command) in SUBCOMMANDS.items():
+        summary, _, details = inspect.cleandoc(command.__doc__).partition("\n\n")
+        p = sub.add_parser(name, help=summary, description=" ".join(details.split()))
+        add_arguments(p)
+        p.set_defaults(func=command)
     return parser
 
 

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from redundancy_monitor.errors import CheckpointError
+from redundancy_monitor.extras import require
 
 DTYPES = {
     "auto": "auto",
@@ -87,7 +88,8 @@ def load_checkpoint(
         CheckpointError: missing path, not a causal LM, no tokenizer, unknown dtype or
             device, gguf package missing.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    require("transformers", "loading a checkpoint")  # fails naming the extra to install
+    from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
     if dtype not in DTYPES:
@@ -117,15 +119,30 @@ def load_checkpoint(
             f"cannot load weights from {str(path)!r}: {type(e).__name__}: {_first_line(e)}; "
             "the weights file is damaged or not a checkpoint: save it again"
         ) from None
-    tok_where = where if tokenizer is None else _location(tokenizer)[1]
-    try:
-        tok = AutoTokenizer.from_pretrained(**tok_where, local_files_only=True)
-    except Exception as e:
-        source = str(tokenizer or path)
-        raise CheckpointError(
-            f"no usable tokenizer in {source!r} ({_first_line(e)}); pass --tokenizer DIR"
-        ) from None
+    tok = load_tokenizer(path if tokenizer is None else tokenizer)
     return model.to(dev).eval(), tok
+
+
+def load_tokenizer(path: str | os.PathLike):
+    """The tokenizer saved in a local folder (or a .gguf file); nothing is downloaded.
+
+    Raises:
+        CheckpointError: the path does not exist or holds no usable tokenizer.
+    """
+    require("transformers", "loading a tokenizer")
+    from transformers import AutoTokenizer
+
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"tokenizer path {str(path)!r} does not exist; pass --tokenizer DIR")
+    gguf = path.is_file() and path.suffix.lower() == ".gguf"
+    where = _gguf_location(path) if gguf else {"pretrained_model_name_or_path": str(path)}
+    try:
+        return AutoTokenizer.from_pretrained(**where, local_files_only=True)
+    except Exception as e:
+        raise CheckpointError(
+            f"no usable tokenizer in {str(path)!r} ({_first_line(e)}); pass --tokenizer DIR"
+        ) from None
 
 
 def check_output_folder(path: str | os.PathLike, flag: str) -> None:

@@ -15,17 +15,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from redundancy_monitor.errors import RedundancyMonitorError
+from redundancy_monitor.errors import RunFolderError
 from redundancy_monitor.monitoring.alerts import Alert
 from redundancy_monitor.monitoring.jsonl import RecordFileError, read_numbered_records
 from redundancy_monitor.probing.result import ProbeResult
 
 RECORD_FILE = "redundancy.jsonl"
 REMOVAL_FILES = ("result.json", "removal.json")
-
-
-class RunFolderError(RedundancyMonitorError, ValueError):
-    """A run folder holds no record file, several, or one without probe records."""
 
 
 @dataclass

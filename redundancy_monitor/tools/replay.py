@@ -32,7 +32,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from redundancy_monitor.errors import CheckpointError, InvalidPairsError, InvalidProtocolError
+from redundancy_monitor.errors import (
+    CheckpointError,
+    CheckpointVanished,
+    InvalidPairsError,
+    InvalidProtocolError,
+    MissingModelConfig,
+)
 from redundancy_monitor.files import write_json_atomic
 from redundancy_monitor.monitoring.alerts import AlertConfig
 from redundancy_monitor.monitoring.executor import ProbeOutcome
@@ -70,14 +76,6 @@ class CheckpointRef:
     step: int
     path: Path
     kind: str  # "hf" (a save_pretrained folder), "lightning" (a .ckpt file) or "dcp"
-
-
-class CheckpointVanished(CheckpointError):
-    """A checkpoint was deleted (rotated away by the run) while it was being read."""
-
-
-class MissingModelConfig(CheckpointError):
-    """Weights-only checkpoints (Lightning, DCP) and no config to build the model from."""
 
 
 def is_hf_checkpoint(path: Path) -> bool:
@@ -426,17 +424,6 @@ def state_dict_prefix(module: nn.Module, state: dict[str, Any]) -> str:
 
 
 # ----- the probe batch -----------------------------------------------------------------
-
-
-def load_tokenizer(path: str | os.PathLike):
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(path, local_files_only=True)
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise CheckpointError(
-            f"no usable tokenizer in {path} ({exc}); pass --tokenizer DIR"
-        ) from None
 
 
 def find_tokenizer(checkpoints: Sequence[CheckpointRef]) -> Path:

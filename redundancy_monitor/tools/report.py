@@ -9,16 +9,20 @@ Content-Security-Policy forbids every network fetch, so the file can be mailed a
 from __future__ import annotations
 
 import base64
+import functools
 import html
 import os
-import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from redundancy_monitor.errors import InvalidBudgetError
-from redundancy_monitor.removal.cost import plan_removal
+from redundancy_monitor.files import write_bytes_atomic
+from redundancy_monitor.formatting import fmt
+from redundancy_monitor.removal.selection import default_budget, jaccard, plan_removal
 from redundancy_monitor.tools.records import ProbePoint, RunRecords, load_run
+
+_f = functools.partial(fmt, missing="n/a")  # a page for people: "n/a", not "null"
 
 REGIME_MEANING = {
     "divergent": "the two protocols disagree strongly (median ir <= 0.5 with median d_repl "
@@ -39,15 +43,6 @@ class Report:
     html: Path
     images: dict[str, Path] = field(default_factory=dict)
     summary: list[str] = field(default_factory=list)
-
-
-def _f(x: float | None, digits: int = 4) -> str:
-    return "n/a" if x is None else f"{x:.{digits}f}"
-
-
-def removal_budget(n_layers: int) -> int:
-    """The budget the summary and the overlap alert use: a quarter of the layers, >= 1."""
-    return max(1, n_layers // 4)
 
 
 def _change(name: str, first: float | None, last: float | None) -> str:
@@ -119,7 +114,7 @@ def _baseline_sentences(run: RunRecords) -> list[str]:
 
 
 def _removal_sentences(point: ProbePoint) -> list[str]:
-    budget = removal_budget(point.result.n_layers)
+    budget = default_budget(point.result.n_layers)
     try:
         plan = plan_removal(
             point.result, budgets=(budget,), protocols=("replacement", "interchange")
@@ -130,8 +125,8 @@ def _removal_sentences(point: ProbePoint) -> list[str]:
         ]
     by_repl = set(plan.layers("replacement", budget))
     by_int = set(plan.layers("interchange", budget))
-    jaccard = len(by_repl & by_int) / len(by_repl | by_int)
-    agree = "the same set" if by_repl == by_int else f"Jaccard overlap {_f(jaccard, 2)}"
+    overlap = jaccard(by_repl, by_int)
+    agree = "the same set" if by_repl == by_int else f"Jaccard overlap {_f(overlap, 2)}"
     return [
         f"Layers each protocol would remove at budget {budget} (the non-adjacent removability rule on the step "
         f"{point.step} distances; 0-based): replacement {sorted(by_repl)}, interchange "
@@ -190,7 +185,7 @@ window.addEventListener('load', function () {
 CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'; script-src 'unsafe-inline'"
 FIGURE_TITLES = {
     "gap_trajectory": "Protocol gap over steps",
-    "ir_by_distance": "ir over steps, by pair distance",
+    "ir_by_separation": "ir over steps, by pair separation |i-j|",
     "heatmaps": "Heatmaps at the first and last probe",
     "gap_vs_depth": "Per-pair gap against depth at the last probe",
     "removal_cost": "Removal-cost curves",
@@ -307,7 +302,7 @@ def render_html(run: RunRecords, figures: dict[str, bytes | None], summary: list
     """The whole page as a string: summary, figures, tables; no external resource."""
     items = "".join(f"<li>{html.escape(s)}</li>" for s in summary)
     sections = []
-    for name in ("gap_trajectory", "ir_by_distance", "heatmaps", "gap_vs_depth"):
+    for name in ("gap_trajectory", "ir_by_separation", "heatmaps", "gap_vs_depth"):
         sections.append(f"<h2>{FIGURE_TITLES[name]}</h2>{_img(name, figures[name])}")
     removal = _removal_section(run, figures.get("removal_cost"))
     sections.append(f"<h2>{FIGURE_TITLES['removal_cost']}</h2>{removal}")
@@ -333,18 +328,6 @@ def render_html(run: RunRecords, figures: dict[str, bytes | None], summary: list
     )
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_report(
     run_dir: str | os.PathLike,
     out: str | os.PathLike | None = None,
@@ -362,24 +345,29 @@ def write_report(
         RunFolderError: no usable record file.
         MissingDependencyError: matplotlib is not installed.
     """
-    from redundancy_monitor.tools import report_figures as figs
+    from redundancy_monitor.tools import figures as figs
 
     run = load_run(run_dir, removal)
     html_path = Path(out) if out is not None else run.source.parent / "report.html"
-    figures: dict[str, bytes | None] = {
+    points = [run.first] if len(run.current) == 1 else [run.first, run.last]
+    drawn = {
         "gap_trajectory": figs.gap_trajectory(run),
-        "ir_by_distance": figs.ir_by_distance(run),
-        "heatmaps": figs.heatmaps(run),
-        "gap_vs_depth": figs.gap_vs_depth(run.last.result, run.last.step),
+        "ir_by_separation": figs.ir_by_separation(run),
+        "heatmaps": figs.heatmaps([(f"step {p.step}", p.result) for p in points]),
+        "gap_vs_depth": figs.gap_vs_depth(
+            run.last.result, f"Per-pair gap against depth, step {run.last.step}"
+        ),
         "removal_cost": figs.removal_cost(run.removal) if run.removal is not None else None,
         "alert_timeline": figs.alert_timeline(run),
     }
+    figures = {name: None if fig is None else figs.png(fig) for name, fig in drawn.items()}
     summary = summary_sentences(run)
     report = Report(html_path, summary=summary)
+    html_path.parent.mkdir(parents=True, exist_ok=True)
     for name, png in figures.items():
         if png is not None:
             path = html_path.parent / f"{name}.png"
-            _write_atomic(path, png)
+            write_bytes_atomic(path, png)
             report.images[name] = path
-    _write_atomic(html_path, render_html(run, figures, summary).encode("utf-8"))
+    write_bytes_atomic(html_path, render_html(run, figures, summary).encode("utf-8"))
     return report

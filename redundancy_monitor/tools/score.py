@@ -19,7 +19,7 @@ from redundancy_monitor.probing.blocks import find_blocks
 from redundancy_monitor.probing.probe import probe
 from redundancy_monitor.probing.result import ProbeResult
 from redundancy_monitor.probing.variants import parse_pairs
-from redundancy_monitor.removal.cost import GUIDED_PROTOCOLS, check_removal_set, plan_removal
+from redundancy_monitor.removal.selection import GUIDED_PROTOCOLS, check_removal_set, plan_removal
 from redundancy_monitor.removal.table import RemovalReport, compare_removal
 from redundancy_monitor.tools.loading import (
     TextSplit,

@@ -1,25 +1,22 @@
 """What a scoring run writes: the terminal tables, result.json, summary.md, PNG plots
-and a TensorBoard run folder. matplotlib is optional: without it the PNGs are skipped."""
+and a TensorBoard run folder. matplotlib is optional: without it the PNGs (and the
+TensorBoard images) are skipped."""
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from redundancy_monitor.files import write_json_atomic
-from redundancy_monitor.monitoring.tensorboard import HEATMAPS, pair_matrix
+from redundancy_monitor.errors import MissingDependencyError
+from redundancy_monitor.files import write_bytes_atomic, write_json_atomic
+from redundancy_monitor.formatting import fmt
+from redundancy_monitor.monitoring.sinks import PREFIX, probe_scalars
+from redundancy_monitor.monitoring.tensorboard import HEATMAPS
 from redundancy_monitor.probing.result import PairRecord, ProbeResult
 from redundancy_monitor.tools.score import ScoreRun
 
 TOP_PAIRS = 10
-
-
-def _fmt(x: float | None, digits: int = 4) -> str:
-    return "null" if x is None or not math.isfinite(x) else f"{x:.{digits}f}"
 
 
 def most_interchangeable(result: ProbeResult, field: str, k: int = TOP_PAIRS) -> list[PairRecord]:
@@ -32,12 +29,12 @@ def _pair_lines(result: ProbeResult, field: str, markdown: bool) -> list[str]:
     rows = most_interchangeable(result, field)
     if markdown:
         lines = ["| i | j | d_int | d_repl | gap |", "|---|---|---|---|---|"]
-        fmt = "| {} | {} | {} | {} | {} |"
+        row = "| {} | {} | {} | {} | {} |"
     else:
         lines = [f"{'i':>3} {'j':>3} {'d_int':>9} {'d_repl':>9} {'gap':>9}"]
-        fmt = "{:>3} {:>3} {:>9} {:>9} {:>9}"
+        row = "{:>3} {:>3} {:>9} {:>9} {:>9}"
     for r in rows:
-        lines.append(fmt.format(r.i, r.j, _fmt(r.d_int), _fmt(r.d_repl), _fmt(r.gap)))
+        lines.append(row.format(r.i, r.j, fmt(r.d_int), fmt(r.d_repl), fmt(r.gap)))
     return lines
 
 
@@ -47,9 +44,9 @@ def terminal_summary(run: ScoreRun) -> str:
     lines = [
         f"{meta['model_class']}: {meta['n_layers']} layers, probe batch {meta['n_seq']} x "
         f"{meta['seq_len']} tokens (sha256 {meta['batch_sha256'][:12]}), pairs {meta['pairs']}",
-        f"regime: {s.regime}  (median ir {_fmt(s.ir_median, 3)}, median d_repl "
-        f"{_fmt(s.d_repl_median)}, median d_int {_fmt(s.d_int_median)}, mean gap "
-        f"{_fmt(s.gap_mean)})",
+        f"regime: {s.regime}  (median ir {fmt(s.ir_median, 3)}, median d_repl "
+        f"{fmt(s.d_repl_median)}, median d_int {fmt(s.d_int_median)}, mean gap "
+        f"{fmt(s.gap_mean)})",
     ]
     for field, name in (("d_int", "interchange"), ("d_repl", "replacement")):
         lines += ["", f"most interchangeable pairs under {name} ({field}):"]
@@ -69,9 +66,9 @@ def summary_markdown(run: ScoreRun) -> str:
         f"- model: {meta['model_class']}, {meta['n_layers']} layers, dtype {meta['dtype']}",
         f"- probe batch: {meta['n_seq']} x {meta['seq_len']} tokens, sha256 "
         f"`{meta['batch_sha256']}`; pairs: {meta['pairs']}",
-        f"- regime: **{s.regime}** (median ir {_fmt(s.ir_median, 3)}, median d_repl "
-        f"{_fmt(s.d_repl_median)}, median d_int {_fmt(s.d_int_median)}, mean gap "
-        f"{_fmt(s.gap_mean)}). The regime describes; the recommendation below comes from "
+        f"- regime: **{s.regime}** (median ir {fmt(s.ir_median, 3)}, median d_repl "
+        f"{fmt(s.d_repl_median)}, median d_int {fmt(s.d_int_median)}, mean gap "
+        f"{fmt(s.gap_mean)}). The regime describes; the recommendation below comes from "
         "measured cost.",
         "",
     ]
@@ -81,7 +78,7 @@ def summary_markdown(run: ScoreRun) -> str:
     out += [
         "## Removal table",
         "",
-        f"Base perplexity {_fmt(rep.base_perplexity)} on {rep.heldout_tokens} held-out tokens "
+        f"Base perplexity {fmt(rep.base_perplexity)} on {rep.heldout_tokens} held-out tokens "
         f"(sliding window {rep.window}, stride {rep.stride}).",
         "",
         "| n | selector | layers | d_del | perplexity | Δppl |",
@@ -89,11 +86,11 @@ def summary_markdown(run: ScoreRun) -> str:
     ]
     for r in rep.rows:
         layers = "random (mean of draws)" if r.layers is None else ", ".join(map(str, r.layers))
-        ppl = _fmt(r.perplexity)
+        ppl = fmt(r.perplexity)
         if r.perplexity_std is not None:
             ppl += f" ± {r.perplexity_std:.3f}"
         out.append(
-            f"| {r.budget} | {r.selector} | {layers} | {_fmt(r.d_del)} | {ppl} | "
+            f"| {r.budget} | {r.selector} | {layers} | {fmt(r.d_del)} | {ppl} | "
             f"{100 * r.perplexity_change:+.2f} % |"
         )
     out += [
@@ -104,8 +101,8 @@ def summary_markdown(run: ScoreRun) -> str:
     for v in rep.verdicts:
         out.append(
             f"| {v.budget} | {', '.join(map(str, v.recommended))} | "
-            f"{', '.join(v.recommended_by)} | {_fmt(v.recommended_perplexity)} | "
-            f"{_fmt(v.increase_ratio, 3)} | {_fmt(v.jaccard, 3)} |"
+            f"{', '.join(v.recommended_by)} | {fmt(v.recommended_perplexity)} | "
+            f"{fmt(v.increase_ratio, 3)} | {fmt(v.jaccard, 3)} |"
         )
     if run.export:
         out += ["", f"Pruned checkpoint: `{run.export['dir']}` (removed {run.export['removed']})."]
@@ -116,78 +113,48 @@ def summary_markdown(run: ScoreRun) -> str:
 
 
 def make_figures(run: ScoreRun) -> dict[str, Any]:
-    """name -> matplotlib Figure; raises ImportError without matplotlib."""
-    import matplotlib
+    """name -> matplotlib Figure.
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    Raises:
+        MissingDependencyError: matplotlib is not installed.
+    """
+    from redundancy_monitor.tools import figures as figs
 
-    figures = {}
-    result = run.result
-    for field in HEATMAPS:
-        fig, ax = plt.subplots(figsize=(5, 4.2))
-        matrix = pair_matrix(result, field, zero_diagonal=False)
-        if field == "gap":  # signed: centre a diverging map on zero
-            limit = float(np.nanmax(np.abs(matrix))) if np.isfinite(matrix).any() else 1.0
-            style = {"cmap": "RdBu_r", "vmin": -limit, "vmax": limit}
-        else:
-            style = {"cmap": "viridis"}
-        image = ax.imshow(matrix, origin="upper", **style)
-        fig.colorbar(image, ax=ax, label=f"{field} (nats)")
-        ax.set(xlabel="slot j", ylabel="slot i", title=f"{field} over (i, j)")
-        fig.tight_layout()
-        figures[f"heatmap_{field}"] = fig
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for d in sorted({r.distance for r in result.pairs}):
-        rows = [r for r in result.pairs if r.distance == d and r.gap is not None]
-        ax.plot([(r.i + r.j) / 2 for r in rows], [r.gap for r in rows], "o-", label=f"|i-j|={d}")
-    ax.axhline(0, color="grey", lw=0.8)
-    ax.set(xlabel="pair depth (i+j)/2", ylabel="gap = d_repl - d_int (nats)", title="gap vs depth")
-    ax.legend()
-    fig.tight_layout()
-    figures["gap_vs_depth"] = fig
-    rep = run.report
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for selector in dict.fromkeys(r.selector for r in rep.rows):
-        rows = [r for r in rep.rows if r.selector == selector]
-        ax.errorbar(
-            [r.budget for r in rows],
-            [r.perplexity for r in rows],
-            yerr=[r.perplexity_std or 0.0 for r in rows],
-            marker="o",
-            capsize=3,
-            label=selector,
-        )
-    ax.axhline(rep.base_perplexity, color="black", ls="--", lw=0.8, label="unpruned")
-    ax.set(xlabel="layers removed", ylabel="held-out perplexity", title="removal cost")
-    ax.set_xticks(list(rep.budgets))
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    figures["removal_cost"] = fig
-    return figures
+    out = {
+        f"heatmap_{field}": figs.heatmap(run.result, field, zero_diagonal=False)
+        for field in HEATMAPS
+    }
+    out["gap_vs_depth"] = figs.gap_vs_depth(run.result)
+    removal = figs.removal_cost(run.report.to_dict())
+    if removal is not None:
+        out["removal_cost"] = removal
+    return out
 
 
 def write_tensorboard(run: ScoreRun, folder: Path, figures: dict[str, Any]) -> None:
-    """The summary scalars, the removal table and the figures as one TensorBoard run."""
+    """The summary scalars, the removal table and the figures as one TensorBoard run, all
+    under the ``redundancy/`` prefix the training monitor uses."""
     from torch.utils.tensorboard import SummaryWriter
 
     writer = SummaryWriter(log_dir=str(folder))
     try:
-        for name, value in run.result.summary.scalars().items():
-            if value is not None:
-                writer.add_scalar(f"probe/{name}", value, 0)
+        for tag, value in probe_scalars(run.result).items():
+            writer.add_scalar(tag, value, 0)
         for r in run.report.rows:
-            writer.add_scalar(f"removal/{r.selector}/perplexity", r.perplexity, r.budget)
-            writer.add_scalar(f"removal/{r.selector}/d_del", r.d_del, r.budget)
+            writer.add_scalar(f"{PREFIX}/removal/{r.selector}/perplexity", r.perplexity, r.budget)
+            writer.add_scalar(f"{PREFIX}/removal/{r.selector}/d_del", r.d_del, r.budget)
         for v in run.report.verdicts:
             for name in ("increase_ratio", "jaccard"):
                 value = getattr(v, name)
                 if value is not None:
-                    writer.add_scalar(f"removal/{name}", value, v.budget)
-        writer.add_scalar("removal/base_perplexity", run.report.base_perplexity, 0)
-        writer.add_text("summary", summary_markdown(run), 0)
-        for name, fig in figures.items():
-            writer.add_figure(f"figures/{name}", fig, 0, close=False)
+                    writer.add_scalar(f"{PREFIX}/removal/{name}", value, v.budget)
+        writer.add_scalar(f"{PREFIX}/removal/base_perplexity", run.report.base_perplexity, 0)
+        writer.add_text(f"{PREFIX}/summary", summary_markdown(run), 0)
+        if figures:
+            from redundancy_monitor.tools.figures import rgb
+
+            for name, fig in figures.items():
+                writer.add_image(f"{PREFIX}/figures/{name}", rgb(fig), 0, dataformats="HWC")
     finally:
         writer.close()
 
@@ -200,26 +167,21 @@ def write_outputs(
     out.mkdir(parents=True, exist_ok=True)
     written = [out / "result.json", out / "summary.md"]
     write_json_atomic(written[0], run.to_dict())
-    (out / "summary.md").write_text(summary_markdown(run), encoding="utf-8")
+    write_bytes_atomic(written[1], summary_markdown(run).encode("utf-8"))
     try:
         figures = make_figures(run)
-    except ImportError:
+    except MissingDependencyError:
         figures = {}
         notice(
             "matplotlib is not installed: PNG plots skipped "
             "(pip install 'redundancy-monitor[plots]')"
         )
-    try:
-        for name, fig in figures.items():
-            path = out / f"{name}.png"
-            fig.savefig(path, dpi=110)
-            written.append(path)
-        write_tensorboard(run, out / "tensorboard", figures)
-        written.append(out / "tensorboard")
-    finally:
-        if figures:
-            import matplotlib.pyplot as plt
+    if figures:
+        from redundancy_monitor.tools.figures import png
 
-            for fig in figures.values():
-                plt.close(fig)
+        for name, fig in figures.items():
+            written.append(out / f"{name}.png")
+            write_bytes_atomic(written[-1], png(fig))
+    write_tensorboard(run, out / "tensorboard", figures)
+    written.append(out / "tensorboard")
     return written

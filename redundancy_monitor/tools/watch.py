@@ -30,13 +30,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from redundancy_monitor.errors import CheckpointError
+from redundancy_monitor.errors import CheckpointError, CheckpointVanished
 from redundancy_monitor.monitoring.alerts import AlertConfig
 from redundancy_monitor.probing.engine import DEFAULT_BATCH_TOKENS
 from redundancy_monitor.probing.result import Thresholds
 from redundancy_monitor.tools.replay import (
     CheckpointRef,
-    CheckpointVanished,
     ReplayRun,
     checkpoint_step,
     checkpoints_in,

@@ -9,12 +9,10 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from conftest import tiny_model
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from conftest import tiny_model
 from training_fixtures import probe_ids, token_loader
 
 from redundancy_monitor import RedundancyMonitor

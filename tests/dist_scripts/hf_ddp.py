@@ -15,8 +15,6 @@ from pathlib import Path
 
 import torch
 import transformers
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from conftest import tiny_model
 from training_fixtures import TokenDataset, probe_ids
 

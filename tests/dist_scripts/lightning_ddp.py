@@ -14,10 +14,8 @@ import os
 import sys
 from pathlib import Path
 
-import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import lightning.pytorch as L
+import torch
 from conftest import tiny_model
 from training_fixtures import probe_ids, token_loader
 

@@ -6,8 +6,6 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from conftest import tiny_batch, tiny_model
 
 from redundancy_monitor.monitoring.ranks import probe_across_ranks

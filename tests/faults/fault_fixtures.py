@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-import sys
 import time
 from pathlib import Path
 
-TESTS = Path(__file__).parents[1]
-ROOT = Path(__file__).parents[2]
-if str(TESTS) not in sys.path:
-    sys.path.insert(0, str(TESTS))
+from redundancy_monitor.probing.engine import Engine
 
-from redundancy_monitor.probing.engine import Engine  # noqa: E402
+ROOT = Path(__file__).parents[2]
 
 
 def slow_engine(monkeypatch, seconds_per_group: float, started=None):

@@ -1,7 +1,7 @@
 """One attempt of a Lightning run with the monitor at its default paths, killed with
 SIGKILL at a chosen moment (for test_lightning_restarts.py).
 
-    python lightning_restart_child.py ROOT CKPT|- KILL_STEP|- HOOK
+    PYTHONPATH=tests python tests/faults/lightning_restart_child.py ROOT CKPT|- KILL_STEP|- HOOK
 
 HOOK is where the kill lands once ``global_step`` reaches KILL_STEP: ``batch_end``
 (after the monitor's hook of that step), ``before_optimizer_step`` (inside the next
@@ -14,17 +14,13 @@ from __future__ import annotations
 import os
 import signal
 import sys
-from pathlib import Path
 
-TESTS = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(TESTS))
+import torch
+from lightning.pytorch import Callback
+from training_fixtures import lightning_module, lightning_trainer, probe_ids
 
-import torch  # noqa: E402
-from lightning.pytorch import Callback  # noqa: E402
-from training_fixtures import lightning_module, lightning_trainer, probe_ids  # noqa: E402
-
-from redundancy_monitor import AlertConfig  # noqa: E402
-from redundancy_monitor.integrations.lightning import RedundancyMonitorCallback  # noqa: E402
+from redundancy_monitor import AlertConfig
+from redundancy_monitor.integrations.lightning import RedundancyMonitorCallback
 
 BATCHES_PER_EPOCH = 4
 EPOCHS = 6

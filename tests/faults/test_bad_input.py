@@ -20,40 +20,45 @@ from redundancy_monitor.errors import (
     InvalidProtocolError,
     RedundancyMonitorError,
 )
-from redundancy_monitor.monitoring.alerts import AlertConfig, removal_overlap
+from redundancy_monitor.monitoring.alerts import AlertConfig
 from redundancy_monitor.probing.result import PairRecord, ProbeResult, summarize
-from redundancy_monitor.removal.cost import greedy_non_adjacent, plan_removal, removability
+from redundancy_monitor.removal.selection import (
+    greedy_non_adjacent,
+    plan_removal,
+    removability,
+    removal_overlap,
+)
 
 IDS = torch.ones(2, 4, dtype=torch.long)
 
 
 @pytest.mark.parametrize(
-    ("kwargs", "error", "says"),
+    ("kwargs", "error", "says", "advice"),
     [
-        ({"probe_batch": torch.zeros(5, dtype=torch.long)}, InvalidBatchError, "2-D"),
-        ({"probe_batch": torch.zeros(2, 3)}, InvalidBatchError, "integer"),
-        ({"probe_batch": torch.zeros(0, 4, dtype=torch.long)}, InvalidBatchError, "empty"),
-        ({"attention_mask": torch.zeros(2, 4)}, InvalidBatchError, "all padding"),
-        ({"attention_mask": torch.ones(2, 5)}, InvalidBatchError, "same shape"),
-        ({"pairs": "window:0"}, InvalidPairsError, "window"),
-        ({"pairs": "neighbours"}, InvalidPairsError, "adjacent"),
-        ({"pairs": [(1, 1)]}, InvalidPairsError, ""),
-        ({"protocols": ("replacement", "swap")}, InvalidProtocolError, "interchange"),
-        ({"executor": "thread"}, InvalidConfigError, "background"),
-        ({"on_mismatch": "ignore"}, InvalidConfigError, "new_baseline"),
-        ({"stop_on_alert": ["gap_too_big"]}, InvalidConfigError, "known"),
-        ({"checkpoint_on_alert": ["nope"]}, InvalidConfigError, "known"),
-        ({"blocks": torch.nn.ModuleList()}, InvalidConfigError, "dotted path"),
-        ({"texts": ["a b c"]}, InvalidConfigError, "tokenizer"),
+        ({"probe_batch": torch.zeros(5, dtype=torch.long)}, InvalidBatchError, "2-D", "unsqueeze(0)"),
+        ({"probe_batch": torch.zeros(2, 3)}, InvalidBatchError, "integer", "pass token ids"),
+        ({"probe_batch": torch.zeros(0, 4, dtype=torch.long)}, InvalidBatchError, "empty", "pass at least one token"),
+        ({"attention_mask": torch.zeros(2, 4)}, InvalidBatchError, "all padding", "pass a mask with 1"),
+        ({"attention_mask": torch.ones(2, 5)}, InvalidBatchError, "same shape", "pass a mask of the same shape"),
+        ({"pairs": "window:0"}, InvalidPairsError, "window", "e.g. 'window:3'"),
+        ({"pairs": "neighbours"}, InvalidPairsError, "adjacent", "pass 'adjacent', 'window:k', 'all'"),
+        ({"pairs": [(1, 1)]}, InvalidPairsError, "same slot", "use i != j"),
+        ({"protocols": ("replacement", "swap")}, InvalidProtocolError, "interchange", "choose from"),
+        ({"executor": "thread"}, InvalidConfigError, "background", "one of ('background', 'inline')"),
+        ({"on_mismatch": "ignore"}, InvalidConfigError, "new_baseline", "one of ('refuse', 'new_baseline')"),
+        ({"stop_on_alert": ["gap_too_big"]}, InvalidConfigError, "known", "known: ('gap_threshold'"),
+        ({"checkpoint_on_alert": ["nope"]}, InvalidConfigError, "known", "known: ('gap_threshold'"),
+        ({"blocks": torch.nn.ModuleList()}, InvalidConfigError, "dotted path", "must be a dotted path string"),
+        ({"texts": ["a b c"]}, InvalidConfigError, "tokenizer", "pass tokenizer="),
     ],
-)
-def test_bad_monitor_input_is_refused_when_the_monitor_is_built(kwargs, error, says):
+)  # fmt: skip
+def test_bad_monitor_input_is_refused_when_the_monitor_is_built(kwargs, error, says, advice):
     kwargs = {"probe_batch": IDS, **kwargs}
     if "texts" in kwargs:
         kwargs.pop("probe_batch")
     with pytest.raises(error, match=says) as info:
         RedundancyMonitor(**kwargs)
-    assert isinstance(info.value, RedundancyMonitorError)
+    assert advice in str(info.value)  # it says what to pass instead
 
 
 @pytest.mark.parametrize(
@@ -140,3 +145,49 @@ def test_a_budget_above_what_can_be_picked_is_refused_and_the_alert_rule_agrees(
             plan_removal(result, [budget])
     union = by_repl | by_int
     assert jaccard == (len(by_repl & by_int) / len(union) if union else None)
+
+
+# -- errors outside the constructors ------------------------------------------------------
+
+
+def _unprobed_pair():
+    from conftest import tiny_batch, tiny_model
+
+    from redundancy_monitor.probing.probe import probe
+
+    probe(tiny_model("llama", 4), tiny_batch()[0], pairs="adjacent").pair(0, 3)
+
+
+def _report_without_budget():
+    from redundancy_monitor.removal.selection import RemovalPlan
+    from redundancy_monitor.removal.table import RemovalReport
+
+    RemovalReport(1.0, 4, 2, 8, (1,), [], [], RemovalPlan({}, {}, {})).verdict(2)
+
+
+def _tensorboard_sink_without_a_destination():
+    from redundancy_monitor.monitoring.tensorboard import TensorBoardSink
+
+    TensorBoardSink()
+
+
+def _output_without_logits():
+    from redundancy_monitor.probing.model_io import logits_of
+
+    logits_of({"hidden": torch.zeros(1)})
+
+
+@pytest.mark.parametrize(
+    ("call", "builtin", "advice"),
+    [
+        (_unprobed_pair, KeyError, "pairs='all'"),
+        (_report_without_budget, KeyError, "the table has budgets [1]"),
+        (_tensorboard_sink_without_a_destination, ValueError, "log_dir="),
+        (_output_without_logits, TypeError, "with .logits"),
+    ],
+)
+def test_errors_a_user_can_hit_are_library_errors_of_the_builtin_kind(call, builtin, advice):
+    with pytest.raises(builtin) as info:
+        call()
+    assert isinstance(info.value, RedundancyMonitorError), type(info.value).__mro__
+    assert advice in str(info.value)

@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 import math
-import sys
-from pathlib import Path
 
 import pytest
 import torch
-
-sys.path.insert(0, str(Path(__file__).parents[1]))
 from conftest import tiny_batch, tiny_config, tiny_model
 
-from redundancy_monitor import UnsupportedModelError, probe
+from redundancy_monitor import probe
+from redundancy_monitor.errors import UnsupportedModelError
 from redundancy_monitor.probing.engine import Engine
 
 

@@ -217,10 +217,10 @@ def test_report_draws_new_baseline_segments_apart(tmp_path):
 
     from matplotlib.figure import Figure
 
-    from redundancy_monitor.tools.report_figures import _plot_by_segment
+    from redundancy_monitor.tools.figures import _plot_by_segment
 
     ax = Figure().subplots()
-    _plot_by_segment(ax, run, "gap_mean", label="mean")
+    _plot_by_segment(ax, run, "gap_mean", "mean", {})
     lines = [list(line.get_xdata()) for line in ax.lines]
     assert lines == [[0, 2], [4, 6]]  # no line joins the 4-block and 6-block probes
     assert ax.lines[0].get_color() == ax.lines[1].get_color()

@@ -4,14 +4,13 @@ interpreter always exits. Bounds here are hang checks, tens of times the expecte
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import threading
 import time
 
 import pytest
-from conftest import tiny_batch, tiny_model
+from conftest import subprocess_env, tiny_batch, tiny_model
 from fault_fixtures import ROOT, slow_engine
 
 import redundancy_monitor.monitoring.monitor as monitor_module
@@ -115,7 +114,6 @@ def test_a_crash_in_lightning_training_stops_the_probe_within_the_bound(tmp_path
 
 KEYBOARD_INTERRUPT_IN_LIGHTNING = """
 import sys, time
-sys.path.insert(0, sys.argv[1])
 from fault_fixtures import Engine
 from lightning.pytorch import Callback
 from training_fixtures import lightning_module, lightning_trainer, probe_ids, token_loader
@@ -134,7 +132,7 @@ class CtrlC(Callback):
 
 cb = RedundancyMonitorCallback(probe_ids(), steps=(1,), every_n_steps=None, log_spaced=False,
                                close_timeout=0.2, batch_tokens=48)
-trainer = lightning_trainer(sys.argv[2], [cb, CtrlC()], max_steps=10)
+trainer = lightning_trainer(sys.argv[1], [cb, CtrlC()], max_steps=10)
 try:
     trainer.fit(lightning_module(), token_loader())
 finally:
@@ -143,7 +141,6 @@ finally:
 
 INTERRUPTED_PLAIN_LOOP = """
 import sys, time
-sys.path.insert(0, sys.argv[1])
 from conftest import tiny_batch, tiny_model
 from fault_fixtures import Engine
 from redundancy_monitor import RedundancyMonitor
@@ -160,12 +157,10 @@ raise KeyboardInterrupt  # no close(): an HF Trainer has no hook for this
 
 
 def run_script(code: str, *args: str) -> tuple[subprocess.CompletedProcess, float]:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    tests = str(ROOT / "tests" / "faults")
     t0 = time.monotonic()
     proc = subprocess.run(
-        [sys.executable, "-c", code, tests, *args],
-        env=env,
+        [sys.executable, "-c", code, *args],
+        env=subprocess_env(),
         capture_output=True,
         text=True,
         timeout=120,

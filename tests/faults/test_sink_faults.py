@@ -15,7 +15,8 @@ from fault_fixtures import event_accumulator, scalar_steps
 
 import redundancy_monitor.monitoring.jsonl as jsonl_module
 from redundancy_monitor import AlertConfig, RedundancyMonitor, read_records
-from redundancy_monitor.monitoring.jsonl import JsonlSink, RecordFileLost
+from redundancy_monitor.errors import RecordFileLost
+from redundancy_monitor.monitoring.jsonl import JsonlSink
 
 QUIET = AlertConfig(
     gap_threshold=None, growth_factor=None, overlap_threshold=None, regime_change=False
