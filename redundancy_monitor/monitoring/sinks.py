@@ -18,8 +18,8 @@ GAP_CHART = ("gap_mean", "gap_median", "gap_p75", "gap_max")
 #: The summary scalars kept in the ``redundancy/`` section, the first screen of a
 #: dashboard; the others go to sections of their own (`scalar_tag`).
 HEADLINE = (*GAP_CHART, "ir_median", "d_repl_mean", "d_int_mean")
-BY_DISTANCE, DETAIL, PAIRS, PROBE_INFO = (
-    f"{PREFIX}_by_distance",
+BY_SEPARATION, DETAIL, PAIRS, PROBE_INFO = (
+    f"{PREFIX}_by_separation",
     f"{PREFIX}_detail",
     f"{PREFIX}_pairs",
     f"{PREFIX}_probe",
@@ -49,13 +49,13 @@ class ProbeRecord:
 
 def scalar_tag(name: str) -> str:
     """The logged name of a summary scalar: ``redundancy/<name>`` for the headline ones,
-    ``redundancy_by_distance/d<k>/<name>`` per pair distance, else
+    ``redundancy_by_separation/d<k>/<name>`` per pair separation, else
     ``redundancy_detail/<name>``. Dashboards group tags by the part before the first
     slash, so the headline section stays one screen."""
     if name in HEADLINE:
         return f"{PREFIX}/{name}"
     if name.startswith("d") and name.split("/", 1)[0][1:].isdigit():
-        return f"{BY_DISTANCE}/{name}"
+        return f"{BY_SEPARATION}/{name}"
     return f"{DETAIL}/{name}"
 
 

@@ -11,7 +11,7 @@ import numpy as np
 from redundancy_monitor.errors import InvalidConfigError
 from redundancy_monitor.monitoring.alerts import Alert
 from redundancy_monitor.monitoring.sinks import (
-    BY_DISTANCE,
+    BY_SEPARATION,
     GAP_CHART,
     PREFIX,
     PROBE_INFO,
@@ -80,14 +80,14 @@ def heatmap_image(
 
 def custom_scalars_layout() -> dict:
     """One chart with the gap mean/median/p75/max, one with ir, one with both distances,
-    one with the mean gap per pair distance."""
+    one with the mean gap per pair separation."""
     tag = f"{PREFIX}/{{}}".format
     return {
         PREFIX: {
             "protocol gap (nats)": ["Multiline", [tag(k) for k in GAP_CHART]],
             "interchange / replacement ratio": ["Multiline", [tag("ir_median")]],
             "distances (nats)": ["Multiline", [tag("d_repl_mean"), tag("d_int_mean")]],
-            "gap by pair distance (nats)": ["Multiline", [rf"{BY_DISTANCE}/d\d+/gap_mean"]],
+            "gap by pair separation (nats)": ["Multiline", [rf"{BY_SEPARATION}/d\d+/gap_mean"]],
         }
     }
 
