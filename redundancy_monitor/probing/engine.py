@@ -402,9 +402,7 @@ class Engine:
         """With streamed weights, every slot runs its own block through the streamer."""
         if not self.weights.streamed:
             return contextlib.nullcontext()
-        stand_ins = {
-            s: _StreamedSlot(m, s, self.weights) for s, m in enumerate(self.slot_modules)
-        }
+        stand_ins = {s: _StreamedSlot(m, s, self.weights) for s, m in enumerate(self.slot_modules)}
         return blocks_replaced(self.blocks, stand_ins)
 
     def _run_variants(self, variants: Sequence[Variant], progress) -> list[VariantDistance]:
