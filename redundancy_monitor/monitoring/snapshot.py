@@ -271,7 +271,9 @@ def probe_snapshot(
         serve_shards(snap.shards, group)
         return None
     if not snap.streamed:  # the shadow is on the device already
-        budget.check(snap.device, estimate_need(snap.model, input_ids, kwargs, streamed=False))
+        budget.check(
+            snap.device, lambda: estimate_need(snap.model, input_ids, kwargs, streamed=False)
+        )
         with context, device_peak(snap.device) as peak:
             result = probe_fn(snap.model, input_ids, attention_mask, **kwargs)
         return _with_memory(result, snap, peak.bytes)
@@ -280,7 +282,9 @@ def probe_snapshot(
         if snap.shards is not None:
             blocks = find_blocks(snap.model, kwargs.get("blocks"))
             gathered = GatheredWeights(snap.shards, block_list_path(snap.model, blocks), group)
-        budget.check(snap.device, estimate_need(snap.model, input_ids, kwargs, streamed=True))
+        budget.check(
+            snap.device, lambda: estimate_need(snap.model, input_ids, kwargs, streamed=True)
+        )
         with context, device_peak(snap.device) as peak:
             result = probe_fn(
                 snap.model,
