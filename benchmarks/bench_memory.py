@@ -6,7 +6,7 @@ tenth of the weights, as in large models; at 7B they are a few percent) it print
 on the device, and the peak device bytes of one probe; then the host bytes each rank's
 shadow holds under FSDP2 with 2 processes (gloo, host snapshot; rank 0 probes once).
 
-    python benchmarks/bench_memory.py            # ~3 minutes on 2 CPU cores
+    python benchmarks/bench_memory.py            # ~9 minutes on 2 shared CPU cores
     python benchmarks/bench_memory.py --quick    # a shorter probe batch
 
 Device bytes: on CUDA the probe's peak is what its private allocator pool reserved
