@@ -227,3 +227,33 @@ def test_cuda_host_shadow_uses_no_device_memory_between_probes_and_equals_device
     assert metas[None]["shadow_device_bytes"] == 0
     assert metas[None]["probe_device_peak_bytes"] > 0  # the probe's private pool
     assert metas["device"]["shadow_device_bytes"] == metas[None]["shadow_host_bytes"]
+
+
+def test_uneven_shards_of_any_dim_and_dtype_reassemble_exactly():
+    from redundancy_monitor.monitoring.sharded import HostShards, ShardEntry
+
+    world = 3
+    g = torch.Generator().manual_seed(0)
+    full = {
+        "half": (torch.randn(3, 3, generator=g).to(torch.bfloat16), 0),  # 6 bytes per rank
+        "rows": (torch.randn(7, 5, generator=g), 0),  # 3, 3, 1 rows; fp32 after 6 bytes
+        "columns": (torch.randn(2, 5, generator=g), 1),  # sharded along dim 1
+        "few": (torch.randn(2, generator=g), 0),  # fewer rows than ranks: rank 2 holds none
+    }
+    ranks = []
+    for rank in range(world):
+        shards = HostShards.__new__(HostShards)
+        shards.entries = []
+        for name, (tensor, dim) in full.items():
+            chunks = list(torch.chunk(tensor, world, dim))  # how FSDP2 shards
+            chunks += [tensor.narrow(dim, 0, 0)] * (world - len(chunks))
+            local = chunks[rank].clone()
+            shards.entries.append(ShardEntry(name, local, tuple(tensor.shape), dim, True))
+        ranks.append(shards)
+    indices = list(range(len(full)))
+    parts = [shards.part(indices, rank, world) for rank, shards in enumerate(ranks)]
+    assert len({p.numel() for p in parts}) == 1  # every rank sends the same number of bytes
+    assembled = ranks[0].assemble(indices, parts, world)
+    for name, (tensor, _) in full.items():
+        assert assembled[name].dtype == tensor.dtype
+        assert torch.equal(assembled[name], tensor), name

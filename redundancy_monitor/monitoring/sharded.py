@@ -159,7 +159,7 @@ class GatheredWeights(HostWeights):
 
     def __init__(self, shards: HostShards, block_prefix: str, group=None):
         self.shards, self.group = shards, group
-        self.world = _world(group)
+        self.world = 1 if group is None else dist.get_world_size(group)
         self.root = dist.get_global_rank(group, 0) if self.world > 1 else 0
         self.prefix = block_prefix + "."
         self._open = self.world > 1

@@ -27,6 +27,7 @@ import copy
 from dataclasses import dataclass, field
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from redundancy_monitor.errors import InvalidConfigError, UnsupportedModelError
@@ -182,6 +183,13 @@ class ShadowModel:
         return Snapshot(self.shadow, device, False, 0, size, self._copied)
 
     def _capture_shards(self, source: nn.Module, device: torch.device, ranks) -> Snapshot:
+        several = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        if ranks is None and several:
+            raise InvalidConfigError(
+                "an FSDP2 host snapshot over several ranks gathers shards over the "
+                "monitor's rank group, which distributed=False turns off; leave "
+                "distributed unset, or pass shadow_device='device'"
+            )
         if self.shards is None or self.shards.source_id != id(source):
             self.shards = None
             self.shards = HostShards(source, self.dtype, pin=device.type == "cuda")
