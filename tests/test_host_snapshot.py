@@ -257,3 +257,31 @@ def test_uneven_shards_of_any_dim_and_dtype_reassemble_exactly():
     for name, (tensor, _) in full.items():
         assert assembled[name].dtype == tensor.dtype
         assert torch.equal(assembled[name], tensor), name
+
+
+@pytest.mark.parametrize("shadow_device", ["host", "device"])
+def test_training_with_the_monitor_ends_with_the_weights_of_an_unmonitored_run(shadow_device):
+    def train(monitor) -> dict:
+        model = tiny_model("gpt_neox", 4)
+        torch.manual_seed(3)  # the same data and dropout draws in both runs
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        model.train()
+        if monitor:
+            monitor.step(0, model)
+        for step in range(1, 5):
+            ids = torch.randint(0, 97, (4, 12))
+            model(input_ids=ids, labels=ids).loss.backward()
+            if monitor:
+                monitor.before_weights_change()
+            opt.step()
+            opt.zero_grad()
+            if monitor:
+                monitor.step(step, model)
+        if monitor:
+            monitor.train_end(4, model)
+            assert [h["step"] for h in monitor.history] == [0, 2, 4]
+        return model.state_dict()
+
+    plain = train(None)
+    watched = train(monitor(shadow_device))
+    assert all(torch.equal(plain[k], v) for k, v in watched.items())
