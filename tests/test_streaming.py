@@ -7,9 +7,10 @@ import torch
 from conftest import tiny_batch, tiny_model
 from test_engine import _close, _variants
 
-from redundancy_monitor import probe, reference_distances
+from redundancy_monitor import probe
 from redundancy_monitor.probing.engine import variant_distances
 from redundancy_monitor.probing.probe import prepare
+from redundancy_monitor.probing.reference import reference_distances
 from redundancy_monitor.probing.streaming import BlockStreamer, ModuleWeights, streamed_model
 
 BLOCK_BYTES = 4 * 10 * 4  # four fp32 tensors of 10 elements
