@@ -160,6 +160,7 @@ def test_fsdp2_host_snapshot_keeps_shards_per_rank_and_rank0_probes_exactly(tmp_
             ],
         ),
     ],
+    ids=["snapshot-fails", "shard-transfer-fails"],
 )
 def test_fsdp2_a_rank_failing_its_host_snapshot_fails_that_probe_on_every_rank(
     tmp_path, fault, errors
