@@ -132,7 +132,7 @@ def test_fsdp2_host_snapshot_keeps_shards_per_rank_and_rank0_probes_exactly(tmp_
     # Inline probes, so which steps are probed does not depend on timing.
     torchrun(SCRIPTS / "fsdp2_loop.py", str(tmp_path), "host", "inline")
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
-    assert ranks[0] == ranks[1] == {"probes": 4, "failures": 0}
+    assert ranks[0] == ranks[1] == {"probes": 4, "failures": 0, "rng_untouched": True}
     probes = probes_by_step(tmp_path / "redundancy.jsonl")
     assert sorted(probes) == [0, 3, 6, 7]
     # rank 0 measured every pair alone, from shards gathered over gloo
@@ -167,7 +167,7 @@ def test_fsdp2_a_rank_failing_its_host_snapshot_fails_that_probe_on_every_rank(
 ):
     torchrun(SCRIPTS / "fsdp2_loop.py", str(tmp_path), "host", "inline", fault)  # hang guard
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
-    assert ranks[0] == ranks[1] == {"probes": 3, "failures": 1}
+    assert ranks[0] == ranks[1] == {"probes": 3, "failures": 1, "rng_untouched": True}
     records = read_records(tmp_path / "redundancy.jsonl")
     failures = [r for r in records if r["type"] == "failure"]
     assert [f["step"] for f in failures] == [3]
