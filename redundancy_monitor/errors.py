@@ -80,6 +80,10 @@ class MonitorUsageError(RedundancyMonitorError, RuntimeError):
     """A monitor method was called out of order: a step behind the last one, or after close()."""
 
 
+class DeviceMemoryError(RedundancyMonitorError, RuntimeError):
+    """A probe would not fit in the device's free memory, so it was not started."""
+
+
 # ----- offline tools -------------------------------------------------------------------
 
 

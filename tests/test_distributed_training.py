@@ -43,7 +43,9 @@ def probes_by_step(path: Path) -> dict[int, dict]:
     return {r["step"]: r["result"] for r in records}
 
 
-def assert_equals_single_process_probe(result: dict, weights: Path, pairs: str = "window:2"):
+def assert_equals_single_process_probe(
+    result: dict, weights: Path, pairs: str = "window:2", world_size: int = 2
+):
     model = tiny_model("gpt_neox", 4)
     model.load_state_dict(torch.load(weights))
     want = probe(model, probe_ids(), pairs=pairs)
@@ -52,7 +54,7 @@ def assert_equals_single_process_probe(result: dict, weights: Path, pairs: str =
     for (_, _, d_repl, d_int), r in zip(got, want.pairs, strict=True):
         assert d_repl == pytest.approx(r.d_repl, rel=1e-4, abs=1e-6)
         assert d_int == pytest.approx(r.d_int, rel=1e-4, abs=1e-6)
-    assert result["meta"]["world_size"] == 2
+    assert result["meta"]["world_size"] == world_size
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "ddp_spawn"])
@@ -124,6 +126,55 @@ def test_fsdp2_sharded_model_is_gathered_at_the_scheduled_step_and_probed(tmp_pa
     probes = probes_by_step(tmp_path / "redundancy.jsonl")
     assert sorted(probes) == [0, 3, 6, 7]
     assert_equals_single_process_probe(probes[7], tmp_path / "final.pt")
+
+
+def test_fsdp2_host_snapshot_keeps_shards_per_rank_and_rank0_probes_exactly(tmp_path):
+    # Inline probes, so which steps are probed does not depend on timing.
+    torchrun(SCRIPTS / "fsdp2_loop.py", str(tmp_path), "host", "inline")
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0] == ranks[1] == {"probes": 4, "failures": 0, "rng_untouched": True}
+    probes = probes_by_step(tmp_path / "redundancy.jsonl")
+    assert sorted(probes) == [0, 3, 6, 7]
+    # rank 0 measured every pair alone, from shards gathered over gloo
+    assert_equals_single_process_probe(probes[7], tmp_path / "final.pt", world_size=1)
+    model = tiny_model("gpt_neox", 4)
+    params = sum(p.numel() * p.element_size() for p in model.parameters())
+    buffers = sum(b.numel() * b.element_size() for b in model.buffers())
+    meta = probes[7]["meta"]
+    by_rank = meta["shadow_host_bytes_by_rank"]
+    assert sum(by_rank) == params + 2 * buffers  # shards add up to one model; buffers whole
+    assert max(by_rank) <= 0.6 * (params + buffers)
+    assert meta["shadow_device_bytes"] == 0
+    assert 0 < meta["probe_device_peak_bytes"] < params + buffers
+
+
+@pytest.mark.parametrize(
+    "fault, errors",
+    [
+        ("snapshot:1", ["rank 1: RuntimeError: injected snapshot failure on rank 1"]),
+        (
+            "shards:1",
+            [
+                "rank 0: RuntimeError: another rank could not send its shards",
+                "rank 1: RuntimeError: injected shard failure on rank 1",
+            ],
+        ),
+    ],
+    ids=["snapshot-fails", "shard-transfer-fails"],
+)
+def test_fsdp2_a_rank_failing_its_host_snapshot_fails_that_probe_on_every_rank(
+    tmp_path, fault, errors
+):
+    torchrun(SCRIPTS / "fsdp2_loop.py", str(tmp_path), "host", "inline", fault)  # hang guard
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0] == ranks[1] == {"probes": 3, "failures": 1, "rng_untouched": True}
+    records = read_records(tmp_path / "redundancy.jsonl")
+    failures = [r for r in records if r["type"] == "failure"]
+    assert [f["step"] for f in failures] == [3]
+    for error in errors:
+        assert error in failures[0]["error"]
+    assert sorted(probes_by_step(tmp_path / "redundancy.jsonl")) == [0, 6, 7]
+    assert (tmp_path / "final.pt").exists()  # training reached its end
 
 
 def test_lightning_fsdp1_strategy_is_refused_at_setup_with_advice():

@@ -158,7 +158,9 @@ class RedundancyMonitorTrainerCallback(TrainerCallback, ExportableState):
             / ``should_save`` on every rank as `stop_on_alert` / `checkpoint_on_alert`
             ask (see `SidecarAlerts`).
         **monitor_kwargs: schedule, pairs, executor, alerts, on_alert, stop_on_alert,
-            checkpoint_on_alert, ...: see `RedundancyMonitor`; with `sidecar` only the
+            checkpoint_on_alert, shadow_device, shadow_dtype, ...: see
+            `RedundancyMonitor` (``shadow_device="host"``, the default on CUDA, keeps the
+            snapshot in host memory: docs/big-models.md); with `sidecar` only the
             schedule and the alert actions apply.
 
     On resume the monitor state is read back from the checkpoint's ``trainer_state.json``

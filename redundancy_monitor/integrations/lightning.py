@@ -104,8 +104,10 @@ class RedundancyMonitorCallback(Callback):
             steps the sidecar's new alerts are read and `stop_on_alert` /
             `checkpoint_on_alert` applied on every rank (see `SidecarAlerts`).
         **monitor_kwargs: schedule, pairs, executor, alerts, on_alert, stop_on_alert,
-            checkpoint_on_alert, ...: see `RedundancyMonitor` (with `sidecar`: only
-            the schedule, on_alert, stop_on_alert and checkpoint_on_alert).
+            checkpoint_on_alert, shadow_device, shadow_dtype, ...: see
+            `RedundancyMonitor` (``shadow_device="host"``, the default on CUDA, keeps the
+            snapshot in host memory: docs/big-models.md); with `sidecar` only the
+            schedule and the alert actions apply.
 
     Its checkpoint state is kept under a `state_key` made of the probe batch and what is
     probed, so several monitors can be attached to one trainer. With ``fast_dev_run``

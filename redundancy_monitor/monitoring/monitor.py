@@ -21,6 +21,7 @@ from torch import nn
 from redundancy_monitor import __version__
 from redundancy_monitor.errors import InvalidConfigError, MonitorStateError, MonitorUsageError
 from redundancy_monitor.monitoring.alerts import RULES, Alert, AlertConfig, AlertEngine
+from redundancy_monitor.monitoring.device_memory import DeviceBudget
 from redundancy_monitor.monitoring.executor import ProbeOutcome, make_executor
 from redundancy_monitor.monitoring.guard import (
     TrajectoryGuard,
@@ -30,11 +31,16 @@ from redundancy_monitor.monitoring.guard import (
 )
 from redundancy_monitor.monitoring.schedule import DEFAULT_EVERY_N_STEPS, ProbeSchedule
 from redundancy_monitor.monitoring.sinks import ProbeRecord, Sink, SinkHealth
-from redundancy_monitor.monitoring.snapshot import ShadowModel
+from redundancy_monitor.monitoring.snapshot import (
+    ShadowModel,
+    check_shadow_device,
+    check_shadow_dtype,
+    probe_snapshot,
+)
 from redundancy_monitor.probing.batch import batch_sha256, make_batch
 from redundancy_monitor.probing.engine import DEFAULT_BATCH_TOKENS, EngineOptions
 from redundancy_monitor.probing.inputs import from_dataloader, from_texts, ids_and_mask
-from redundancy_monitor.probing.probe import model_device, probe
+from redundancy_monitor.probing.probe import probe
 from redundancy_monitor.probing.result import ProbeResult, Thresholds
 from redundancy_monitor.probing.variants import check_protocols, materialise_pairs, parse_pairs
 
@@ -100,6 +106,19 @@ class RedundancyMonitor:
             ``"refuse"``-d (recorded as a failure; default) or starts a
             ``"new_baseline"`` (a marker record, a fresh trajectory and alert state).
         close_timeout: seconds `close()` waits for a running probe before cancelling it.
+        shadow_device: where the snapshot lives: ``"host"`` (host memory, pinned on
+            CUDA; the probe streams block weights to the device a few at a time) or
+            ``"device"`` (a full copy on the training device; fastest for small
+            models). None (default): ``"host"`` when training on CUDA, else
+            ``"device"``. Under FSDP2, ``"host"`` copies each rank's own shards and rank
+            0 probes alone (docs/big-models.md).
+        shadow_dtype: floating dtype of the snapshot (``torch.bfloat16`` or ``"bf16"``
+            halves an fp32 model's copy); None keeps the training dtype.
+
+    With a streamed (host) snapshot, or on CUDA, a probe taken before the first
+    optimizer step starts after it, so the monitor never allocates device memory
+    before training's optimizer has allocated its state; and a probe whose estimated
+    need exceeds the device's free memory is recorded as a failure instead of started.
 
     Raises:
         InvalidConfigError: an unknown executor, rule name or mismatch policy, a
@@ -147,6 +166,8 @@ class RedundancyMonitor:
         probe_threads: int | None = None,
         on_mismatch: str = "refuse",
         close_timeout: float = DEFAULT_CLOSE_TIMEOUT,
+        shadow_device: str | None = None,
+        shadow_dtype: torch.dtype | str | None = None,
     ):
         for name, value in (("blocks", blocks), ("head", head)):
             if value is not None and not isinstance(value, str):
@@ -201,10 +222,20 @@ class RedundancyMonitor:
         )
         if probe_batch is not None or texts is not None or dataloader is not None:
             self._resolve_batch()
-        self._shadow = ShadowModel()
+        self._shadow_options = (
+            check_shadow_device(shadow_device),
+            check_shadow_dtype(shadow_dtype),
+        )
+        self._shadow = ShadowModel(*self._shadow_options)
+        #: Checks a probe's estimated device memory against the free memory first.
+        self.device_budget = DeviceBudget()
+        self._deferred = None  # (step, job, blocked, device): waits for an optimizer step
+        self._optimizer_stepped = False  # an optimizer step has run in this process
+        self._step_announced = False  # before_weights_change() was called
         self.distributed = distributed
         self._ranks = None  # a RankGroup once start() finds a multi-rank job
-        self._pending: tuple[int, ProbeOutcome | None] | None = None  # (step, local failure)
+        # (step, local failure, snapshot) of the probe whose shares are not gathered yet
+        self._pending: tuple | None = None
         self.history: list[dict[str, Any]] = []
         self.alerts: list[Alert] = []
         self.last_step: int | None = None
@@ -381,6 +412,11 @@ class RedundancyMonitor:
         self._check_open("step")
         self._mark_start(step)
         self.poll()
+        self._optimizer_stepped |= self._step_announced or (
+            self.last_step is not None and step > self.last_step
+        )
+        if self._release_deferred():
+            self.poll()
         if self._saved_pending is not None:  # saved while a probe ran: probe what it holds
             self._saved_pending = None
             if (self.last_step is None or step >= self.last_step) and step not in self.probed_steps:
@@ -401,6 +437,7 @@ class RedundancyMonitor:
 
     def before_weights_change(self) -> None:
         """Call before the optimizer step; on CUDA the step then waits for the last copy."""
+        self._step_announced = True
         self._shadow.fence()
 
     def train_end(self, step: int, model: nn.Module) -> None:
@@ -417,6 +454,8 @@ class RedundancyMonitor:
                 "steps done (the last step() value or later)"
             )
         self._mark_start(step)
+        self._optimizer_stepped = True  # training is over: the device is the probe's
+        self._release_deferred()
         self.poll()
         self.drain()
         if self.schedule.at_train_end and step not in self.probed_steps:
@@ -451,7 +490,9 @@ class RedundancyMonitor:
         A collective at a schedule-determined step. Without `wait` it first asks whether
         every rank has finished, and gathers nothing (returns False) if one has not.
         """
-        step, failure = self._pending
+        step, failure, snap = self._pending
+        if failure is None and self._deferred is not None:
+            return False  # not started yet; deferred alike on every rank, so no collective
         if not wait and not self._ranks.all_true(failure is not None or not self._executor.busy()):
             return False
         local = self._executor.drain()
@@ -461,7 +502,7 @@ class RedundancyMonitor:
                 step, None, "the probe produced no outcome on this rank", 0.0, 0.0
             )
         self._pending = None
-        self._handle(self._ranks.merge(outcome))
+        self._handle(self._ranks.merge(outcome, snap.memory if snap is not None else None))
         return True
 
     @property
@@ -482,47 +523,68 @@ class RedundancyMonitor:
         # rank only (after an exception), so it must not enter a collective.
         for outcome in outcomes if self._ranks is None else ():
             self._handle(outcome)
+        self._deferred = None  # a probe that never started is dropped
         if getattr(self._executor, "n_abandoned", 0):
-            self._shadow = ShadowModel()  # the abandoned thread may still read the old copy
+            # The abandoned thread may still read the old copy.
+            self._shadow = ShadowModel(*self._shadow_options)
         self._emit("close")
 
     # ----- probing -----------------------------------------------------------------------
 
     def _launch(self, step: int, model: nn.Module) -> None:
-        if self._executor.busy():
+        if self._executor.busy() or self._deferred is not None:
             self.n_skipped_busy += 1
             log.info(
                 "redundancy probe at step %d skipped: the previous probe is still running", step
             )
             return
         started = time.perf_counter()
+        snap, error = None, None
         try:
             if self._ids is None:
                 raise InvalidConfigError(
                     "no probe batch: pass probe_batch=, texts= + tokenizer=, or dataloader="
                 )
-            shadow = self._shadow.capture(model)
+            snap = self._shadow.capture(model, self._ranks)
         except Exception as exc:  # a snapshot failure must not stop training either
-            failure = ProbeOutcome(step, None, f"{type(exc).__name__}: {exc}", 0.0, 0.0)
-            if self._ranks is None:
-                self._handle(failure)
-            else:  # logged when gathered, so that every rank logs the same thing
-                self.probed_steps.append(step)
-                self._pending = (step, failure)
+            error = f"{type(exc).__name__}: {exc}"
+        # Every rank learns whether every snapshot worked before any goes on, so no rank
+        # waits in a probe's collective for one that is not coming.
+        if self._ranks is not None and not self._ranks.all_true(error is None):
+            self.probed_steps.append(step)  # logged when gathered, alike on every rank
+            self._pending = (step, ProbeOutcome(step, None, error, 0.0, 0.0), None)
+            return
+        if error is not None:
+            self._handle(ProbeOutcome(step, None, error, 0.0, 0.0))
             return
         self.probed_steps.append(step)
-        ids, mask, context = self._ids, self._mask, self._shadow.probe_context()
         kwargs = dict(self.probe_kwargs)
         if self._ranks is not None:
-            kwargs["shard"] = (self._ranks.rank, self._ranks.world_size)
-            self._pending = (step, None)
+            if not snap.rank0_only:
+                kwargs["shard"] = (self._ranks.rank, self._ranks.world_size)
+            self._pending = (step, None, snap)
+        ids, mask, context = self._ids, self._mask, self._shadow.probe_context()
+        budget = self.device_budget
+        group = None if self._ranks is None else self._ranks.transfer_group
 
-        def job() -> ProbeResult:
-            with context:
-                return probe(shadow, ids, mask, **kwargs)
+        def job() -> ProbeResult | None:
+            return probe_snapshot(probe, snap, ids, mask, kwargs, budget, context, group)
 
-        device = model_device(shadow)
-        self._executor.submit(step, job, time.perf_counter() - started, device)
+        blocked = time.perf_counter() - started
+        if not self._optimizer_stepped and (snap.streamed or snap.device.type == "cuda"):
+            # started after the first optimizer step
+            self._deferred = (step, job, blocked, snap.device)
+            return
+        self._executor.submit(step, job, blocked, snap.device)
+
+    def _release_deferred(self) -> bool:
+        """Start a probe that waited for the first optimizer step, once one has run."""
+        if self._deferred is None or not self._optimizer_stepped:
+            return False
+        step, job, blocked, device = self._deferred
+        self._deferred = None
+        self._executor.submit(step, job, blocked, device)
+        return True
 
     def record_outcome(self, outcome: ProbeOutcome) -> None:
         """Log a probe computed outside the monitor (offline replay of saved checkpoints)
@@ -686,6 +748,8 @@ class RedundancyMonitor:
         """The step of a probe started but not logged yet (its result is not in the state)."""
         if self._ranks is not None:
             return None if self._pending is None else self._pending[0]
+        if self._deferred is not None:  # snapshotted, waiting for an optimizer step
+            return self._deferred[0]
         return self._executor.running_step
 
     def _saved_batch(self) -> dict[str, Any] | None:

@@ -3,6 +3,8 @@
 Every rank holds the full model. Each measures its deterministic share of the pairs
 (`probe(..., shard=(rank, world_size))`), and one `all_gather_object` gives every rank
 the merged result, so every rank reaches the same decisions from the same numbers.
+Under FSDP2 with a host snapshot, rank 0 measures every pair and the other ranks only
+send it their shards (monitoring/sharded.py); the merge is the same.
 """
 
 from __future__ import annotations
@@ -50,14 +52,17 @@ def probe_across_ranks(model, input_ids, attention_mask=None, group=None, **kwar
 class RankGroup:
     """The ranks a `RedundancyMonitor` shares probe work with.
 
-    Its collectives run on a gloo group of their own, so they work whatever backend the
-    training uses (NCCL included) and need no device memory. Create it on every rank at
-    the same point (it is a collective).
+    Its collectives run on gloo groups of their own, so they work whatever backend the
+    training uses (NCCL included) and need no device memory: `group` for the training
+    thread's decisions, `transfer_group` for the probe threads' weight transfers (two
+    threads must not share one group). Create it on every rank at the same point (it
+    is a collective).
     """
 
     def __init__(self) -> None:
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
         self.group = dist.new_group(backend="gloo")
+        self.transfer_group = dist.new_group(backend="gloo")
 
     @staticmethod
     def world() -> int:
@@ -81,10 +86,13 @@ class RankGroup:
         dist.all_reduce(value, op=dist.ReduceOp.MAX, group=self.group)
         return [bool(v) for v in value.tolist()]
 
-    def merge(self, outcome):
+    def merge(self, outcome, memory: dict | None = None):
         """Every rank's outcome of one probe, merged into one (the same on every rank).
 
-        A failure on any rank makes the whole probe a failure that names the rank.
+        A failure on any rank makes the whole probe a failure that names the rank. A rank
+        with neither result nor error only helped (sent shards). `memory` is this rank's
+        byte figures; the merged result carries the largest of each over the ranks and
+        ``shadow_host_bytes_by_rank``.
         """
         from redundancy_monitor.monitoring.executor import ProbeOutcome
 
@@ -94,6 +102,7 @@ class RankGroup:
             "error": outcome.error,
             "probe_seconds": outcome.probe_seconds,
             "blocked_seconds": outcome.blocked_seconds,
+            "memory": memory or {},
         }
         parts: list[dict | None] = [None] * self.world_size
         dist.all_gather_object(parts, mine, group=self.group)
@@ -103,7 +112,17 @@ class RankGroup:
             errors.append(f"ranks probed different steps: {[p['step'] for p in parts]}")
         seconds = max(p["probe_seconds"] for p in parts)
         blocked = max(p["blocked_seconds"] for p in parts)
+        results = [ProbeResult.from_dict(p["result"]) for p in parts if p["result"] is not None]
+        if not results and not errors:
+            errors.append("no rank produced a result")
         if errors:
             return ProbeOutcome(step, None, "; ".join(errors), seconds, blocked)
-        merged = merge_shards([ProbeResult.from_dict(p["result"]) for p in parts])
+        merged = merge_shards(results)
+        memories = [p["memory"] for p in parts]
+        if all(memories):
+            for key in memories[0]:
+                merged.meta[key] = max(m.get(key, 0) for m in memories)
+            merged.meta["shadow_host_bytes_by_rank"] = [
+                m.get("shadow_host_bytes", 0) for m in memories
+            ]
         return ProbeOutcome(step, merged, None, seconds, blocked)

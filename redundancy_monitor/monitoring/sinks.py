@@ -24,6 +24,8 @@ BY_SEPARATION, DETAIL, PAIRS, PROBE_INFO = (
     f"{PREFIX}_pairs",
     f"{PREFIX}_probe",
 )
+#: Byte figures every probe record carries in ``result.meta`` (monitoring/snapshot.py).
+MEMORY_FIELDS = ("shadow_host_bytes", "shadow_device_bytes", "probe_device_peak_bytes")
 
 
 @dataclass

@@ -1,34 +1,119 @@
-"""The shadow model: a private copy of the weights that a probe runs on while training goes on.
+"""The shadow: a private copy of the weights that a probe runs on while training goes on.
 
-The copy is built once (``deepcopy``) and then refreshed in place with ``copy_`` at every
-snapshot, so no memory is allocated per probe. On CUDA the refresh runs on a side stream
-that first waits for the work that produced the weights; `fence()` makes the training
-stream wait for the copy before the next optimizer step changes the weights. Neither
-side blocks the host.
+Where the copy lives is `shadow_device`:
+
+- ``"host"`` (the default when training on CUDA): host memory, pinned when the weights
+  are on CUDA. The probe streams block weights to the device slot by slot
+  (probing/streaming.py), so the device holds the embeddings/head, a few blocks and the
+  activations, and nothing at all between probes.
+- ``"device"``: a full copy on the training device (fastest for small models).
+
+`shadow_dtype` stores the copy in another floating dtype (bf16 halves host memory).
+
+The copy's tensors are allocated once, then refilled in place at every snapshot, so no
+memory is allocated per probe. On CUDA the refill runs on a side stream that first waits
+for the work that produced the weights; `fence()` makes the training stream wait for
+the copy before the next optimizer step changes the weights; the probe thread waits for
+the copy (`Snapshot.wait`) before reading it. Neither side blocks the training thread.
+
+A model sharded with FSDP2 is copied shard by shard in host mode (monitoring/sharded.py);
+in device mode every rank gathers the full weights into a full copy.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+from dataclasses import dataclass, field
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
-from redundancy_monitor.errors import UnsupportedModelError
-from redundancy_monitor.probing.blocks import unwrap_model
+from redundancy_monitor.errors import InvalidConfigError, UnsupportedModelError
+from redundancy_monitor.monitoring.device_memory import DeviceBudget, device_peak, estimate_need
+from redundancy_monitor.monitoring.sharded import GatheredWeights, HostShards, serve_shards
+from redundancy_monitor.probing.blocks import find_blocks, unwrap_model
+from redundancy_monitor.probing.streaming import block_list_path, nbytes
+
+SHADOW_DEVICES = ("host", "device")
+_DTYPES = {
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+    "half": torch.float16,
+    "fp32": torch.float32,
+    "float32": torch.float32,
+    "float": torch.float32,
+}
+
+
+def check_shadow_device(value: str | None) -> str | None:
+    if value is None or value in SHADOW_DEVICES:
+        return value
+    raise InvalidConfigError(
+        f"shadow_device must be 'host', 'device' or None (host when training on CUDA), "
+        f"got {value!r}"
+    )
+
+
+def check_shadow_dtype(value) -> torch.dtype | None:
+    if value is None or (isinstance(value, torch.dtype) and value.is_floating_point):
+        return value
+    if isinstance(value, str) and value.lower().removeprefix("torch.") in _DTYPES:
+        return _DTYPES[value.lower().removeprefix("torch.")]
+    raise InvalidConfigError(
+        f"shadow_dtype must be a floating torch.dtype or one of {sorted(_DTYPES)}, got {value!r}"
+    )
+
+
+@dataclass
+class Snapshot:
+    """What one capture produced: what to probe, where, and what the copy holds."""
+
+    model: nn.Module | None  # what to probe; None on a rank that only serves its shards
+    device: torch.device  # where the probe runs (the training device)
+    streamed: bool  # weights in host memory, blocks streamed to `device`
+    host_bytes: int
+    device_bytes: int
+    copied: object = None  # CUDA event recorded after the copy
+    shards: HostShards | None = None  # FSDP2 host mode: this rank's shards
+    memory: dict = field(default_factory=dict)  # filled by the probe job
+
+    @property
+    def rank0_only(self) -> bool:
+        """FSDP2 host mode: rank 0 probes every pair; the other ranks send shards."""
+        return self.shards is not None
+
+    def wait(self) -> None:
+        """Block the calling (probe) thread until the copy is complete."""
+        if self.copied is not None:
+            self.copied.synchronize()
 
 
 class ShadowModel:
-    """Holds the probe's copy of a model and refreshes it from the training model."""
+    """Holds the probe's copy of a model and refreshes it from the training model.
 
-    def __init__(self) -> None:
+    Args:
+        where: ``"host"``, ``"device"`` or None (host when the weights are on CUDA).
+        dtype: floating dtype of the copy (None: the training dtype).
+    """
+
+    def __init__(self, where: str | None = None, dtype: torch.dtype | None = None) -> None:
+        self.where = check_shadow_device(where)
+        self.dtype = check_shadow_dtype(dtype)
         self.shadow: nn.Module | None = None
+        self.shards: HostShards | None = None
         self.stream = None  # torch.cuda.Stream on CUDA, None on CPU
         self._copied = None  # torch.cuda.Event recorded after the last refresh
         self._device: torch.device | None = None  # device of the stream and the event
         self._source_id: int | None = None
         self._shapes: list[tuple[torch.Size, torch.dtype, torch.device]] = []
+
+    def mode(self, device: torch.device) -> str:
+        """``"host"`` or ``"device"`` for weights on `device`."""
+        return self.where or ("host" if device.type == "cuda" else "device")
 
     @staticmethod
     def _tensors(module: nn.Module) -> list[torch.Tensor]:
@@ -40,39 +125,88 @@ class ShadowModel:
             (t.shape, t.dtype, t.device) for t in tensors
         ]
 
-    def _build(self, source: nn.Module, tensors: list[torch.Tensor]) -> None:
+    def _empty(self, t: torch.Tensor, device: torch.device, pin: bool) -> torch.Tensor:
+        dtype = self.dtype if self.dtype is not None and t.is_floating_point() else t.dtype
+        return torch.empty(t.shape, dtype=dtype, device=device, pin_memory=pin)
+
+    def _build(self, source: nn.Module, tensors: list[torch.Tensor], on: torch.device) -> None:
+        """A copy of `source` whose weights are new, empty tensors on `on`.
+
+        `deepcopy` with a memo that maps every parameter and buffer to its new tensor, so
+        nothing of the training device is allocated for them. Other tensor attributes
+        (not weights: cached constants) are shared with the training model.
+        """
         self.shadow = None  # free the old copy before making the new one
-        shadow = copy.deepcopy(source)
-        for p in shadow.parameters():
-            p.grad = None
-            p.requires_grad_(False)
+        pin = on.type == "cpu" and tensors[0].device.type == "cuda"
+        memo: dict[int, object] = {}
+        for p in source.parameters():
+            memo[id(p)] = nn.Parameter(self._empty(p, on, pin), requires_grad=False)
+        for b in source.buffers():
+            memo[id(b)] = self._empty(b, on, pin)
+        for module in source.modules():
+            for value in vars(module).values():
+                if isinstance(value, torch.Tensor) and id(value) not in memo:
+                    memo[id(value)] = value
+        shadow = copy.deepcopy(source, memo)
         shadow.eval()
         self.shadow = shadow
         self._source_id = id(source)
         self._shapes = [(t.shape, t.dtype, t.device) for t in tensors]
 
-    def capture(self, model: nn.Module) -> nn.Module:
-        """Copy the current weights of `model` (unwrapped) into the shadow and return it.
+    def capture(self, model: nn.Module, ranks=None) -> Snapshot:
+        """Copy the current weights of `model` (unwrapped) into the shadow.
 
-        For a model sharded with FSDP2 (`fully_shard`) this gathers the full parameters:
-        a collective that every rank must call at the same step.
+        For a model sharded with FSDP2 (`fully_shard`): in host mode each rank copies its
+        own shards (no collective); in device mode the full parameters are gathered, a
+        collective that every rank must call at the same step.
         """
         source = unwrap_model(model)
+        first = next(source.parameters(), None)
+        device = first.device if first is not None else torch.device("cpu")
+        mode = self.mode(device)
         if any(_is_dtensor(p) for p in source.parameters()):
-            return self._capture_sharded(source)
+            if mode == "host":
+                return self._capture_shards(source, device, ranks)
+            shadow = _capture_sharded_into(self, source)
+            size = nbytes(self._tensors(shadow))
+            return Snapshot(shadow, device, False, 0, size, self._copied)
         tensors = self._tensors(source)
-        device = tensors[0].device if tensors else torch.device("cpu")
         if self.shadow is None or not self._matches(source, tensors):
-            self._build(source, tensors)
-            self._used_on_side_stream(self._tensors(self.shadow), device)
+            self._build(source, tensors, torch.device("cpu") if mode == "host" else device)
+            if mode == "device":
+                self._used_on_side_stream(self._tensors(self.shadow), device)
         targets = self._tensors(self.shadow)
+        self._copy(targets, tensors, device)
+        size = nbytes(targets)
+        if mode == "host":
+            return Snapshot(self.shadow, device, True, size, 0, self._copied)
+        return Snapshot(self.shadow, device, False, 0, size, self._copied)
+
+    def _capture_shards(self, source: nn.Module, device: torch.device, ranks) -> Snapshot:
+        several = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        if ranks is None and several:
+            raise InvalidConfigError(
+                "an FSDP2 host snapshot over several ranks gathers shards over the "
+                "monitor's rank group, which distributed=False turns off; leave "
+                "distributed unset, or pass shadow_device='device'"
+            )
+        if self.shards is None or self.shards.source_id != id(source):
+            self.shards = None
+            self.shards = HostShards(source, self.dtype, pin=device.type == "cuda")
+            rank = 0 if ranks is None else ranks.rank
+            self.shadow = _plain_copy(source, self.dtype, "meta") if rank == 0 else None
+        self._copy(self.shards.targets, HostShards.sources(source), device)
+        return Snapshot(
+            self.shadow, device, True, self.shards.host_bytes, 0, self._copied, self.shards
+        )
+
+    def _copy(self, targets: list[torch.Tensor], sources: list[torch.Tensor], device) -> None:
         with torch.no_grad(), self._copy_stream(device):
-            for dst, src in zip(targets, tensors, strict=True):
+            for dst, src in zip(targets, sources, strict=True):
                 dst.copy_(src, non_blocking=device.type == "cuda")
             if device.type == "cuda":
                 self._copied = torch.cuda.Event()
                 self._copied.record(self.stream)
-        return self.shadow
 
     def _side_stream(self, device: torch.device):
         if self.stream is None or self._device != device:
@@ -102,9 +236,6 @@ class ShadowModel:
         with torch.cuda.stream(self.stream):
             yield
 
-    def _capture_sharded(self, source: nn.Module) -> nn.Module:
-        return _capture_sharded_into(self, source)
-
     def fence(self) -> None:
         """Make the training stream wait for the last copy (call before weights change).
 
@@ -119,6 +250,69 @@ class ShadowModel:
         if self.stream is None:
             return contextlib.nullcontext()
         return torch.cuda.stream(self.stream)
+
+
+def probe_snapshot(
+    probe_fn,
+    snap: Snapshot,
+    input_ids,
+    attention_mask,
+    kwargs: dict,
+    budget: DeviceBudget,
+    context,
+    group=None,
+):
+    """Run `probe_fn` on a snapshot (in the probe thread) and record its memory figures.
+
+    Streamed snapshots check the free device memory first (`budget`). A rank that only
+    serves FSDP2 shards returns None. The figures go to ``result.meta`` and to
+    `snap.memory` (``shadow_host_bytes``, ``shadow_device_bytes``,
+    ``probe_device_peak_bytes``).
+    """
+    snap.wait()
+    snap.memory = {
+        "shadow_host_bytes": snap.host_bytes,
+        "shadow_device_bytes": snap.device_bytes,
+        "probe_device_peak_bytes": 0,
+    }
+    if snap.model is None:
+        serve_shards(snap.shards, group)
+        return None
+    if not snap.streamed:  # the shadow is on the device already
+        budget.check(
+            snap.device, lambda: estimate_need(snap.model, input_ids, kwargs, streamed=False)
+        )
+        with context, device_peak(snap.device) as peak:
+            result = probe_fn(snap.model, input_ids, attention_mask, **kwargs)
+        return _with_memory(result, snap, peak.bytes)
+    gathered = None
+    try:
+        if snap.shards is not None:
+            blocks = find_blocks(snap.model, kwargs.get("blocks"))
+            gathered = GatheredWeights(snap.shards, block_list_path(snap.model, blocks), group)
+        budget.check(
+            snap.device, lambda: estimate_need(snap.model, input_ids, kwargs, streamed=True)
+        )
+        with context, device_peak(snap.device) as peak:
+            result = probe_fn(
+                snap.model,
+                input_ids,
+                attention_mask,
+                stream_to=snap.device,
+                host_weights=gathered,
+                **kwargs,
+            )
+    finally:
+        if gathered is not None:
+            gathered.finish()
+    streamed = result.meta.get("streamed", {}).get("device_weight_peak_bytes", 0)
+    return _with_memory(result, snap, peak.bytes if peak.bytes is not None else streamed)
+
+
+def _with_memory(result, snap: Snapshot, peak_bytes: int | None):
+    snap.memory["probe_device_peak_bytes"] = int(peak_bytes or 0)
+    result.meta.update(snap.memory)
+    return result
 
 
 def _is_dtensor(tensor) -> bool:
@@ -136,11 +330,13 @@ def _unsharded_class(module: nn.Module) -> type:
     return next(c for c in type(module).__mro__ if not issubclass(c, FSDPModule))
 
 
-def _plain_copy(source: nn.Module) -> nn.Module:
+def _plain_copy(source: nn.Module, dtype=None, device=None) -> nn.Module:
     """A new, unsharded instance of a sharded Hugging Face model (weights filled later).
 
     Built with the generators forked: its random initialisation (overwritten at once)
-    must not consume numbers that training would draw next."""
+    must not consume numbers that training would draw next. On the meta device (host
+    mode) it holds no memory at all: a streamed probe brings every tensor.
+    """
     config = getattr(source, "config", None)
     cls = _unsharded_class(source)
     if config is None or not hasattr(cls, "_from_config"):
@@ -150,10 +346,11 @@ def _plain_copy(source: nn.Module) -> nn.Module:
             "or train with DDP"
         )
     first = next(source.parameters())
-    dtype = first.dtype
-    devices = [first.device] if first.device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        shadow = cls._from_config(config).to(dtype=dtype, device=first.device)
+    dtype = dtype or first.dtype
+    device = torch.device(device or first.device)
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices), torch.device(device):
+        shadow = cls._from_config(config).to(dtype=dtype)
     for p in shadow.parameters():
         p.requires_grad_(False)
     return shadow.eval()
@@ -171,7 +368,7 @@ def _capture_sharded_into(holder: ShadowModel, source: nn.Module) -> nn.Module:
     device = next(iter(full.values())).device if full else torch.device("cpu")
     if holder.shadow is None or holder._source_id != id(source):
         holder.shadow = None
-        holder.shadow = _plain_copy(source)
+        holder.shadow = _plain_copy(source, holder.dtype)
         holder._source_id = id(source)
         holder._used_on_side_stream(holder._tensors(holder.shadow), device)
     targets = dict(holder.shadow.named_parameters())

@@ -13,6 +13,7 @@ from redundancy_monitor.monitoring.alerts import Alert
 from redundancy_monitor.monitoring.sinks import (
     BY_SEPARATION,
     GAP_CHART,
+    MEMORY_FIELDS,
     PREFIX,
     PROBE_INFO,
     ProbeRecord,
@@ -195,6 +196,9 @@ class TensorBoardSink(Sink):
             w.add_scalar(tag, value, step)
         w.add_scalar(f"{PROBE_INFO}/probe_seconds", record.probe_seconds, step)
         w.add_scalar(f"{PROBE_INFO}/blocked_seconds", record.blocked_seconds, step)
+        for name in MEMORY_FIELDS:
+            if record.result.meta.get(name) is not None:
+                w.add_scalar(f"{PROBE_INFO}/{name}", record.result.meta[name], step)
         if record.result.summary.regime is not None:
             w.add_text(f"{PREFIX}/regime", record.result.summary.regime, step)
         if self.images:

@@ -13,10 +13,16 @@ How it avoids recomputation, for one probe batch of n sequences:
 3. The head is swapped for a recorder during those forwards; logits are then computed in
    row chunks and reduced to per-token KL at once, so at most `logit_rows` x vocabulary
    logits exist at any time, however many variants there are.
+
+Block weights come from a `weights` object (probing/streaming.py): the blocks' own
+parameters by default, or a streamer that copies each block from host memory when a
+slot needs it. Before every forward the engine tells it which blocks that forward will
+ask for, in order, so it can copy them ahead.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -37,6 +43,7 @@ from redundancy_monitor.probing.model_io import (
     logits_of,
     untouched,
 )
+from redundancy_monitor.probing.streaming import ResidentWeights
 from redundancy_monitor.probing.variants import Variant
 
 #: Default number of logit elements (rows x vocabulary) alive at once: 64M floats.
@@ -118,18 +125,52 @@ class _Router(SlotStandIn):
         return self.group.run_slot(self.slot, self.slot_module, args, kwargs)
 
 
+class _StreamedSlot(SlotStandIn):
+    """Runs the slot's own block with weights from a streamer (the unmodified model)."""
+
+    def __init__(self, slot_module: nn.Module, slot: int, weights):
+        super().__init__(slot_module)
+        self.slot = slot
+        self.weights = weights
+
+    def forward(self, *args, **kwargs):
+        return functional_call(self.slot_module, self.weights.get(self.slot), args, kwargs)
+
+
 class _Group:
     """k variants run together as one forward of the tiled batch."""
 
-    def __init__(self, variants: Sequence[Variant], n: int, reference: _Reference, params):
+    def __init__(self, variants: Sequence[Variant], n: int, reference: _Reference, weights):
         self.variants = list(variants)
         self.n = n
         self.reference = reference
-        self.params = params  # block index -> {name: parameter}
+        self.weights = weights  # ResidentWeights or a BlockStreamer
         self._rows_cache: dict[tuple[int, ...], object] = {}
 
     def action(self, variant: Variant, slot: int):
         return _CACHED if variant.first_changed > slot else variant.slots[slot]
+
+    def by_action(self, slot: int) -> dict[object, list[int]]:
+        """Variant indices grouped by what they do at `slot`, in first-seen order."""
+        groups: dict[object, list[int]] = {}
+        for v, variant in enumerate(self.variants):
+            groups.setdefault(self.action(variant, slot), []).append(v)
+        return groups
+
+    def uses(self, n_slots: int) -> list[int]:
+        """The blocks one forward of this group evaluates, in order."""
+        return [
+            a
+            for slot in range(n_slots)
+            for a in self.by_action(slot)
+            if a is not None and a != _CACHED
+        ]
+
+    def call_block(self, module: nn.Module, slot: int, block: int, args, kwargs):
+        """Run block `block`'s weights in the slot's module."""
+        if block == slot and not self.weights.streamed:
+            return module(*args, **kwargs)
+        return functional_call(module, self.weights.get(block), args, kwargs)
 
     def rows(self, members: tuple[int, ...], device):
         """Row index (a slice when contiguous) of the tiled batch for these variants."""
@@ -144,11 +185,9 @@ class _Group:
 
     def run_slot(self, slot: int, module: nn.Module, args, kwargs):
         hidden = args[0] if args else kwargs["hidden_states"]
-        by_action: dict[object, list[int]] = {}
-        for v, variant in enumerate(self.variants):
-            by_action.setdefault(self.action(variant, slot), []).append(v)
+        by_action = self.by_action(slot)
         if list(by_action) == [slot]:
-            return module(*args, **kwargs)
+            return self.call_block(module, slot, slot, args, kwargs)
         batch_size = hidden.shape[0]
         out = torch.empty_like(hidden)
         template = None
@@ -162,10 +201,7 @@ class _Group:
             else:
                 sub_args = _select_rows(args, rows, batch_size)
                 sub_kwargs = _select_rows(kwargs, rows, batch_size)
-                if action == slot:
-                    result = module(*sub_args, **sub_kwargs)
-                else:
-                    result = functional_call(module, self.params[action], sub_args, sub_kwargs)
+                result = self.call_block(module, slot, action, sub_args, sub_kwargs)
                 template = result
                 out[rows] = block_hidden(result)
         if isinstance(template, (tuple, list)) or (
@@ -190,12 +226,15 @@ class Engine:
         head: nn.Module,
         batch: ProbeBatch,
         options: EngineOptions | None = None,
+        weights=None,
     ):
         self.model = model
         self.blocks = blocks
+        self.slot_modules = list(blocks)  # the slots' own modules, whatever stands in them
         self.head = head
         self.batch = batch
         self.options = options or EngineOptions()
+        self.weights = weights if weights is not None else ResidentWeights(blocks)
         self.transform = logit_transform(model)
         self._captured: list[torch.Tensor] = []
         mask = batch.attention_mask
@@ -240,7 +279,9 @@ class Engine:
         )
         if int(short.attention_mask.sum()) == 0:
             return
+        self.weights.plan(range(len(self.blocks)))
         expected = logits_of(call_model(self.model, short)).float()
+        self.weights.plan(range(len(self.blocks)))
         got = self.logits(self._forward_recording_final(short)).float()
         scale = max(1.0, float(expected.abs().max()))
         if got.shape != expected.shape or float((got - expected).abs().max()) > 1e-3 * scale:
@@ -271,6 +312,7 @@ class Engine:
 
         handles = [b.register_forward_hook(recorder(s)) for s, b in enumerate(self.blocks)]
         try:
+            self.weights.plan(range(len(self.blocks)))
             final = self._forward_recording_final(self.batch)
         finally:
             for h in handles:
@@ -349,10 +391,22 @@ class Engine:
                 raise InvalidConfigError(
                     f"variant maps {variant.n_layers} slots but the model has {L} blocks"
                 )
-        if self.reference is None:
-            self.record_reference()
-            self._prepare_logits()
-            self.check_head()
+        with self._own_blocks_streamed():
+            if self.reference is None:
+                self.record_reference()
+                self._prepare_logits()
+                self.check_head()
+            return self._run_variants(variants, progress)
+
+    def _own_blocks_streamed(self):
+        """With streamed weights, every slot runs its own block through the streamer."""
+        if not self.weights.streamed:
+            return contextlib.nullcontext()
+        stand_ins = {s: _StreamedSlot(m, s, self.weights) for s, m in enumerate(self.slot_modules)}
+        return blocks_replaced(self.blocks, stand_ins)
+
+    def _run_variants(self, variants: Sequence[Variant], progress) -> list[VariantDistance]:
+        L = len(self.blocks)
         zero = VariantDistance(0.0, 0.0, (0.0,) * self.batch.n_seq)
         results: list[VariantDistance | None] = [None] * len(variants)
         todo = []
@@ -361,11 +415,11 @@ class Engine:
                 todo.append(v)
             else:
                 results[v] = zero  # the unmodified model: D = 0 by definition
-        params = {b: dict(block.named_parameters()) for b, block in enumerate(self.blocks)}
         for members in self._groups([variants[v] for v in todo]):
             group_variants = [variants[todo[m]] for m in members]
-            group = _Group(group_variants, self.batch.n_seq, self.reference, params)
-            routers = {s: _Router(self.blocks[s], s, group) for s in range(L)}
+            group = _Group(group_variants, self.batch.n_seq, self.reference, self.weights)
+            routers = {s: _Router(self.slot_modules[s], s, group) for s in range(L)}
+            self.weights.plan(group.uses(L))
             with blocks_replaced(self.blocks, routers):
                 finals = self._forward_recording_final(self.batch, repeat=len(members))
             for m, dist in zip(
@@ -386,10 +440,15 @@ def variant_distances(
     variants: Sequence[Variant],
     options: EngineOptions | None = None,
     progress=None,
+    weights=None,
 ) -> list[VariantDistance]:
-    """D and D_last of each variant; the model is left exactly as it was."""
+    """D and D_last of each variant; the model is left exactly as it was.
+
+    `weights`: where block weights come from (default: the blocks' own parameters; a
+    `BlockStreamer` copies them from host memory slot by slot).
+    """
     with untouched(model):
-        return Engine(model, blocks, head, batch, options).run(variants, progress)
+        return Engine(model, blocks, head, batch, options, weights).run(variants, progress)
 
 
 def is_finite(x: float | None) -> bool:

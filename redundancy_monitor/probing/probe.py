@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Sequence
 
@@ -28,6 +29,7 @@ from redundancy_monitor.probing.result import (
     Thresholds,
     summarize,
 )
+from redundancy_monitor.probing.streaming import HostWeights, ModuleWeights, streamed_model
 from redundancy_monitor.probing.variants import (
     PairSpec,
     Variant,
@@ -49,8 +51,12 @@ def prepare(
     attention_mask=None,
     blocks: str | nn.ModuleList | None = None,
     head: str | nn.Module | None = None,
+    device: torch.device | None = None,
+    weights_elsewhere: bool = False,
 ) -> tuple[nn.Module, nn.ModuleList, nn.Module, ProbeBatch]:
-    """Unwrap the model, find its blocks and head, validate the batch and move it there."""
+    """Unwrap the model, find its blocks and head, validate the batch and move it there
+    (or to `device`). With `weights_elsewhere` the blocks' own parameters may be
+    placeholders (meta): a streamed probe brings the weights."""
     root = unwrap_model(model)
     block_list = find_blocks(root, blocks)
     if len(block_list) < 2:
@@ -58,11 +64,11 @@ def prepare(
             f"{type(root).__name__} has {len(block_list)} block(s); a probe compares blocks, "
             "so it needs at least 2"
         )
-    _check_weights(block_list)
+    _check_weights(block_list, allow_meta=weights_elsewhere)
     head_module = find_head(root, head)
     batch = make_batch(input_ids, attention_mask, vocab_size_of(root))
     _check_positions(root, batch)
-    return root, block_list, head_module, batch.to(model_device(root))
+    return root, block_list, head_module, batch.to(device or model_device(root))
 
 
 def _check_positions(root: nn.Module, batch: ProbeBatch) -> None:
@@ -82,11 +88,11 @@ def _check_positions(root: nn.Module, batch: ProbeBatch) -> None:
         )
 
 
-def _check_weights(blocks: nn.ModuleList) -> None:
+def _check_weights(blocks: nn.ModuleList, allow_meta: bool = False) -> None:
     """Refuse blocks whose weights a probe cannot run or move."""
     for s, block in enumerate(blocks):
         params = list(block.named_parameters())
-        if any(p.is_meta for _, p in params):
+        if not allow_meta and any(p.is_meta for _, p in params):
             raise UnsupportedModelError(
                 f"block {s} has parameters on the meta device (no data); load the weights "
                 "first (from_pretrained, or to_empty() then load_state_dict())"
@@ -107,7 +113,9 @@ def _is_out_of_memory(error: BaseException) -> bool:
     return isinstance(error, RuntimeError) and "can't allocate memory" in str(error)
 
 
-def distances_with_retry(root, block_list, head_module, batch, variants, options, bar, retries=3):
+def distances_with_retry(
+    root, block_list, head_module, batch, variants, options, bar, retries=3, weights=None
+):
     """Run the engine; on out-of-memory retry with a quarter of the batch and chunk sizes.
 
     Returns the distances and how many retries it took.
@@ -115,7 +123,7 @@ def distances_with_retry(root, block_list, head_module, batch, variants, options
     for attempt in range(retries + 1):
         try:
             return variant_distances(
-                root, block_list, head_module, batch, variants, options, bar
+                root, block_list, head_module, batch, variants, options, bar, weights
             ), attempt
         except Exception as error:
             if not _is_out_of_memory(error) or attempt == retries:
@@ -210,6 +218,8 @@ def probe(
     batch_tokens: int = EngineOptions.batch_tokens,
     progress: bool = False,
     shard: tuple[int, int] | None = None,
+    stream_to: torch.device | str | None = None,
+    host_weights: HostWeights | None = None,
 ) -> ProbeResult:
     """Measure replacement and interchange distances of pairs of blocks (docs/definitions.md §2-4).
 
@@ -228,6 +238,12 @@ def probe(
         shard: ``(rank, world_size)``: measure only this rank's share of the pairs (and
             of the deletion slots); combine the shares with `merge_shards`.
             `redundancy_monitor.monitoring.ranks.probe_across_ranks` does both.
+        stream_to: run the probe on this device while the weights stay where they are
+            (host memory): the non-block weights and buffers are copied there for the
+            probe, block weights are copied slot by slot, a few blocks at a time
+            (probing/streaming.py). The distances are the same as on a resident model.
+        host_weights: with `stream_to`, read the weights from here instead of from
+            `model` (whose block parameters may then be placeholders on the meta device).
 
     Returns:
         A `ProbeResult`; the model is left bitwise unchanged, in its original mode.
@@ -244,7 +260,10 @@ def probe(
     protocols = check_protocols(protocols)
     thresholds = thresholds or Thresholds()
     options = EngineOptions(logit_rows=logit_rows, batch_tokens=batch_tokens)
-    root, block_list, head_module, batch = prepare(model, input_ids, attention_mask, blocks, head)
+    device = None if stream_to is None else torch.device(stream_to)
+    root, block_list, head_module, batch = prepare(
+        model, input_ids, attention_mask, blocks, head, device, host_weights is not None
+    )
     n_layers = len(block_list)
     pair_list = parse_pairs(pairs, n_layers)
     skipped, usable = [], []
@@ -268,13 +287,27 @@ def probe(
         bar = tqdm(total=len(variants), desc="probe variants", unit="variant")
     token = current_token()  # set in a monitor's worker thread: stop early when asked
     tracker = bar if token is None else CancellableProgress(bar, token)
-    try:
-        distances, oom_retries = distances_with_retry(
-            root, block_list, head_module, batch, variants, options, tracker
-        )
-    finally:
-        if bar is not None:
-            bar.close()
+    streamed: dict | None = None
+    with contextlib.ExitStack() as stack:
+        weights = None
+        if device is not None:
+            source = host_weights or ModuleWeights(root, block_list)
+            weights, skeleton_bytes = stack.enter_context(
+                streamed_model(root, block_list, source, device)
+            )
+        try:
+            distances, oom_retries = distances_with_retry(
+                root, block_list, head_module, batch, variants, options, tracker, weights=weights
+            )
+        finally:
+            if bar is not None:
+                bar.close()
+        if weights is not None:
+            streamed = {
+                "device_weight_peak_bytes": skeleton_bytes + weights.peak_bytes,
+                "block_loads": weights.n_loads,
+                "capacity_blocks": weights.capacity,
+            }
     by_variant: dict[Variant, VariantDistance] = dict(zip(variants, distances, strict=True))
     records = [_pair_record(n_layers, i, j, protocols, by_variant) for i, j in usable]
     deletion = []
@@ -301,6 +334,8 @@ def probe(
     }
     if shard is not None:
         meta["shard"] = list(shard)
+    if streamed is not None:
+        meta["streamed"] = streamed
     return ProbeResult(records, summarize(records, thresholds), skipped, deletion, meta)
 
 

@@ -1,6 +1,10 @@
 """FSDP2 (`fully_shard`) on 2 CPU ranks (gloo), a plain training loop, the core monitor.
 
-torchrun --nproc_per_node 2 fsdp2_loop.py OUT_DIR
+torchrun --nproc_per_node 2 fsdp2_loop.py OUT_DIR [SHADOW_DEVICE [EXECUTOR [FAIL]]]
+
+SHADOW_DEVICE: "default" (device on CPU) or "host"; EXECUTOR: "background" or "inline";
+FAIL: "snapshot:RANK" or "shards:RANK" makes that rank's second snapshot, or its shards
+sent for the second snapshot's probe, fail once.
 """
 
 import json
@@ -16,10 +20,35 @@ from torch.distributed.fsdp import fully_shard
 from training_fixtures import probe_ids, token_loader
 
 from redundancy_monitor import RedundancyMonitor
+from redundancy_monitor.monitoring.sharded import HostShards
+
+
+def inject_failure(monitor, what: str, rank: int) -> None:
+    """Make `rank`'s second snapshot (or its shards for that snapshot's probe) fail."""
+    captures = [0]
+    capture = monitor._shadow.capture
+
+    def counting_capture(*args, **kwargs):
+        captures[0] += 1
+        if what == "snapshot" and captures[0] == 2 and dist.get_rank() == rank:
+            raise RuntimeError(f"injected snapshot failure on rank {rank}")
+        return capture(*args, **kwargs)
+
+    monitor._shadow.capture = counting_capture
+    part = HostShards.part
+
+    def failing_part(self, *args, **kwargs):
+        if what == "shards" and captures[0] == 2 and dist.get_rank() == rank:
+            raise RuntimeError(f"injected shard failure on rank {rank}")
+        return part(self, *args, **kwargs)
+
+    HostShards.part = failing_part
 
 
 def main() -> None:
     out = Path(sys.argv[1])
+    shadow_device = sys.argv[2] if len(sys.argv) > 2 and sys.argv[2] != "default" else None
+    executor = sys.argv[3] if len(sys.argv) > 3 else "background"
     dist.init_process_group("gloo")
     torch.set_num_threads(1)
     mesh = init_device_mesh("cpu", (dist.get_world_size(),))
@@ -34,7 +63,12 @@ def main() -> None:
         log_spaced=False,
         pairs="window:2",
         jsonl_path=out / "redundancy.jsonl",
+        shadow_device=shadow_device,
+        executor=executor,
     )
+    if len(sys.argv) > 4:
+        what, rank = sys.argv[4].split(":")
+        inject_failure(monitor, what, int(rank))
     monitor.start()
     before = torch.get_rng_state()
     monitor.step(0, model)  # builds the unsharded copy: its init must not draw for training
