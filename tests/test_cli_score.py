@@ -127,6 +127,25 @@ def test_out_dir_has_summary_plots_and_a_tensorboard_run(scored, workdir):
         assert "redundancy/figures/heatmap_gap" in events.Tags()["images"]
 
 
+def test_score_reports_intervals_stability_and_sample_size_advice(scored, workdir):
+    proc, data = scored
+    summary = data["probe"]["summary"]
+    low, high = summary["gap_median_low"], summary["gap_median_high"]
+    assert low <= high and summary["regime_stability"] is not None
+    advice = data["sample_size"]
+    assert advice["metric"] == "gap_median" and advice["n_seq"] == 3
+    assert advice["halfwidth"] == pytest.approx((high - low) / 2)
+    assert advice["n_seq_needed"] >= 2 and advice["target_halfwidth"] == 0.02
+    assert f"[{low:.4f}, {high:.4f}]" in proc.stdout
+    assert f"n_seq={advice['n_seq_needed']}" in proc.stdout
+    assert "% of replicates" in proc.stdout
+    pair = data["probe"]["pairs"][0]
+    assert pair["d_int_low"] <= pair["d_int_high"]
+    markdown = (workdir / "out" / "summary.md").read_text()
+    assert "95% interval" in markdown and f"[{low:.4f}, {high:.4f}]" in markdown
+    assert len(data["probe"]["per_sequence"]["d_int"][0]) == 3
+
+
 def test_exported_pruned_checkpoint_round_trips(scored, workdir):
     from transformers import AutoModelForCausalLM
 
@@ -219,6 +238,7 @@ def bad_inputs(workdir: Path) -> list[tuple[list[str], str]]:
         ([ckpt, "--text", text, "--remove", "1"], "--export-pruned"),
         ([ckpt, "--text", text, "--device", "tpu:x"], "device"),
         ([str(workdir / "text.txt"), "--text", text], "not a .gguf"),
+        ([ckpt, "--text", text, "--target-halfwidth", "0"], "--target-halfwidth"),
     ]
     if importlib.util.find_spec("gguf") is None:
         cases.append(([str(gguf), "--text", text], "pip install 'redundancy-monitor[gguf]'"))

@@ -71,6 +71,27 @@ def test_summary_of_a_real_run_states_regime_and_change_from_the_records(trained
     assert f"{n_alerts} alert(s)" in summary
 
 
+def test_report_states_the_intervals_of_a_real_run(trained_run, tmp_path):
+    from redundancy_monitor.tools.figures import _band
+
+    run_dir, _ = trained_run
+    probes = [r for r in map(json.loads, (run_dir / "redundancy.jsonl").read_text().splitlines())
+              if r["type"] == "probe"]  # fmt: skip
+    last = probes[-1]["result"]["summary"]
+    low, high = last["gap_median_low"], last["gap_median_high"]
+    report = write_report(run_dir, tmp_path / "page.html")
+    summary = " ".join(report.summary)
+    assert (
+        f"Median gap now: {last['gap_median']:.4f} nats, interval [{low:.4f}, {high:.4f}]"
+        in summary
+    )
+    page = report.html.read_text(encoding="utf-8")
+    assert "gap median interval" in page and "% of replicates" in page
+    steps, lows, highs = _band(load_run(run_dir).probes, "gap_median")
+    assert steps == [p["step"] for p in probes]
+    assert lows[-1] == low and highs[-1] == high
+
+
 def test_report_renders_in_headless_chromium_with_every_image_decoded(trained_run, tmp_path):
     run_dir, _ = trained_run
     report = write_report(run_dir, tmp_path / "out" / "page.html")

@@ -6,6 +6,13 @@ and at least `cooldown_steps` optimizer steps have passed since it last fired. A
 rule re-arms once its condition has been false for `hysteresis` consecutive probes.
 Non-finite distances and probe failures fire at once (no hysteresis), cooldown still
 applies. The regime rule fires when a new regime has persisted for `hysteresis` probes.
+
+With `use_intervals` (the default) the gap and regime rules judge a probe by its
+bootstrap intervals (docs/intervals.md), so noise from the probe batch does not fire
+them: a probe counts toward `gap_threshold` when the interval's lower bound is above the
+threshold, toward `gap_growth` when the lower bound is above factor x the baseline's upper
+bound, and toward `regime_change` only when its regime is stable (not `uncertain`). A
+probe without intervals (``probe(intervals=False)``) is judged on its point values.
 """
 
 from __future__ import annotations
@@ -15,7 +22,7 @@ from typing import Any
 
 from redundancy_monitor.errors import InvalidConfigError
 from redundancy_monitor.formatting import fmt, json_safe
-from redundancy_monitor.probing.result import ProbeResult
+from redundancy_monitor.probing.result import ProbeResult, ProbeSummary
 from redundancy_monitor.removal.selection import default_budget, removal_overlap
 
 RULES = (
@@ -70,6 +77,8 @@ class AlertConfig:
             never stops or checkpoints the run.
         hysteresis: consecutive probes a condition must hold (and then fail) for.
         cooldown_steps: minimum optimizer steps between two firings of one rule.
+        use_intervals: judge the gap and regime rules on the probes' bootstrap intervals
+            (see the module doc); False: on point estimates alone.
 
     Raises:
         InvalidConfigError: a non-positive hysteresis, a negative cooldown, a growth factor
@@ -90,6 +99,7 @@ class AlertConfig:
     resume_change: bool = True
     hysteresis: int = 2
     cooldown_steps: int = 0
+    use_intervals: bool = True
 
     def __post_init__(self):
         if not isinstance(self.hysteresis, int) or self.hysteresis < 1:
@@ -126,6 +136,7 @@ class AlertEngine:
     rules: dict[str, RuleState] = field(default_factory=lambda: {r: RuleState() for r in RULES})
     baseline: float | None = None
     baseline_at: int | None = None
+    baseline_interval: tuple[float, float] | None = None
     regime: str | None = None
     regime_candidate: str | None = None
 
@@ -156,26 +167,15 @@ class AlertEngine:
         c, alerts = self.config, []
         scalars = result.summary.scalars()
         value = scalars.get(c.gap_metric)
+        interval = self._interval(result.summary)
         if c.gap_threshold is not None:
-            holds = value is not None and value > c.gap_threshold
-            alerts.append(
-                self._update(
-                    "gap_threshold",
-                    step,
-                    holds,
-                    value,
-                    c.gap_threshold,
-                    f"step {step}: {c.gap_metric} = {fmt(value)} nats is above the threshold "
-                    f"{c.gap_threshold}: replacement and interchange disagree on which layers "
-                    "are redundant",
-                )
-            )
+            alerts.append(self._threshold(step, value, interval))
         if c.growth_factor is not None:
-            alerts.append(self._growth(step, value))
+            alerts.append(self._growth(step, value, interval))
         if c.overlap_threshold is not None:
             alerts.append(self._overlap(step, result))
         if c.regime_change:
-            alerts.append(self._regime(step, result.summary.regime))
+            alerts.append(self._regime(step, result.summary))
         if c.nonfinite:
             n_bad = result.summary.n_nonfinite
             alerts.append(
@@ -245,12 +245,47 @@ class AlertEngine:
         self.rules["resume_change"].active = False  # an event
         return [alert] if alert else []
 
-    def _growth(self, step: int, value: float | None) -> Alert | None:
+    def _interval(self, summary: ProbeSummary) -> tuple[float, float] | None:
+        """The gap metric's interval, when rules use intervals and the probe has one."""
+        if not self.config.use_intervals:
+            return None
+        try:
+            low, high = summary.interval(self.config.gap_metric)
+        except KeyError:
+            return None
+        return None if low is None or high is None else (low, high)
+
+    def _threshold(self, step, value, interval) -> Alert | None:
+        c = self.config
+        what = f"{c.gap_metric} = {fmt(value)} nats"
+        if interval is None:
+            holds, compared = value is not None and value > c.gap_threshold, value
+            reason = f"{what} is above the threshold {c.gap_threshold}"
+        else:
+            holds, compared = interval[0] > c.gap_threshold, interval[0]
+            reason = (
+                f"{what}, interval {_interval_text(interval)}: even its lower bound is above "
+                f"the threshold {c.gap_threshold}"
+            )
+        return self._update(
+            "gap_threshold",
+            step,
+            holds,
+            compared,
+            c.gap_threshold,
+            f"step {step}: {reason}: replacement and interchange disagree on which layers "
+            "are redundant",
+        )
+
+    def _growth(self, step: int, value: float | None, interval=None) -> Alert | None:
         c = self.config
         if self.baseline is None and step >= c.baseline_step and value is not None:
             self.baseline, self.baseline_at = value, step
+            self.baseline_interval = None if interval is None else tuple(interval)
         if self.baseline is None or value is None:
             return self._update("gap_growth", step, False, None, None, "")
+        if interval is not None and self.baseline_interval is not None:
+            return self._growth_of_interval(step, value, interval)
         ratio = value / max(abs(self.baseline), c.growth_floor)
         return self._update(
             "gap_growth",
@@ -261,6 +296,23 @@ class AlertEngine:
             f"step {step}: {c.gap_metric} = {fmt(value)} nats is {ratio:.1f}x its value "
             f"{fmt(self.baseline)} at the baseline probe (step {self.baseline_at}); "
             f"the protocols are diverging",
+        )
+
+    def _growth_of_interval(self, step, value, interval) -> Alert | None:
+        """Lower bound now against factor x the baseline's upper bound (its magnitude)."""
+        c = self.config
+        reference = max(abs(self.baseline_interval[0]), abs(self.baseline_interval[1]))
+        ratio = interval[0] / max(reference, c.growth_floor)
+        return self._update(
+            "gap_growth",
+            step,
+            ratio > c.growth_factor,
+            ratio,
+            c.growth_factor,
+            f"step {step}: {c.gap_metric} = {fmt(value)} nats, interval "
+            f"{_interval_text(interval)}: its lower bound is {ratio:.1f}x the upper bound "
+            f"{fmt(reference)} of the interval {_interval_text(self.baseline_interval)} at the "
+            f"baseline probe (step {self.baseline_at}); the protocols are diverging",
         )
 
     def _overlap(self, step: int, result: ProbeResult) -> Alert | None:
@@ -279,8 +331,14 @@ class AlertEngine:
             f"{fmt(jaccard, 2)} < {c.overlap_threshold}); measure removal cost before pruning",
         )
 
-    def _regime(self, step: int, regime: str | None) -> Alert | None:
+    def _regime(self, step: int, summary: ProbeSummary) -> Alert | None:
+        regime = summary.regime
         if regime is None:
+            return None
+        if self.config.use_intervals and summary.regime_uncertain:
+            # An uncertain regime is no evidence of a change (nor a reference to change from).
+            self.regime_candidate = None
+            self.rules["regime_change"].streak = 0
             return None
         if self.regime is None:
             self.regime = regime
@@ -299,7 +357,7 @@ class AlertEngine:
             True,
             None,
             None,
-            f"step {step}: the regime changed from {old} to {regime}",
+            f"step {step}: the regime changed from {old} to {summary.regime_text()}",
         )
         if self.rules["regime_change"].streak >= self.config.hysteresis:
             self.regime, self.regime_candidate = regime, None
@@ -312,6 +370,9 @@ class AlertEngine:
             "rules": {name: asdict(s) for name, s in self.rules.items()},
             "baseline": self.baseline,
             "baseline_at": self.baseline_at,
+            "baseline_interval": None
+            if self.baseline_interval is None
+            else list(self.baseline_interval),
             "regime": self.regime,
             "regime_candidate": self.regime_candidate,
         }
@@ -323,5 +384,11 @@ class AlertEngine:
                 self.rules[name] = RuleState(**s)
         self.baseline = state.get("baseline")
         self.baseline_at = state.get("baseline_at")
+        interval = state.get("baseline_interval")
+        self.baseline_interval = None if interval is None else tuple(interval)
         self.regime = state.get("regime")
         self.regime_candidate = state.get("regime_candidate")
+
+
+def _interval_text(interval: tuple[float, float]) -> str:
+    return f"[{fmt(interval[0])}, {fmt(interval[1])}]"

@@ -40,6 +40,7 @@ from redundancy_monitor.monitoring.snapshot import (
 from redundancy_monitor.probing.batch import batch_sha256, make_batch
 from redundancy_monitor.probing.engine import DEFAULT_BATCH_TOKENS, EngineOptions
 from redundancy_monitor.probing.inputs import from_dataloader, from_texts, ids_and_mask
+from redundancy_monitor.probing.intervals import IntervalConfig, sample_size_advice
 from redundancy_monitor.probing.probe import probe
 from redundancy_monitor.probing.result import ProbeResult, Thresholds
 from redundancy_monitor.probing.variants import check_protocols, materialise_pairs, parse_pairs
@@ -86,6 +87,9 @@ class RedundancyMonitor:
             `schedule`).
         pairs, protocols, thresholds, blocks, head, batch_tokens: passed to `probe()`;
             `blocks` and `head` must be dotted paths (the probe runs on a copy).
+        intervals: passed to `probe()`: bootstrap intervals (default on) that the alert
+            rules judge by; an `IntervalConfig` also sets the `target_halfwidth` of the
+            sample-size advice logged (and recorded) at the first probe.
         executor: ``"background"`` (default; a worker thread, on CUDA a side stream) or
             ``"inline"`` (synchronous, for debugging and tests).
         alerts: an `AlertConfig` (defaults as documented there); None for the defaults.
@@ -155,6 +159,7 @@ class RedundancyMonitor:
         blocks: str | None = None,
         head: str | None = None,
         batch_tokens: int = DEFAULT_BATCH_TOKENS,
+        intervals: bool | IntervalConfig = True,
         executor: str = "background",
         alerts: AlertConfig | None = None,
         on_alert: Callable[[Alert], Any] | Sequence[Callable[[Alert], Any]] = (),
@@ -192,6 +197,7 @@ class RedundancyMonitor:
             blocks=blocks,
             head=head,
             batch_tokens=batch_tokens,
+            intervals=IntervalConfig.of(intervals) or False,
         )
         self.executor_kind = executor
         if probe_threads is not None and probe_threads < 1:
@@ -247,6 +253,7 @@ class RedundancyMonitor:
         self.trajectory_guard = TrajectoryGuard()
         self.earlier_trajectories: list[list[dict[str, Any]]] = []
         self.sink_health = SinkHealth()
+        self.sample_size: dict[str, Any] | None = None  # advice from the first probe
         self.config_key = self._make_config_key()
 
     def _make_config_key(self) -> dict[str, Any]:
@@ -663,7 +670,23 @@ class RedundancyMonitor:
         )
         record = ProbeRecord(outcome.step, result, outcome.probe_seconds, outcome.blocked_seconds)
         self._emit("write_probe", record)
+        if len(self.history) == 1:
+            self._advise_sample_size(outcome.step, result)
         self._deliver(self.alert_engine.observe(outcome.step, result))
+
+    def _advise_sample_size(self, step: int, result: ProbeResult) -> None:
+        """At the first probe of a trajectory: how precise the alerts' gap metric is with
+        this probe batch, and how many sequences would reach the target half-width."""
+        config = self.probe_kwargs["intervals"]
+        if not config:
+            return
+        advice = sample_size_advice(
+            result, self.alert_engine.config.gap_metric, config.target_halfwidth
+        )
+        self.sample_size = {"type": "sample_size", "step": step, **advice.to_dict()}
+        if self.is_writer:
+            log.info("redundancy monitor: probe batch precision: %s", advice.sentence())
+        self._emit("write_marker", self.sample_size)
 
     def _deliver(self, alerts: list[Alert], act: bool = True) -> None:
         for alert in alerts:

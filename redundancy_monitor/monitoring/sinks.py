@@ -26,6 +26,8 @@ BY_SEPARATION, DETAIL, PAIRS, PROBE_INFO = (
 )
 #: Byte figures every probe record carries in ``result.meta`` (monitoring/snapshot.py).
 MEMORY_FIELDS = ("shadow_host_bytes", "shadow_device_bytes", "probe_device_peak_bytes")
+#: Summary scalars whose interval bounds are logged as ``<name>_low`` / ``<name>_high``.
+BANDS = ("gap_median",)
 
 
 @dataclass
@@ -62,13 +64,20 @@ def scalar_tag(name: str) -> str:
 
 
 def probe_scalars(result: ProbeResult, per_pair: bool = False) -> dict[str, float]:
-    """Every summary scalar under its `scalar_tag` (and optionally
-    ``redundancy_pairs/i-j/<field>``).
+    """Every summary scalar under its `scalar_tag`, the interval bounds of the `BANDS`
+    scalars (``redundancy/gap_median_low`` / ``_high``) and the regime's stability when
+    the probe computed intervals, and optionally ``redundancy_pairs/i-j/<field>``.
 
     Undefined values (None) are left out rather than logged as NaN.
     """
-    scalars = result.summary.scalars()
-    out = {scalar_tag(k): v for k, v in scalars.items() if v is not None}
+    summary = result.summary
+    out = {scalar_tag(k): v for k, v in summary.scalars().items() if v is not None}
+    for name in BANDS:
+        low, high = summary.interval(name)
+        if low is not None and high is not None:
+            out[f"{scalar_tag(name)}_low"], out[f"{scalar_tag(name)}_high"] = low, high
+    if summary.regime_stability is not None:
+        out[f"{DETAIL}/regime_stability"] = summary.regime_stability
     if per_pair:
         for r in result.pairs:
             for name in ("d_repl", "d_int", "gap", "ir"):

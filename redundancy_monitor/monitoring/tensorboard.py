@@ -11,6 +11,7 @@ import numpy as np
 from redundancy_monitor.errors import InvalidConfigError
 from redundancy_monitor.monitoring.alerts import Alert
 from redundancy_monitor.monitoring.sinks import (
+    BANDS,
     BY_SEPARATION,
     GAP_CHART,
     MEMORY_FIELDS,
@@ -81,16 +82,22 @@ def heatmap_image(
 
 def custom_scalars_layout() -> dict:
     """One chart with the gap mean/median/p75/max, one with ir, one with both distances,
-    one with the mean gap per pair separation."""
+    one with the mean gap per pair separation, and per `BANDS` scalar a margin chart: the
+    point estimate with its interval as a band (TensorBoard's custom-scalars ``Margin``
+    chart takes the tags [value, lower, upper])."""
     tag = f"{PREFIX}/{{}}".format
-    return {
-        PREFIX: {
-            "protocol gap (nats)": ["Multiline", [tag(k) for k in GAP_CHART]],
-            "interchange / replacement ratio": ["Multiline", [tag("ir_median")]],
-            "distances (nats)": ["Multiline", [tag("d_repl_mean"), tag("d_int_mean")]],
-            "gap by pair separation (nats)": ["Multiline", [rf"{BY_SEPARATION}/d\d+/gap_mean"]],
-        }
+    charts = {
+        "protocol gap (nats)": ["Multiline", [tag(k) for k in GAP_CHART]],
+        "interchange / replacement ratio": ["Multiline", [tag("ir_median")]],
+        "distances (nats)": ["Multiline", [tag("d_repl_mean"), tag("d_int_mean")]],
+        "gap by pair separation (nats)": ["Multiline", [rf"{BY_SEPARATION}/d\d+/gap_mean"]],
     }
+    for name in BANDS:
+        charts[f"{name} with its interval (nats)"] = [
+            "Margin",
+            [tag(name), tag(f"{name}_low"), tag(f"{name}_high")],
+        ]
+    return {PREFIX: charts}
 
 
 def merged_layout_summary(log_dir: str | os.PathLike | None):
@@ -147,6 +154,9 @@ class TensorBoardSink(Sink):
         log_dir: where to create a writer when `writer` is None.
         per_pair: also log ``redundancy/pair/i-j/{d_repl,d_int,gap,ir}``.
         images: log heatmaps of d_repl, d_int and gap at every probe.
+        per_sequence: also log each pair's per-sequence distances as histograms
+            (``redundancy_per_sequence/i-j/{repl_ij,repl_ji,d_int}``); off by default,
+            they are in the JSON record either way.
         purge_step: passed to a writer created here; TensorBoard then hides events at
             or after this step from an earlier, interrupted run.
     """
@@ -158,6 +168,7 @@ class TensorBoardSink(Sink):
         per_pair: bool = False,
         images: bool = True,
         purge_step: int | None = None,
+        per_sequence: bool = False,
     ):
         if writer is None and log_dir is None:
             raise InvalidConfigError(
@@ -169,6 +180,7 @@ class TensorBoardSink(Sink):
             log_dir = (writer() if callable(writer) else writer).get_logdir()
         self.log_dir = str(log_dir)
         self.per_pair, self.images, self.purge_step = per_pair, images, purge_step
+        self.per_sequence = per_sequence
         self._layout_written = False
         self._last_writer = None
 
@@ -201,6 +213,13 @@ class TensorBoardSink(Sink):
                 w.add_scalar(f"{PROBE_INFO}/{name}", record.result.meta[name], step)
         if record.result.summary.regime is not None:
             w.add_text(f"{PREFIX}/regime", record.result.summary.regime, step)
+        if self.per_sequence and record.result.per_sequence is not None:
+            per_seq = record.result.per_sequence
+            for name in per_seq.tables:
+                for (i, j), row in zip(per_seq.pairs, per_seq.table(name), strict=True):
+                    finite = row[np.isfinite(row)]
+                    if finite.size:
+                        w.add_histogram(f"{PREFIX}_per_sequence/{i}-{j}/{name}", finite, step)
         if self.images:
             for name in HEATMAPS:
                 image = heatmap_image(pair_matrix(record.result, name), diverging=name == "gap")

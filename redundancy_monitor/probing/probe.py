@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import time
 from collections.abc import Sequence
 
@@ -20,10 +21,12 @@ from redundancy_monitor.probing.engine import (
     VariantDistance,
     variant_distances,
 )
+from redundancy_monitor.probing.intervals import IntervalConfig, add_intervals
 from redundancy_monitor.probing.model_io import _accepts, vocab_size_of
 from redundancy_monitor.probing.result import (
     DeletionRecord,
     PairRecord,
+    PerSequence,
     ProbeResult,
     SkippedPair,
     Thresholds,
@@ -185,7 +188,11 @@ def shard_pairs(
 
 
 def merge_shards(parts: Sequence[ProbeResult], thresholds: Thresholds | None = None) -> ProbeResult:
-    """One `ProbeResult` from the shards of a probe run on several ranks."""
+    """One `ProbeResult` from the shards of a probe run on several ranks.
+
+    Intervals are computed here, over all pairs, when the shards asked for them
+    (``meta["intervals"]``) and kept their per-sequence distances.
+    """
     if not parts:
         raise InvalidConfigError("merge_shards needs at least one shard")
     hashes = {p.meta.get("batch_sha256") for p in parts}
@@ -202,7 +209,22 @@ def merge_shards(parts: Sequence[ProbeResult], thresholds: Thresholds | None = N
     meta["n_variants"] = sum(p.meta.get("n_variants", 0) for p in parts)
     meta["elapsed_s"] = max(p.meta.get("elapsed_s", 0.0) for p in parts)
     meta["world_size"] = len(parts)
-    return ProbeResult(records, summarize(records, thresholds), skipped, deletion, meta)
+    per_seq = [p.per_sequence for p in parts if p.per_sequence is not None]
+    merged = ProbeResult(
+        records,
+        summarize(records, thresholds),
+        skipped,
+        deletion,
+        meta,
+        per_sequence=PerSequence.merge(per_seq) if len(per_seq) == len(parts) else None,
+    )
+    requested = meta.pop("intervals", None)
+    if requested is None:
+        return merged
+    config = IntervalConfig(
+        **{k: requested[k] for k in ("n_boot", "confidence", "seed", "expanded") if k in requested}
+    )
+    return add_intervals(merged, config, thresholds)
 
 
 def probe(
@@ -220,6 +242,7 @@ def probe(
     shard: tuple[int, int] | None = None,
     stream_to: torch.device | str | None = None,
     host_weights: HostWeights | None = None,
+    intervals: bool | IntervalConfig = True,
 ) -> ProbeResult:
     """Measure replacement and interchange distances of pairs of blocks (docs/definitions.md §2-4).
 
@@ -244,6 +267,10 @@ def probe(
             (probing/streaming.py). The distances are the same as on a resident model.
         host_weights: with `stream_to`, read the weights from here instead of from
             `model` (whose block parameters may then be placeholders on the meta device).
+        intervals: bootstrap intervals over the batch's sequences for every pair value
+            and summary scalar, and the regime's stability (docs/intervals.md); True
+            (default: 1000 replicates, 95%, seed 0), an `IntervalConfig`, or False to
+            skip the bootstrap. A shard defers it to `merge_shards`.
 
     Returns:
         A `ProbeResult`; the model is left bitwise unchanged, in its original mode.
@@ -258,6 +285,7 @@ def probe(
     """
     started = time.perf_counter()
     protocols = check_protocols(protocols)
+    interval_config = IntervalConfig.of(intervals)
     thresholds = thresholds or Thresholds()
     options = EngineOptions(logit_rows=logit_rows, batch_tokens=batch_tokens)
     device = None if stream_to is None else torch.device(stream_to)
@@ -336,7 +364,35 @@ def probe(
         meta["shard"] = list(shard)
     if streamed is not None:
         meta["streamed"] = streamed
-    return ProbeResult(records, summarize(records, thresholds), skipped, deletion, meta)
+    result = ProbeResult(
+        records,
+        summarize(records, thresholds),
+        skipped,
+        deletion,
+        meta,
+        per_sequence=_per_sequence(n_layers, usable, protocols, by_variant),
+    )
+    if interval_config is None:
+        return result
+    if shard is not None:  # the summary needs every pair: merge_shards bootstraps
+        meta["intervals"] = dataclasses.asdict(interval_config)
+        return result
+    return add_intervals(result, interval_config, thresholds)
+
+
+def _per_sequence(n_layers, pairs, protocols, by_variant) -> PerSequence:
+    """The per-sequence D of every pair's variants, in pair order."""
+    variants = {}
+    if "replacement" in protocols:
+        variants["repl_ij"] = lambda i, j: Variant.replacement(n_layers, i, j)
+        variants["repl_ji"] = lambda i, j: Variant.replacement(n_layers, j, i)
+    if "interchange" in protocols:
+        variants["d_int"] = lambda i, j: Variant.interchange(n_layers, i, j)
+    tables = {
+        name: tuple(by_variant[make(i, j)].per_seq for i, j in pairs)
+        for name, make in variants.items()
+    }
+    return PerSequence(tuple(pairs), tables)
 
 
 def _pair_record(n_layers, i, j, protocols, by_variant) -> PairRecord:

@@ -1,10 +1,14 @@
-"""Results of one probe: per-pair records (docs/definitions.md §2), the summary (docs/definitions.md §4), JSON and text."""
+"""Results of one probe: per-pair records (docs/definitions.md §2), the summary (docs/definitions.md §4), JSON and text.
+
+Where the probe kept per-sequence distances (`PerSequence`), pairs and summary also carry
+bootstrap intervals (`redundancy_monitor.probing.intervals`, docs/intervals.md).
+"""
 
 from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -61,6 +65,17 @@ class PairRecord:
     d_int_last: float | None = None
     gap_last: float | None = None
     ir_last: float | None = None
+    # Bootstrap interval bounds (None where no interval was computed).
+    d_repl_low: float | None = None
+    d_repl_high: float | None = None
+    d_int_low: float | None = None
+    d_int_high: float | None = None
+    gap_low: float | None = None
+    gap_high: float | None = None
+    ir_low: float | None = None
+    ir_high: float | None = None
+
+    INTERVAL_FIELDS: ClassVar[tuple[str, ...]] = ("d_repl", "d_int", "gap", "ir")
 
     @classmethod
     def build(cls, i, j, repl_ij=None, repl_ji=None, d_int=None, last=None) -> PairRecord:
@@ -82,6 +97,12 @@ class PairRecord:
     def is_finite(self) -> bool:
         measured = [self.repl_ij, self.repl_ji, self.d_int]
         return all(x is None or math.isfinite(x) for x in measured)
+
+    def interval(self, name: str) -> tuple[float | None, float | None]:
+        """``(low, high)`` of d_repl, d_int, gap or ir; ``(None, None)`` when not computed."""
+        if name not in self.INTERVAL_FIELDS:
+            raise NotInResultError(f"pairs have intervals for {self.INTERVAL_FIELDS}, not {name!r}")
+        return getattr(self, f"{name}_low"), getattr(self, f"{name}_high")
 
     def to_dict(self) -> dict[str, Any]:
         return json_safe(asdict(self))
@@ -131,6 +152,72 @@ class DeletionRecord:
 
 
 @dataclass(frozen=True)
+class PerSequence:
+    """D per sequence of each pair's variants (docs/definitions.md §2: D is their mean).
+
+    Row k of each table belongs to ``pairs[k]``; column s to sequence s of the probe
+    batch. Tables are ``repl_ij`` (R(i<-j)), ``repl_ji`` (R(j<-i)) and ``d_int``, each
+    present when its protocol ran. Values are kept exactly (the bootstrap reproduces the
+    point estimates from them); NaN/inf are stored as None in JSON.
+    """
+
+    pairs: tuple[tuple[int, int], ...]
+    tables: dict[str, tuple[tuple[float, ...], ...]]
+
+    TABLES: ClassVar[tuple[str, ...]] = ("repl_ij", "repl_ji", "d_int")
+
+    @property
+    def n_seq(self) -> int:
+        for rows in self.tables.values():
+            if rows:
+                return len(rows[0])
+        return 0
+
+    def table(self, name: str) -> np.ndarray | None:
+        """``[n_pairs, n_seq]`` float64 array of one table (None when not measured)."""
+        rows = self.tables.get(name)
+        if rows is None:
+            return None
+        return np.asarray(rows, dtype=np.float64).reshape(len(self.pairs), self.n_seq)
+
+    def subset(self, sequences) -> PerSequence:
+        """The same pairs on a subset of the sequences (column indices)."""
+        cols = [int(s) for s in sequences]
+        return PerSequence(
+            self.pairs,
+            {k: tuple(tuple(row[c] for c in cols) for row in v) for k, v in self.tables.items()},
+        )
+
+    @classmethod
+    def merge(cls, parts: list[PerSequence]) -> PerSequence:
+        """Shards' tables in one, rows sorted by pair."""
+        rows: dict[tuple[int, int], dict[str, tuple[float, ...]]] = {}
+        for part in parts:
+            for k, pair in enumerate(part.pairs):
+                rows[pair] = {name: t[k] for name, t in part.tables.items()}
+        pairs = tuple(sorted(rows))
+        names = [n for n in cls.TABLES if all(n in rows[p] for p in pairs)] if pairs else []
+        return cls(pairs, {n: tuple(rows[p][n] for p in pairs) for n in names})
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"n_seq": self.n_seq, "pairs": [list(p) for p in self.pairs]}
+        for name, rows in self.tables.items():
+            out[name] = json_safe(rows)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> PerSequence:
+        tables = {
+            name: tuple(
+                tuple(math.nan if x is None else float(x) for x in row) for row in data[name]
+            )
+            for name in cls.TABLES
+            if name in data
+        }
+        return cls(tuple((int(i), int(j)) for i, j in data["pairs"]), tables)
+
+
+@dataclass(frozen=True)
 class GapStats:
     """Gap and ir statistics over one set of pairs (all pairs, or one separation |i-j|)."""
 
@@ -143,12 +230,20 @@ class GapStats:
     ir_median: float | None = None
 
 
+#: A regime that holds in fewer bootstrap replicates than this is reported as uncertain.
+STABLE_REGIME = 0.8
+_NOT_SCALARS = ("regime", "by_separation", "regime_stability", "intervals")
+
+
 @dataclass(frozen=True)
 class ProbeSummary(GapStats):
     """The docs/definitions.md §4 scalars of one probe; these form the trajectories.
 
     The gap and ir statistics it inherits are over the finite pairs; `n_pairs` counts
-    every computed pair.
+    every computed pair. With intervals (the default of `probe`), `interval(name)` gives
+    each scalar's bootstrap interval and `regime_stability` the share of bootstrap
+    replicates in which `regime` holds; below `STABLE_REGIME` the regime is reported as
+    uncertain.
     """
 
     n_finite: int = 0
@@ -168,13 +263,15 @@ class ProbeSummary(GapStats):
     frac_int_le_repl: float | None = None
     regime: str | None = None
     by_separation: dict[int, GapStats] = field(default_factory=dict)
+    regime_stability: float | None = None
+    intervals: dict[str, tuple[float | None, float | None]] = field(default_factory=dict)
 
     def scalars(self) -> dict[str, float | None]:
         """Flat name -> number map (regime excluded), for logging trajectories."""
         out: dict[str, float | None] = {}
         for f in fields(self):
             value = getattr(self, f.name)
-            if f.name in ("regime", "by_separation"):
+            if f.name in _NOT_SCALARS:
                 continue
             out[f.name] = finite_or_none(value)
         for d, stats in sorted(self.by_separation.items()):  # d1/...: pairs with |i-j| = 1
@@ -183,20 +280,74 @@ class ProbeSummary(GapStats):
                 out[f"d{d}/{f.name}"] = finite_or_none(value)
         return out
 
+    def interval(self, name: str) -> tuple[float | None, float | None]:
+        """``(low, high)`` of the bootstrap interval of one scalar (a key of `scalars()`,
+        e.g. ``"gap_median"`` or ``"d1/gap_mean"``); ``(None, None)`` when the probe
+        computed no interval (``intervals=False``) or the scalar is undefined.
+
+        Raises:
+            NotInResultError: `name` is not a summary scalar.
+        """
+        if name in self.intervals:
+            return self.intervals[name]
+        if name not in self.scalars():
+            raise NotInResultError(
+                f"{name!r} is not a summary scalar; choose one of {sorted(self.scalars())}"
+            )
+        return None, None
+
+    @property
+    def regime_uncertain(self) -> bool | None:
+        """True when the regime holds in fewer than `STABLE_REGIME` of the replicates."""
+        if self.regime_stability is None:
+            return None
+        return self.regime_stability < STABLE_REGIME
+
+    def stability_text(self) -> str:
+        """``uncertain: 62% of replicates`` / ``stable: ...``; empty without intervals."""
+        if self.regime_stability is None or self.regime is None:
+            return ""
+        word = "uncertain" if self.regime_uncertain else "stable"
+        return f"{word}: {100 * self.regime_stability:.0f}% of replicates"
+
+    def regime_text(self) -> str:
+        """The regime with its stability, e.g. ``divergent (uncertain: 62% of replicates)``."""
+        stability = self.stability_text()
+        return f"{self.regime} ({stability})" if stability else str(self.regime)
+
     def to_dict(self) -> dict[str, Any]:
         out = json_safe({f.name: getattr(self, f.name) for f in fields(self)})
+        out.pop("intervals")
+        out["regime_uncertain"] = self.regime_uncertain
         out["by_separation"] = {
             str(d): json_safe(asdict(s)) for d, s in sorted(self.by_separation.items())
         }
+        for name, (low, high) in self.intervals.items():
+            target, key = out, name
+            if "/" in name:  # "d1/gap_mean" lives in by_separation["1"]
+                d, key = name.split("/", 1)
+                target = out["by_separation"].setdefault(d[1:], {})
+            target[f"{key}_low"], target[f"{key}_high"] = json_safe([low, high])
         return out
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ProbeSummary:
         """Inverse of `to_dict`; also reads files that still say "by_distance"."""
         data = dict(data)
+        data.pop("regime_uncertain", None)
+        intervals: dict[str, tuple[float | None, float | None]] = {}
+        for name in [k for k in data if k.endswith("_low")]:
+            key = name[: -len("_low")]
+            intervals[key] = (data.pop(name), data.pop(f"{key}_high", None))
         old = data.pop("by_distance", {})
-        by = {int(d): GapStats(**s) for d, s in data.pop("by_separation", old).items()}
-        return cls(**data, by_separation=by)
+        by = {}
+        for d, stats in data.pop("by_separation", old).items():
+            stats = dict(stats)
+            for name in [k for k in stats if k.endswith("_low")]:
+                key = name[: -len("_low")]
+                intervals[f"d{d}/{key}"] = (stats.pop(name), stats.pop(f"{key}_high", None))
+            by[int(d)] = GapStats(**stats)
+        return cls(**data, by_separation=by, intervals=intervals)
 
 
 def _stats(values: list[float]) -> tuple[float | None, ...]:
@@ -206,10 +357,27 @@ def _stats(values: list[float]) -> tuple[float | None, ...]:
     return float(a.mean()), float(np.median(a)), float(np.percentile(a, 75)), float(a.max())
 
 
+def pearson_rows(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Pearson r of each row of ``[b, p]`` arrays; NaN where a row is constant or p < 2.
+
+    The summary and its bootstrap replicates both compute r here, so equal data give
+    equal bits (a rank correlation's interval then contains its own point estimate).
+    """
+    b, p = x.shape
+    if p < 2:
+        return np.full(b, np.nan)
+    xc = x - x.mean(axis=1, keepdims=True)
+    yc = y - y.mean(axis=1, keepdims=True)
+    ok = (x.std(axis=1) != 0) & (y.std(axis=1) != 0)
+    sxx, syy = (xc * xc).sum(axis=1), (yc * yc).sum(axis=1)
+    denom = np.sqrt(np.where(ok, sxx * syy, 1.0))
+    r = np.clip((xc * yc).sum(axis=1) / denom, -1.0, 1.0)
+    return np.where(ok, r, np.nan)
+
+
 def _pearson(x: np.ndarray, y: np.ndarray) -> float | None:
-    if len(x) < 2 or np.std(x) == 0 or np.std(y) == 0:
-        return None
-    return float(np.corrcoef(x, y)[0, 1])
+    r = pearson_rows(x[None, :], y[None, :])[0]
+    return None if math.isnan(r) else float(r)
 
 
 def _ranks(x: np.ndarray) -> np.ndarray:
@@ -306,6 +474,8 @@ class ProbeResult:
         skipped: pairs not computed, each with the reason.
         deletion: d_del of each single slot, when the "deletion" protocol ran.
         meta: batch hash and shape, model class, dtype, pair set, protocols, timing.
+        per_sequence: D per sequence of every pair's variants (what the intervals are
+            computed from), or None.
     """
 
     pairs: list[PairRecord]
@@ -313,6 +483,7 @@ class ProbeResult:
     skipped: list[SkippedPair] = field(default_factory=list)
     deletion: list[DeletionRecord] = field(default_factory=list)
     meta: dict[str, Any] = field(default_factory=dict)
+    per_sequence: PerSequence | None = None
 
     @property
     def n_layers(self) -> int:
@@ -329,22 +500,27 @@ class ProbeResult:
         )
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out = {
             "meta": self.meta,
             "summary": self.summary.to_dict(),
             "pairs": [r.to_dict() for r in self.pairs],
             "skipped": [s.to_dict() for s in self.skipped],
             "deletion": [d.to_dict() for d in self.deletion],
         }
+        if self.per_sequence is not None:
+            out["per_sequence"] = self.per_sequence.to_dict()
+        return out
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ProbeResult:
+        per_sequence = data.get("per_sequence")
         return cls(
             pairs=[PairRecord.from_dict(r) for r in data["pairs"]],
             summary=ProbeSummary.from_dict(data["summary"]),
             skipped=[SkippedPair(**s) for s in data.get("skipped", [])],
             deletion=[DeletionRecord(**d) for d in data.get("deletion", [])],
             meta=dict(data.get("meta", {})),
+            per_sequence=None if per_sequence is None else PerSequence.from_dict(per_sequence),
         )
 
     def to_table(self, max_rows: int | None = None) -> str:
@@ -362,9 +538,11 @@ class ProbeResult:
         for s in self.skipped:
             lines.append(f"{s.i:>3} {s.j:>3}  skipped: {s.reason}")
         sm = self.summary
+        low, high = sm.interval("gap_median")
+        band = "" if low is None or high is None else f" [{fmt(low)}, {fmt(high)}]"
         lines.append(
-            f"regime={sm.regime}  gap mean={fmt(sm.gap_mean)} median={fmt(sm.gap_median)} "
-            f"max={fmt(sm.gap_max)}  ir median={fmt(sm.ir_median, 3)}  "
+            f"regime={sm.regime_text()}  gap mean={fmt(sm.gap_mean)} median="
+            f"{fmt(sm.gap_median)}{band} max={fmt(sm.gap_max)}  ir median={fmt(sm.ir_median, 3)}  "
             f"d_repl mean={fmt(sm.d_repl_mean)}  d_int mean={fmt(sm.d_int_mean)}"
         )
         return "\n".join(lines)

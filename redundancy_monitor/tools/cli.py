@@ -125,6 +125,13 @@ def add_score_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--budget", type=_positive, help="with --protocol: export that removal set")
     p.add_argument("--protocol", choices=("interchange", "replacement"), default="interchange")
+    p.add_argument(
+        "--target-halfwidth",
+        type=float,
+        default=0.02,
+        metavar="NATS",
+        help="interval half-width of the median gap that the sample-size advice aims at (0.02)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -164,6 +171,7 @@ def cmd_score(args: argparse.Namespace) -> int:
         budget=args.budget,
         protocol=args.protocol,
         progress=not args.no_progress,
+        target_halfwidth=args.target_halfwidth,
     )
     if args.out:
         check_output_folder(args.out, "--out")  # before the scoring, not after it

@@ -69,15 +69,30 @@ def _series(points: list, name: str) -> tuple[list[int], list[float]]:
     return [s for s, _ in finite], [v for _, v in finite]
 
 
+def _band(points: list, name: str) -> tuple[list[int], list[float], list[float]]:
+    """Steps and interval ends of one summary scalar, at the probes that have them."""
+    ends = [(p.step, *p.result.summary.interval(name)) for p in points]
+    finite = [
+        (s, lo, hi)
+        for s, lo, hi in ends
+        if lo is not None and hi is not None and math.isfinite(lo) and math.isfinite(hi)
+    ]
+    return [s for s, _, _ in finite], [lo for _, lo, _ in finite], [hi for _, _, hi in finite]
+
+
 def _plot_by_segment(ax, run: RunRecords, name: str, label: str, style: dict) -> None:
-    """One scalar over steps; each trajectory (between new baselines) is its own line in
-    the same colour, so no line joins probes of two trajectories."""
+    """One scalar over steps, its interval shaded around it where the probes have one;
+    each trajectory (between new baselines) is its own line in the same colour, so no
+    line joins probes of two trajectories."""
     style = dict(style)
     color = style.pop("color", None)
     for k, points in enumerate(run.segments()):
         steps, values = _series(points, name)
         (line,) = ax.plot(steps, values, label=label if k == 0 else None, color=color, **style)
         color = line.get_color()
+        band_steps, low, high = _band(points, name)
+        if band_steps:
+            ax.fill_between(band_steps, low, high, color=color, alpha=0.18, linewidth=0)
 
 
 def _trajectories(run: RunRecords, lines: dict[str, tuple[str, dict]], ylabel: str, title: str):
@@ -97,7 +112,7 @@ def _trajectories(run: RunRecords, lines: dict[str, tuple[str, dict]], ylabel: s
 
 
 def gap_trajectory(run: RunRecords):
-    """Summary gap mean, median, p75 and max over steps."""
+    """Summary gap mean, median, p75 and max over steps, each with its interval as a band."""
     marker = {"marker": "o", "markersize": 3}
     lines = {name.replace("gap_", ""): (name, marker) for name in GAP_CHART}
     fig, ax = _trajectories(run, lines, "gap = d_repl - d_int (nats)", "Protocol gap over training")
@@ -190,16 +205,21 @@ def heatmap(result: ProbeResult, field: str, zero_diagonal: bool = True):
 
 
 def gap_vs_depth(result: ProbeResult, title: str = "Per-pair gap against depth"):
-    """Per-pair gap against depth (the pair's mid-slot), one line per separation |i-j|."""
-    by_separation: dict[int, list[tuple[float, float]]] = {}
+    """Per-pair gap against depth (the pair's mid-slot), one line per separation |i-j|,
+    with each pair's interval as an error bar when the probe computed intervals."""
+    by_separation: dict[int, list[tuple[float, float, float, float]]] = {}
     for r in result.pairs:
         if r.gap is not None and math.isfinite(r.gap):
-            by_separation.setdefault(r.separation, []).append(((r.i + r.j) / 2, r.gap))
+            low, high = r.interval("gap")
+            down = 0.0 if low is None else max(0.0, r.gap - low)
+            up = 0.0 if high is None else max(0.0, high - r.gap)
+            by_separation.setdefault(r.separation, []).append(((r.i + r.j) / 2, r.gap, down, up))
     fig, axes = new_figure((8, 3.6))
     ax = axes[0, 0]
     for d, points in sorted(by_separation.items()):
-        xs, ys = zip(*sorted(points), strict=True)
-        ax.plot(xs, ys, marker="o", markersize=4, label=f"|i-j| = {d}")
+        xs, ys, down, up = zip(*sorted(points), strict=True)
+        bars = [down, up] if any(down) or any(up) else None
+        ax.errorbar(xs, ys, yerr=bars, marker="o", markersize=4, capsize=3, label=f"|i-j| = {d}")
     ax.axhline(0.0, color="black", linewidth=0.6)
     ax.set_xlabel("depth: (i + j) / 2")
     ax.set_ylabel("gap = d_repl - d_int (nats)")

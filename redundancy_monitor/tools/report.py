@@ -45,6 +45,12 @@ class Report:
     summary: list[str] = field(default_factory=list)
 
 
+def _f_interval(bounds: tuple[float | None, float | None], digits: int = 4) -> str:
+    """``[low, high]`` or ``n/a`` when the probe computed no interval."""
+    low, high = bounds
+    return "n/a" if low is None or high is None else f"[{_f(low, digits)}, {_f(high, digits)}]"
+
+
 def _change(name: str, first: float | None, last: float | None) -> str:
     if first is None or last is None:
         return f"{name} {_f(first)} -> {_f(last)}"
@@ -62,9 +68,16 @@ def summary_sentences(run: RunRecords) -> list[str]:
     ]
     out.extend(_baseline_sentences(run))
     out.append(
-        f"Regime now (step {last.step}): {sm.regime or 'undefined'}, meaning "
-        f"{REGIME_MEANING.get(sm.regime, REGIME_MEANING['mixed'])}."
+        f"Regime now (step {last.step}): {sm.regime_text() if sm.regime else 'undefined'}, "
+        f"meaning {REGIME_MEANING.get(sm.regime, REGIME_MEANING['mixed'])}."
     )
+    low, high = sm.interval("gap_median")
+    if low is not None and high is not None:
+        out.append(
+            f"Median gap now: {_f(sm.gap_median)} nats, interval {_f_interval((low, high))} "
+            "(bootstrap over the probe batch's sequences: how much the number would move "
+            "with other text of the same kind)."
+        )
     if len(run.current) == 1:
         out.append("Only one probe so far, so there is no change to report yet.")
     else:
@@ -221,6 +234,7 @@ def _probe_table(run: RunRecords) -> str:
         "regime",
         "gap mean",
         "gap median",
+        "gap median interval",
         "gap p75",
         "gap max",
         "ir median",
@@ -239,9 +253,10 @@ def _probe_table(run: RunRecords) -> str:
             [
                 str(p.step),
                 *([str(p.segment + 1)] if several else []),
-                str(s.regime),
+                s.regime_text(),
                 _f(s.gap_mean),
                 _f(s.gap_median),
+                _f_interval(s.interval("gap_median")),
                 _f(s.gap_p75),
                 _f(s.gap_max),
                 _f(s.ir_median, 3),

@@ -16,6 +16,7 @@ import torch
 from redundancy_monitor import __version__
 from redundancy_monitor.errors import CheckpointError
 from redundancy_monitor.probing.blocks import find_blocks
+from redundancy_monitor.probing.intervals import SampleSizeAdvice, sample_size_advice
 from redundancy_monitor.probing.probe import probe
 from redundancy_monitor.probing.result import ProbeResult
 from redundancy_monitor.probing.variants import parse_pairs
@@ -51,6 +52,8 @@ class ScoreConfig:
         export_pruned: folder for a pruned checkpoint, with `remove` (explicit layers)
             or `budget` and `protocol` (the protocol's removal set at that budget).
         progress: progress bars on stderr.
+        target_halfwidth: the interval half-width (nats) of the median gap that the
+            sample-size advice computes the number of sequences for.
     """
 
     path: str
@@ -72,11 +75,16 @@ class ScoreConfig:
     budget: int | None = None
     protocol: str = "interchange"
     progress: bool = True
+    target_halfwidth: float = 0.02
 
     def check(self) -> None:
         """Fail fast, before any model is loaded, on options that cannot work together."""
         if not self.text:
             raise CheckpointError("no text given; pass --text FILE (or - for stdin)")
+        if not self.target_halfwidth > 0:
+            raise CheckpointError(
+                f"--target-halfwidth must be a positive number of nats, got {self.target_halfwidth}"
+            )
         parse_pairs(self.pairs, 3)  # the spelling only; slot ranges are checked later
         if self.protocol not in GUIDED_PROTOCOLS:
             raise CheckpointError(
@@ -110,6 +118,14 @@ class ScoreRun:
     report: RemovalReport
     export: dict[str, Any] | None
 
+    #: The scalar the sample-size advice is about (the alerts' default gap metric).
+    HEADLINE = "gap_median"
+
+    @property
+    def sample_size(self) -> SampleSizeAdvice:
+        """Precision of the median gap at this n_seq, and the n_seq for the target."""
+        return sample_size_advice(self.result, self.HEADLINE, self.config.target_halfwidth)
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "format": FORMAT,
@@ -122,6 +138,7 @@ class ScoreRun:
             "probe": self.result.to_dict(),
             "removal": self.report.to_dict(),
             "export": self.export,
+            "sample_size": self.sample_size.to_dict(),
         }
 
 

@@ -11,7 +11,7 @@ from typing import Any
 from redundancy_monitor.errors import MissingDependencyError
 from redundancy_monitor.files import write_bytes_atomic, write_json_atomic
 from redundancy_monitor.formatting import fmt
-from redundancy_monitor.monitoring.sinks import PREFIX, probe_scalars
+from redundancy_monitor.monitoring.sinks import PREFIX, probe_scalars, scalar_tag
 from redundancy_monitor.monitoring.tensorboard import HEATMAPS
 from redundancy_monitor.probing.result import PairRecord, ProbeResult
 from redundancy_monitor.tools.score import ScoreRun
@@ -25,28 +25,68 @@ def most_interchangeable(result: ProbeResult, field: str, k: int = TOP_PAIRS) ->
     return sorted(rows, key=lambda r: (getattr(r, field), r.i, r.j))[:k]
 
 
+def _with_interval(x: float | None, bounds: tuple[float | None, float | None]) -> str:
+    """``0.1234 [0.1000, 0.1500]``, or the value alone when there is no interval."""
+    low, high = bounds
+    if low is None or high is None:
+        return fmt(x)
+    return f"{fmt(x)} [{fmt(low)}, {fmt(high)}]"
+
+
 def _pair_lines(result: ProbeResult, field: str, markdown: bool) -> list[str]:
+    """The most interchangeable pairs; each value with its interval when there is one."""
     rows = most_interchangeable(result, field)
+    names = ("d_int", "d_repl", "gap")
+    with_bounds = any(r.interval(n)[0] is not None for r in rows for n in names)
+    width = 25 if with_bounds else 9
     if markdown:
-        lines = ["| i | j | d_int | d_repl | gap |", "|---|---|---|---|---|"]
+        suffix = " (95% interval)" if with_bounds else ""
+        lines = [
+            "| i | j | " + " | ".join(f"{n}{suffix}" for n in names) + " |",
+            "|---|---|---|---|---|",
+        ]
         row = "| {} | {} | {} | {} | {} |"
     else:
-        lines = [f"{'i':>3} {'j':>3} {'d_int':>9} {'d_repl':>9} {'gap':>9}"]
-        row = "{:>3} {:>3} {:>9} {:>9} {:>9}"
+        lines = [f"{'i':>3} {'j':>3} " + " ".join(f"{n:>{width}}" for n in names)]
+        row = "{:>3} {:>3} " + " ".join(f"{{:>{width}}}" for _ in names)
     for r in rows:
-        lines.append(row.format(r.i, r.j, fmt(r.d_int), fmt(r.d_repl), fmt(r.gap)))
+        cells = [_with_interval(getattr(r, n), r.interval(n)) for n in names]
+        lines.append(row.format(r.i, r.j, *cells))
     return lines
+
+
+def _regime_line(run: ScoreRun, bold: bool = False) -> str:
+    s = run.result.summary
+    regime = f"**{s.regime}**" if bold else str(s.regime)
+    stability = f" ({s.stability_text()})" if s.stability_text() else ""
+    return (
+        f"{regime}{stability} (median ir {_with_interval(s.ir_median, s.interval('ir_median'))}, "
+        f"median d_repl {_with_interval(s.d_repl_median, s.interval('d_repl_median'))}, "
+        f"median d_int {_with_interval(s.d_int_median, s.interval('d_int_median'))}, "
+        f"median gap {_with_interval(s.gap_median, s.interval('gap_median'))}, "
+        f"mean gap {_with_interval(s.gap_mean, s.interval('gap_mean'))})"
+    )
+
+
+def _interval_note(run: ScoreRun) -> str:
+    info = run.result.meta.get("intervals") or {}
+    if "levels" not in info:
+        return "no intervals (the probe batch has fewer than 2 sequences, or they were off)"
+    return (
+        f"[low, high]: {100 * info['confidence']:.0f}% intervals, {info['method']} "
+        f"({info['n_boot']} replicates of the {info['n_seq']} sequences, seed {info['seed']})"
+    )
 
 
 def terminal_summary(run: ScoreRun) -> str:
     """Regime, the ten most interchangeable pairs under each protocol, the removal table."""
-    s, meta = run.result.summary, run.result.meta
+    meta = run.result.meta
     lines = [
         f"{meta['model_class']}: {meta['n_layers']} layers, probe batch {meta['n_seq']} x "
         f"{meta['seq_len']} tokens (sha256 {meta['batch_sha256'][:12]}), pairs {meta['pairs']}",
-        f"regime: {s.regime}  (median ir {fmt(s.ir_median, 3)}, median d_repl "
-        f"{fmt(s.d_repl_median)}, median d_int {fmt(s.d_int_median)}, mean gap "
-        f"{fmt(s.gap_mean)})",
+        f"regime: {_regime_line(run)}",
+        f"precision: {run.sample_size.sentence()}",
+        _interval_note(run),
     ]
     for field, name in (("d_int", "interchange"), ("d_repl", "replacement")):
         lines += ["", f"most interchangeable pairs under {name} ({field}):"]
@@ -59,17 +99,17 @@ def terminal_summary(run: ScoreRun) -> str:
 
 def summary_markdown(run: ScoreRun) -> str:
     """The terminal tables in Markdown."""
-    s, meta, rep = run.result.summary, run.result.meta, run.report
+    meta, rep = run.result.meta, run.report
     out = [
         f"# redundancy-monitor score: `{run.config.path}`",
         "",
         f"- model: {meta['model_class']}, {meta['n_layers']} layers, dtype {meta['dtype']}",
         f"- probe batch: {meta['n_seq']} x {meta['seq_len']} tokens, sha256 "
         f"`{meta['batch_sha256']}`; pairs: {meta['pairs']}",
-        f"- regime: **{s.regime}** (median ir {fmt(s.ir_median, 3)}, median d_repl "
-        f"{fmt(s.d_repl_median)}, median d_int {fmt(s.d_int_median)}, mean gap "
-        f"{fmt(s.gap_mean)}). The regime describes; the recommendation below comes from "
-        "measured cost.",
+        f"- regime: {_regime_line(run, bold=True)}. The regime describes; the recommendation "
+        "below comes from measured cost.",
+        f"- precision: {run.sample_size.sentence()}.",
+        f"- {_interval_note(run)}.",
         "",
     ]
     for field, name in (("d_int", "interchange"), ("d_repl", "replacement")):
@@ -138,7 +178,12 @@ def write_tensorboard(run: ScoreRun, folder: Path, figures: dict[str, Any]) -> N
 
     writer = SummaryWriter(log_dir=str(folder))
     try:
-        for tag, value in probe_scalars(run.result).items():
+        scalars = probe_scalars(run.result)
+        for name, (low, high) in run.result.summary.intervals.items():
+            if low is not None and high is not None:
+                scalars[f"{scalar_tag(name)}_low"] = low
+                scalars[f"{scalar_tag(name)}_high"] = high
+        for tag, value in scalars.items():
             writer.add_scalar(tag, value, 0)
         for r in run.report.rows:
             writer.add_scalar(f"{PREFIX}/removal/{r.selector}/perplexity", r.perplexity, r.budget)

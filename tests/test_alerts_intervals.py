@@ -1,0 +1,208 @@
+"""Alerts judged on bootstrap intervals (docs/intervals.md), the TensorBoard band, and the
+sample-size advice the monitor records at its first probe."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import pytest
+import torch
+from conftest import tiny_batch, tiny_model
+
+from redundancy_monitor import probe
+from redundancy_monitor.monitoring.alerts import AlertConfig, AlertEngine
+from redundancy_monitor.monitoring.jsonl import read_records
+from redundancy_monitor.monitoring.monitor import RedundancyMonitor
+from redundancy_monitor.monitoring.schedule import ProbeSchedule
+from redundancy_monitor.monitoring.sinks import ProbeRecord
+from redundancy_monitor.monitoring.tensorboard import TensorBoardSink
+from redundancy_monitor.probing.result import PairRecord, ProbeResult, summarize
+
+ONLY_GAP = dict(growth_factor=None, overlap_threshold=None, regime_change=False, hysteresis=2)
+ONLY_GROWTH = dict(gap_threshold=None, overlap_threshold=None, regime_change=False, hysteresis=1)
+ONLY_REGIME = dict(gap_threshold=None, growth_factor=None, overlap_threshold=None, hysteresis=2)
+
+
+def gap_result(gap, low=None, high=None, stability=None, d_int=0.02):
+    """Three adjacent pairs whose gap is `gap` each, with a hand-set gap_median interval."""
+    records = [PairRecord.build(k, k + 1, d_int + gap, d_int, d_int) for k in range(3)]
+    summary = summarize(records)
+    intervals = {} if low is None else {"gap_median": (low, high)}
+    summary = dataclasses.replace(summary, intervals=intervals, regime_stability=stability)
+    return ProbeResult(records, summary, meta={"n_layers": 4})
+
+
+def fired(engine, results) -> list[int]:
+    return [s for s, r in enumerate(results) if engine.observe(s, r)]
+
+
+def test_threshold_fires_when_the_lower_bound_is_above_not_the_point():
+    noisy = gap_result(0.15, low=0.08, high=0.22)  # point above 0.10, interval straddles it
+    clear = gap_result(0.15, low=0.11, high=0.19)
+    on = AlertEngine(AlertConfig(gap_threshold=0.1, **ONLY_GAP))
+    off = AlertEngine(AlertConfig(gap_threshold=0.1, use_intervals=False, **ONLY_GAP))
+    assert fired(on, [noisy, noisy, noisy, clear, clear]) == [4]
+    assert fired(off, [noisy, noisy, noisy, clear, clear]) == [1]
+    (alert,) = AlertEngine(AlertConfig(gap_threshold=0.1, **{**ONLY_GAP, "hysteresis": 1})).observe(
+        7, clear
+    )
+    assert alert.value == 0.11 and alert.threshold == 0.1
+    assert "[0.1100, 0.1900]" in alert.message and "lower bound" in alert.message
+
+
+def test_growth_compares_the_lower_bound_with_factor_times_the_baseline_upper_bound():
+    baseline = gap_result(0.05, low=0.03, high=0.07)
+    grown = gap_result(0.2, low=0.15, high=0.25)  # point 4x, lower bound 2.1x the upper
+    far = gap_result(0.3, low=0.22, high=0.38)  # lower bound 3.1x
+    on = AlertEngine(AlertConfig(growth_factor=3.0, **ONLY_GROWTH))
+    off = AlertEngine(AlertConfig(growth_factor=3.0, use_intervals=False, **ONLY_GROWTH))
+    assert fired(on, [baseline, grown, far]) == [2]
+    assert fired(off, [baseline, grown, far]) == [1]
+    assert on.baseline_interval == (0.03, 0.07)
+
+
+def test_growth_alert_states_both_intervals():
+    engine = AlertEngine(AlertConfig(growth_factor=3.0, **ONLY_GROWTH))
+    engine.observe(0, gap_result(0.05, low=0.03, high=0.07))
+    (alert,) = engine.observe(1, gap_result(0.3, low=0.22, high=0.38))
+    assert alert.value == pytest.approx(0.22 / 0.07)
+    assert "[0.2200, 0.3800]" in alert.message and "[0.0300, 0.0700]" in alert.message
+
+
+def test_a_probe_without_intervals_is_judged_on_its_point_value():
+    engine = AlertEngine(AlertConfig(gap_threshold=0.1, **ONLY_GAP))
+    assert fired(engine, [gap_result(0.15), gap_result(0.15)]) == [1]
+
+
+def regime_result(regime: str, stability: float):
+    tied = [(0.01, 0.009), (0.01, 0.009)]
+    divergent = [(0.5, 0.05), (0.5, 0.05)]
+    rows = tied if regime == "tied" else divergent
+    records = [PairRecord.build(k, k + 1, r, r, i) for k, (r, i) in enumerate(rows)]
+    summary = dataclasses.replace(summarize(records), regime_stability=stability)
+    assert summary.regime == regime
+    return ProbeResult(records, summary, meta={"n_layers": 3})
+
+
+def test_regime_change_fires_only_for_a_stable_new_regime():
+    seq = [regime_result("tied", 0.95)] + [regime_result("divergent", 0.6)] * 3
+    seq += [regime_result("divergent", 0.9)] * 2
+    on = AlertEngine(AlertConfig(**ONLY_REGIME))
+    off = AlertEngine(AlertConfig(use_intervals=False, **ONLY_REGIME))
+    assert fired(on, seq) == [5]
+    assert fired(off, seq) == [2]
+    assert on.regime == "divergent"
+
+
+def test_an_uncertain_first_regime_is_not_the_reference():
+    seq = [regime_result("divergent", 0.55), regime_result("tied", 0.9)]
+    seq += [regime_result("tied", 0.9)] * 3
+    engine = AlertEngine(AlertConfig(**ONLY_REGIME))
+    assert fired(engine, seq) == [] and engine.regime == "tied"
+
+
+def test_state_with_a_baseline_interval_round_trips():
+    config = AlertConfig(growth_factor=3.0, **ONLY_GROWTH)
+    engine = AlertEngine(config)
+    engine.observe(0, gap_result(0.05, low=0.03, high=0.07))
+    resumed = AlertEngine(config)
+    resumed.load_state_dict(engine.state_dict())
+    assert resumed.baseline_interval == (0.03, 0.07)
+    far = gap_result(0.3, low=0.22, high=0.38)
+    assert [a.rule for a in resumed.observe(1, far)] == [a.rule for a in engine.observe(1, far)]
+
+
+# ----- the null run: weights never change, only the text sample does ----------------------
+
+
+def test_alerts_with_intervals_never_fire_when_the_weights_never_change():
+    """One model, probed on 12 disjoint batches as if they were a trajectory. The gap
+    threshold is set to the value measured on all 72 sequences, so only noise can push a
+    batch over it. Judged on intervals, no gap, growth or regime alert fires; judged on
+    point estimates, the same probes do fire (the test can fail)."""
+    model = tiny_model("llama", n_layers=5, seed=3)
+    ids, _ = tiny_batch(n_seq=72, seq_len=12, seed=5)
+    pooled = probe(model, ids, intervals=False).summary.gap_median
+    results = [probe(model, ids[6 * k : 6 * (k + 1)]) for k in range(12)]
+    config = dict(gap_threshold=pooled, overlap_threshold=None, hysteresis=2)
+    with_intervals = AlertEngine(AlertConfig(**config))
+    point_only = AlertEngine(AlertConfig(use_intervals=False, **config))
+    fired_with = [a for s, r in enumerate(results) for a in with_intervals.observe(s, r)]
+    fired_without = [a for s, r in enumerate(results) for a in point_only.observe(s, r)]
+    assert fired_with == []
+    assert len(fired_without) >= 1
+
+
+# ----- TensorBoard band and the monitor's sample-size advice --------------------------------
+
+
+def test_tensorboard_gets_the_band_and_a_margin_chart(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.custom_scalar import layout_pb2
+
+    ids, _ = tiny_batch(n_seq=6)
+    results = [probe(tiny_model("llama", 4, seed=s), ids) for s in (0, 1)]
+    sink = TensorBoardSink(log_dir=tmp_path, images=False)
+    for step, result in zip((0, 10), results, strict=True):
+        sink.write_probe(ProbeRecord(step, result, 0.1, 0.0))
+    sink.close()
+    events = EventAccumulator(str(tmp_path), size_guidance={"tensors": 0})
+    events.Reload()
+    for bound, index in (("low", 0), ("high", 1)):
+        got = [s.value for s in events.Scalars(f"redundancy/gap_median_{bound}")]
+        want = [r.summary.interval("gap_median")[index] for r in results]
+        assert got == pytest.approx(want, rel=1e-6)
+    assert "redundancy_per_sequence/0-1/d_int" not in events.Tags()["histograms"]
+    (config,) = events.Tensors("custom_scalars__config__")
+    layout = layout_pb2.Layout.FromString(config.tensor_proto.string_val[0])
+    margins = [c.margin for cat in layout.category for c in cat.chart if c.HasField("margin")]
+    (series,) = margins[0].series
+    assert (series.value, series.lower, series.upper) == (
+        "redundancy/gap_median",
+        "redundancy/gap_median_low",
+        "redundancy/gap_median_high",
+    )
+
+
+def test_per_sequence_histograms_are_opt_in(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    ids, _ = tiny_batch(n_seq=5)
+    sink = TensorBoardSink(log_dir=tmp_path, images=False, per_sequence=True)
+    sink.write_probe(ProbeRecord(0, probe(tiny_model("llama", 3), ids), 0.1, 0.0))
+    sink.close()
+    events = EventAccumulator(str(tmp_path), size_guidance={"histograms": 0})
+    events.Reload()
+    (h,) = events.Histograms("redundancy_per_sequence/0-1/d_int")
+    assert h.histogram_value.num == 5
+
+
+def test_monitor_logs_and_records_sample_size_advice_at_its_first_probe(tmp_path, caplog):
+    ids, _ = tiny_batch(n_seq=6)
+    model = tiny_model("llama", 4)
+    monitor = RedundancyMonitor(
+        ids,
+        schedule=ProbeSchedule.explicit([0, 2]),
+        executor="inline",
+        jsonl_path=tmp_path / "r.jsonl",
+    )
+    with caplog.at_level(logging.INFO, logger="redundancy_monitor"):
+        monitor.start()
+        for step in range(3):
+            monitor.step(step, model)
+        monitor.close()
+    advice = [r for r in read_records(tmp_path / "r.jsonl") if r["type"] == "sample_size"]
+    assert len(advice) == 1 and advice[0]["step"] == 0
+    first = monitor.history[0]
+    assert advice[0]["metric"] == "gap_median" and advice[0]["n_seq"] == 6
+    assert advice[0]["value"] == first["scalars"]["gap_median"]
+    assert advice[0]["n_seq_needed"] >= 2 and advice[0]["target_halfwidth"] == 0.02
+    assert any("probe batch precision" in m for m in caplog.messages)
+
+
+def test_the_model_is_unchanged_by_a_probe_with_intervals():
+    model = tiny_model("gpt_neox", 3)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    probe(model, tiny_batch(n_seq=4)[0])
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
