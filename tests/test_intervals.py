@@ -231,6 +231,41 @@ def test_a_rank_correlation_that_never_changes_has_its_point_inside_its_interval
     assert low <= result.summary.spearman <= high and low == high
 
 
+def test_a_single_sequence_gets_no_interval_and_says_why():
+    ids, _ = tiny_batch(n_seq=1)
+    result = probe(tiny_model("llama", 3), ids)
+    assert result.summary.interval("gap_median") == (None, None)
+    assert result.pairs[0].interval("gap") == (None, None)
+    assert "at least 2 sequences" in result.meta["intervals"]["skipped"]
+    assert sample_size_advice(result).halfwidth is None
+
+
+def test_a_non_finite_pair_gets_no_interval_and_stays_out_of_the_summary():
+    per_seq = synthetic(known_means(4), 6, np.random.default_rng(3))
+    tables = dict(per_seq.tables)
+    tables["d_int"] = ((*tables["d_int"][0][:-1], math.inf), *tables["d_int"][1:])
+    result = from_per_sequence(PerSequence(per_seq.pairs, tables))
+    bad, *good = result.pairs
+    assert not bad.is_finite() and bad.interval("gap") == (None, None)
+    assert all(r.interval("gap")[0] is not None for r in good)
+    assert result.summary.n_nonfinite == 1
+    low, high = result.summary.interval("gap_mean")
+    finite_only = from_per_sequence(
+        PerSequence(per_seq.pairs[1:], {k: v[1:] for k, v in per_seq.tables.items()})
+    )
+    assert (low, high) == pytest.approx(finite_only.summary.interval("gap_mean"))
+
+
+def test_an_end_needs_half_of_the_replicates_defined():
+    from redundancy_monitor.probing.intervals import bounds
+
+    reps = np.tile(np.arange(10.0), (2, 1)).T  # two columns, 10 replicates
+    reps[:6, 0] = np.nan  # first column: only 4 of 10 replicates defined
+    low, high = bounds(reps, (0.0, 1.0))
+    assert math.isnan(low[0]) and math.isnan(high[0])
+    assert (low[1], high[1]) == (0.0, 9.0)
+
+
 def test_summary_interval_names_and_errors():
     result = from_per_sequence(synthetic(known_means(4), 6, np.random.default_rng(1)))
     s = result.summary
