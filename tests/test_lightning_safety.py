@@ -121,6 +121,7 @@ def test_the_headline_section_holds_only_the_headline_scalars(tmp_path):
         for name in (
             *("gap_mean", "gap_median", "gap_p75", "gap_max"),
             *("ir_median", "d_repl_mean", "d_int_mean"),
+            *("gap_median_low", "gap_median_high"),  # the band of the median gap (intervals)
         )
     }
 
