@@ -79,23 +79,21 @@ def model_bytes(model) -> int:
 
 def measure(model, shadow_device: str, seq_len: int) -> dict:
     """Snapshot at step 0, probe after one (empty) optimizer step; the probe record's meta."""
-    from redundancy_monitor import RedundancyMonitor
+    from redundancy_monitor import ProbeSchedule, RedundancyMonitor
     from redundancy_monitor.monitoring.sinks import Sink
 
     kept: dict = {}
 
     class Keep(Sink):
         def write_probe(self, record) -> None:
-            kept.update(record.result.meta, probe_seconds=record.probe_seconds)
+            kept.update(record.result.meta.to_dict(), probe_seconds=record.probe_seconds)
 
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(0, 4096, (4, seq_len), generator=g)
     monitor = RedundancyMonitor(
         ids,
         executor="inline",
-        steps=(0,),
-        every_n_steps=None,
-        at_train_end=False,
+        schedule=ProbeSchedule(None, steps=(0,), at_train_end=False),
         shadow_device=shadow_device,
         sinks=[Keep()],
     )

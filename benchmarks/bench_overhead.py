@@ -24,7 +24,7 @@ import time
 import torch
 from transformers import AutoModelForCausalLM
 
-from redundancy_monitor import RedundancyMonitor
+from redundancy_monitor import ProbeConfig, ProbeSchedule, RedundancyMonitor
 from redundancy_monitor.demo import demo_data, pythia_config
 from redundancy_monitor.monitoring.schedule import DEFAULT_EVERY_N_STEPS
 
@@ -76,11 +76,9 @@ def main(argv=None):
     monitors = {
         kind: RedundancyMonitor(
             data.probe_ids,
-            every_n_steps=args.every,
-            log_spaced=False,
-            at_train_end=False,
+            schedule=ProbeSchedule(args.every, log_spaced=False, at_train_end=False),
             executor=kind,
-            pairs=args.pairs,
+            probe_config=ProbeConfig(pairs=args.pairs),
         )
         for kind in ("background", "inline")
     }
@@ -123,8 +121,8 @@ def main(argv=None):
         )
         mon = monitors.get(mode)
         if mon is not None and mon.history:
-            blocked = statistics.median(h["blocked_seconds"] for h in mon.history)
-            own = statistics.median(h["probe_seconds"] for h in mon.history)
+            blocked = statistics.median(h.blocked_seconds for h in mon.history)
+            own = statistics.median(h.probe_seconds for h in mon.history)
             line += (
                 f" {mon.n_probes:>7} {mon.n_skipped_busy:>8} {blocked * 1e3:>11.1f} ms "
                 f"{own * 1e3:>8.0f} ms {blocked / own:>18.1%}"

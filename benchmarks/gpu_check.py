@@ -26,7 +26,7 @@ import time
 
 import torch
 
-from redundancy_monitor import RedundancyMonitor, probe
+from redundancy_monitor import ProbeConfig, ProbeSchedule, RedundancyMonitor, probe
 from redundancy_monitor.monitoring import monitor as monitor_module
 
 
@@ -149,17 +149,15 @@ def main(argv=None) -> int:
         if mode != "off":
             monitor = RedundancyMonitor(
                 probe_ids,
-                every_n_steps=args.every,
-                log_spaced=False,
-                at_train_end=False,
+                schedule=ProbeSchedule(args.every, log_spaced=False, at_train_end=False),
                 executor=mode,
-                pairs=args.pairs,
+                probe_config=ProbeConfig(pairs=args.pairs),
             )
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         seconds = train(model, args.steps, batches, monitor, device)
         peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
-        probe_s = sum(h["probe_seconds"] for h in monitor.history) if monitor else 0.0
+        probe_s = sum(h.probe_seconds for h in monitor.history) if monitor else 0.0
         rows[mode] = (seconds, peak, probe_s, monitor)
         if monitor is not None:
             monitor.close()
@@ -196,17 +194,14 @@ def compare_with_cpu(model, probe_ids, device, args) -> int:
     model = model.float()
     monitor = RedundancyMonitor(
         probe_ids[:2, :64],
-        steps=(0,),
-        every_n_steps=None,
-        log_spaced=False,
-        at_train_end=False,
-        pairs=pairs,
+        schedule=ProbeSchedule.explicit([0], at_train_end=False),
+        probe_config=ProbeConfig(pairs=pairs),
     )
     monitor.step(0, model)
     on_cpu = copy.deepcopy(model).cpu()  # the same weights as the snapshot (no step since)
     monitor.close()
     side_stream = monitor._shadow.stream is not None
-    gpu = monitor.history[0]["scalars"] if monitor.history else None
+    gpu = monitor.history[0].result.summary.scalars() if monitor.history else None
     cpu = probe(on_cpu, probe_ids[:2, :64], pairs=pairs).summary.scalars()
     if gpu is None:
         print("GPU probe FAILED: see the log")

@@ -16,7 +16,7 @@ import time
 import torch
 from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
 
-from redundancy_monitor import AlertConfig
+from redundancy_monitor import AlertConfig, ProbeConfig, ProbeSchedule
 from redundancy_monitor.demo import demo_data, pythia_config, trajectory_table
 from redundancy_monitor.integrations.hf import RedundancyMonitorTrainerCallback
 
@@ -53,8 +53,8 @@ def main(argv=None):
     )
     monitor = RedundancyMonitorTrainerCallback(
         data.probe_ids,
-        every_n_steps=args.every,
-        pairs="window:2",
+        schedule=ProbeSchedule(every_n_steps=args.every),
+        probe_config=ProbeConfig(pairs="window:2"),
         alerts=AlertConfig(gap_threshold=0.5, hysteresis=2),
     )
     training_args = TrainingArguments(

@@ -18,7 +18,7 @@ import lightning.pytorch as L
 import torch
 from transformers import AutoModelForCausalLM
 
-from redundancy_monitor import AlertConfig
+from redundancy_monitor import AlertConfig, ProbeConfig, ProbeSchedule
 from redundancy_monitor.demo import demo_data, pythia_config, trajectory_table
 from redundancy_monitor.integrations.lightning import RedundancyMonitorCallback
 
@@ -73,8 +73,8 @@ def main(argv=None):
     )
     monitor = RedundancyMonitorCallback(
         data.probe_ids,
-        every_n_steps=args.every,
-        pairs="window:2",
+        schedule=ProbeSchedule(every_n_steps=args.every),
+        probe_config=ProbeConfig(pairs="window:2"),
         alerts=AlertConfig(gap_threshold=0.5, hysteresis=2),
     )
     trainer = L.Trainer(

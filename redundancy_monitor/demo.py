@@ -97,16 +97,17 @@ def demo_data(
     return DemoData(train, probe, tokenizer, tokenizer.get_vocab_size())
 
 
-def trajectory_table(history: list[dict], every: int = 1) -> str:
+def trajectory_table(history: list, every: int = 1) -> str:
     """A short text table of the gap trajectory from `RedundancyMonitor.history`."""
     cols = ("gap_mean", "gap_median", "gap_max", "ir_median", "d_repl_mean", "d_int_mean")
     head = f"{'step':>6} " + " ".join(f"{c:>11}" for c in cols) + f" {'regime':>10}"
     lines = [head, "-" * len(head)]
-    rows = sorted(history, key=lambda h: h["step"])
+    rows = sorted(history, key=lambda r: r.step)
     keep = rows[::every] + ([rows[-1]] if rows and (len(rows) - 1) % every else [])
-    for h in keep:
-        values = " ".join(_cell(h["scalars"].get(c)) for c in cols)
-        lines.append(f"{h['step']:>6} {values} {h['regime'] or '-':>10}")
+    for r in keep:
+        scalars, regime = r.result.summary.scalars(), r.result.summary.regime
+        values = " ".join(_cell(scalars.get(c)) for c in cols)
+        lines.append(f"{r.step:>6} {values} {regime or '-':>10}")
     return "\n".join(lines)
 
 

@@ -15,10 +15,10 @@ from conftest import VOCAB, tiny_batch, tiny_model
 from redundancy_monitor.monitoring.alerts import Alert
 from redundancy_monitor.monitoring.jsonl import JsonlSink
 from redundancy_monitor.monitoring.monitor import RedundancyMonitor
+from redundancy_monitor.monitoring.record import ProbeRecord
 from redundancy_monitor.monitoring.schedule import ProbeSchedule
-from redundancy_monitor.monitoring.sinks import ProbeRecord
 from redundancy_monitor.monitoring.tensorboard import TensorBoardSink
-from redundancy_monitor.probing.result import PairRecord, ProbeResult, summarize
+from redundancy_monitor.probing.result import PairRecord, ProbeMeta, ProbeResult, summarize
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -56,7 +56,7 @@ def hand_result(d_repl: list[float | None], d_int: list[float | None]) -> ProbeR
         PairRecord.build(k, k + 1, r, r, i)
         for k, (r, i) in enumerate(zip(d_repl, d_int, strict=True))
     ]
-    meta = {"n_layers": len(d_repl) + 1, "model_class": "HandMade", "batch_sha256": "ab" * 32}
+    meta = ProbeMeta(n_layers=len(d_repl) + 1, model_class="HandMade", batch_sha256="ab" * 32)
     return ProbeResult(pairs, summarize(pairs), meta=meta)
 
 
@@ -64,7 +64,7 @@ def write_records(run_dir: Path, probes=(), alerts=(), failures=()) -> Path:
     """Write records through the real `JsonlSink`; probes are ``(step, ProbeResult)``."""
     sink = JsonlSink(run_dir / "redundancy.jsonl")
     for step, result in probes:
-        sink.write_probe(ProbeRecord(step, result, 0.5, 0.01))
+        sink.write_probe(ProbeRecord(step, result, probe_seconds=0.5, blocked_seconds=0.01))
     for alert in alerts:
         sink.write_alert(alert)
     for step, error in failures:

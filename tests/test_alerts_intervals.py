@@ -14,8 +14,8 @@ from redundancy_monitor import probe
 from redundancy_monitor.monitoring.alerts import AlertConfig, AlertEngine
 from redundancy_monitor.monitoring.jsonl import read_records
 from redundancy_monitor.monitoring.monitor import RedundancyMonitor
+from redundancy_monitor.monitoring.record import ProbeRecord
 from redundancy_monitor.monitoring.schedule import ProbeSchedule
-from redundancy_monitor.monitoring.sinks import ProbeRecord
 from redundancy_monitor.monitoring.tensorboard import TensorBoardSink
 from redundancy_monitor.probing.result import PairRecord, ProbeResult, summarize
 
@@ -145,7 +145,7 @@ def test_tensorboard_gets_the_band_and_a_margin_chart(tmp_path):
     results = [probe(tiny_model("llama", 4, seed=s), ids) for s in (0, 1)]
     sink = TensorBoardSink(log_dir=tmp_path, images=False)
     for step, result in zip((0, 10), results, strict=True):
-        sink.write_probe(ProbeRecord(step, result, 0.1, 0.0))
+        sink.write_probe(ProbeRecord(step, result, probe_seconds=0.1, blocked_seconds=0.0))
     sink.close()
     events = EventAccumulator(str(tmp_path), size_guidance={"tensors": 0})
     events.Reload()
@@ -170,7 +170,9 @@ def test_per_sequence_histograms_are_opt_in(tmp_path):
 
     ids, _ = tiny_batch(n_seq=5)
     sink = TensorBoardSink(log_dir=tmp_path, images=False, per_sequence=True)
-    sink.write_probe(ProbeRecord(0, probe(tiny_model("llama", 3), ids), 0.1, 0.0))
+    sink.write_probe(
+        ProbeRecord(0, probe(tiny_model("llama", 3), ids), probe_seconds=0.1, blocked_seconds=0.0)
+    )
     sink.close()
     events = EventAccumulator(str(tmp_path), size_guidance={"histograms": 0})
     events.Reload()
@@ -196,7 +198,7 @@ def test_monitor_logs_and_records_sample_size_advice_at_its_first_probe(tmp_path
     assert len(advice) == 1 and advice[0]["step"] == 0
     first = monitor.history[0]
     assert advice[0]["metric"] == "gap_median" and advice[0]["n_seq"] == 6
-    assert advice[0]["value"] == first["scalars"]["gap_median"]
+    assert advice[0]["value"] == first.result.summary.gap_median
     assert advice[0]["n_seq_needed"] >= 2 and advice[0]["target_halfwidth"] == 0.02
     assert any("probe batch precision" in m for m in caplog.messages)
 

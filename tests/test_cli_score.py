@@ -73,7 +73,7 @@ def test_result_json_matches_the_library_on_the_same_batch(scored, workdir):
     model, tokenizer = load_checkpoint(workdir / "ckpt")
     split = split_text(tokenizer, (workdir / "text.txt").read_text(), 3, 16)
     result = probe(model, split.probe_ids, pairs="window:2")
-    assert data["batch_sha256"] == result.meta["batch_sha256"]
+    assert data["batch_sha256"] == result.meta.batch_sha256
     assert data["text"] == split.to_dict() and data["text"]["heldout_source"] == "split"
     assert data["config"]["pairs"] == "window:2" and data["config"]["budgets"] == [1, 2]
     assert set(data["versions"]) == {"redundancy_monitor", "torch", "transformers", "python"}

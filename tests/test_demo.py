@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from redundancy_monitor import probe
+from redundancy_monitor import ProbeResult, ProbeSummary, probe
 from redundancy_monitor.demo import (
     demo_data,
     pythia_config,
     stdlib_corpus,
     trajectory_table,
 )
+from redundancy_monitor.monitoring.record import ProbeRecord
 
 pytest.importorskip("tokenizers")
 
@@ -31,12 +32,12 @@ def test_demo_model_trains_on_demo_tokens_and_probes():
     assert int(data.train_ids.max()) < data.vocab_size
     model = AutoModelForCausalLM.from_config(pythia_config(data.vocab_size, 3, 64, 32))
     result = probe(model, data.probe_ids)
-    assert result.meta["n_layers"] == 3 and len(result.pairs) == 2
+    assert result.meta.n_layers == 3 and len(result.pairs) == 2
 
 
 def test_trajectory_table_lists_every_step_kept():
     history = [
-        {"step": s, "regime": "tied", "scalars": {"gap_mean": 0.01 * s, "gap_median": None}}
+        ProbeRecord(s, ProbeResult([], ProbeSummary(gap_mean=0.01 * s, regime="tied")))
         for s in (0, 10, 20, 30)
     ]
     lines = trajectory_table(history, every=2).splitlines()

@@ -11,8 +11,11 @@ from conftest import VOCAB, tiny_batch, tiny_config
 from training_fixtures import TokenDataset
 
 import redundancy_monitor.probing.engine as engine_module
-from redundancy_monitor import RedundancyMonitor, probe
+from redundancy_monitor import ProbeConfig, ProbeSchedule, RedundancyMonitor, probe
 from redundancy_monitor.probing.inputs import from_dataloader
+
+EVERY_2 = ProbeSchedule(2, log_spaced=False)
+ALL_PAIRS = ProbeConfig(pairs="all")
 
 
 def dropout_model(arch: str = "gpt_neox", seed: int = 0):
@@ -46,7 +49,7 @@ def test_training_draws_during_a_background_probe_are_not_drawn_again(monkeypatc
 
     monkeypatch.setattr(engine_module.Engine, "run", held_run)
     mon = RedundancyMonitor(
-        tiny_batch()[0], steps=(0,), every_n_steps=None, log_spaced=False, at_train_end=False
+        tiny_batch()[0], schedule=ProbeSchedule.explicit([0], at_train_end=False)
     )
     model = dropout_model()
     torch.manual_seed(123)
@@ -57,7 +60,7 @@ def test_training_draws_during_a_background_probe_are_not_drawn_again(monkeypatc
     mon.drain()
     after = torch.rand(4)
     mon.close()
-    assert [h["step"] for h in mon.history] == [0]
+    assert [h.step for h in mon.history] == [0]
     torch.manual_seed(123)
     assert torch.equal(torch.cat([during, after]), torch.rand(8))
 
@@ -120,7 +123,7 @@ def lightning_weights(tmp_path, with_monitor: bool) -> dict[str, torch.Tensor]:
 
     callbacks = []
     if with_monitor:  # no probe batch: the fallback reads the shuffled training loader
-        callbacks.append(RedundancyMonitorCallback(every_n_steps=2, log_spaced=False, pairs="all"))
+        callbacks.append(RedundancyMonitorCallback(schedule=EVERY_2, probe_config=ALL_PAIRS))
     L.seed_everything(0, verbose=False)
     module = DropoutLM()
     trainer = L.Trainer(
@@ -136,7 +139,7 @@ def lightning_weights(tmp_path, with_monitor: bool) -> dict[str, torch.Tensor]:
     )
     trainer.fit(module, shuffled_loader()[0])
     if with_monitor:
-        assert [h["step"] for h in callbacks[0].monitor.history][-1] == 8
+        assert [h.step for h in callbacks[0].monitor.history][-1] == 8
     return {k: v.clone() for k, v in module.state_dict().items()}
 
 
@@ -155,9 +158,7 @@ def hf_weights(tmp_path, with_monitor: bool) -> dict[str, torch.Tensor]:
 
     callbacks = []
     if with_monitor:
-        callbacks.append(
-            RedundancyMonitorTrainerCallback(every_n_steps=2, log_spaced=False, pairs="all")
-        )
+        callbacks.append(RedundancyMonitorTrainerCallback(schedule=EVERY_2, probe_config=ALL_PAIRS))
     args = transformers.TrainingArguments(
         output_dir=str(tmp_path),
         per_device_train_batch_size=8,
@@ -177,7 +178,7 @@ def hf_weights(tmp_path, with_monitor: bool) -> dict[str, torch.Tensor]:
     )
     trainer.train()
     if with_monitor:
-        assert [h["step"] for h in callbacks[0].monitor.history][-1] == 8
+        assert [h.step for h in callbacks[0].monitor.history][-1] == 8
     return {k: v.clone() for k, v in model.state_dict().items()}
 
 

@@ -93,4 +93,4 @@ def test_two_gloo_processes_give_the_single_process_result_on_every_rank(tmp_pat
         assert a.d_int == pytest.approx(b.d_int, abs=1e-6, rel=1e-5)
         assert a.d_repl == pytest.approx(b.d_repl, abs=1e-6, rel=1e-5)
     assert [d.slot for d in got.deletion] == list(range(6))
-    assert got.meta["world_size"] == 2
+    assert got.meta.world_size == 2

@@ -14,9 +14,10 @@ import torch
 from test_hf_trainer import make_trainer
 from training_fixtures import probe_ids
 
-from redundancy_monitor import read_records
+from redundancy_monitor import ProbeSchedule, read_records
 from redundancy_monitor.errors import InvalidConfigError
 from redundancy_monitor.integrations.hf import RedundancyMonitorTrainerCallback
+from redundancy_monitor.monitoring.record import ProbeRecord
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate", reason="the transformers Trainer needs accelerate")
@@ -24,7 +25,7 @@ SCRIPTS = Path(__file__).parent / "dist_scripts"
 
 
 def callback(**kw):
-    kw = {"every_n_steps": 2, "log_spaced": False, **kw}
+    kw = {"schedule": ProbeSchedule(2, log_spaced=False), **kw}
     return RedundancyMonitorTrainerCallback(probe_ids(), **kw)
 
 
@@ -54,10 +55,10 @@ def test_every_callback_gets_the_scalars_at_the_snapshot_step_before_training_en
     trainer = make_trainer(tmp_path, [recorder, cb], max_steps=6, report_to="none")
     trainer.train()
     probes = [(step, logs) for kind, step, logs in recorder.events if "redundancy/gap_mean" in logs]
-    assert [step for step, _ in probes] == [h["step"] for h in cb.monitor.history] == [0, 2, 4, 6]
+    assert [step for step, _ in probes] == [h.step for h in cb.monitor.history] == [0, 2, 4, 6]
     for (step, logs), h in zip(probes, cb.monitor.history, strict=True):
-        assert logs["redundancy/gap_mean"] == pytest.approx(h["scalars"]["gap_mean"])
-        assert logs["redundancy_detail/spearman"] == pytest.approx(h["scalars"]["spearman"])
+        assert logs["redundancy/gap_mean"] == pytest.approx(h.result.summary.gap_mean)
+        assert logs["redundancy_detail/spearman"] == pytest.approx(h.result.summary.spearman)
         assert logs["redundancy_probe/snapshot_step"] == step
     last_probe = max(i for i, e in enumerate(recorder.events) if "redundancy/gap_mean" in e[2])
     end = next(i for i, e in enumerate(recorder.events) if e[0] == "train_end")
@@ -77,12 +78,12 @@ def test_mlflow_with_a_local_store_gets_the_scalars(tmp_path, monkeypatch):
     (run,) = client.search_runs([client.get_experiment_by_name("redundancy").experiment_id])
     metric = client.get_metric_history(run.info.run_id, "redundancy/gap_mean")
     assert sorted((m.step, m.value) for m in metric) == pytest.approx(
-        [(h["step"], h["scalars"]["gap_mean"]) for h in cb.monitor.history]
+        [(h.step, h.result.summary.gap_mean) for h in cb.monitor.history]
     )
 
 
 def test_weights_are_fenced_before_the_first_forward_after_every_snapshot(tmp_path):
-    cb = callback(executor="inline", every_n_steps=1)
+    cb = callback(executor="inline", schedule=ProbeSchedule(1, log_spaced=False))
     events = []
     real_fence, real_step = cb.monitor.before_weights_change, cb.monitor.step
 
@@ -141,8 +142,11 @@ def test_a_run_resumed_in_a_new_process_equals_a_straight_run(tmp_path, restore_
     assert resumed["probed_steps"] == straight["probed_steps"] == [0, 3, 6, 8]
     assert resumed["rebuilt"] is restore_flag  # the Trainer rebuilt the callback itself
     for a, b in zip(resumed["history"], straight["history"], strict=True):
-        assert a["step"] == b["step"]
-        assert a["scalars"] == pytest.approx(b["scalars"], rel=1e-5, abs=1e-7)
+        a, b = ProbeRecord.from_dict(a), ProbeRecord.from_dict(b)
+        assert a.step == b.step
+        assert a.result.summary.scalars() == pytest.approx(
+            b.result.summary.scalars(), rel=1e-5, abs=1e-7
+        )
 
     def summary(folder):
         records = read_records(folder / "out" / "redundancy" / "redundancy.jsonl")

@@ -6,7 +6,7 @@ import pytest
 from conftest import tiny_model
 from training_fixtures import TokenDataset, probe_ids
 
-from redundancy_monitor import AlertConfig, read_records
+from redundancy_monitor import AlertConfig, ProbeSchedule, read_records
 from redundancy_monitor.integrations.hf import RedundancyMonitorTrainerCallback
 
 transformers = pytest.importorskip("transformers")
@@ -40,7 +40,7 @@ def test_hf_run_writes_into_the_trainers_tensorboard_run_matching_the_jsonl(tmp_
 
     # Inline, so no probe is skipped for being busy and the steps are exactly the schedule.
     cb = RedundancyMonitorTrainerCallback(
-        probe_ids(), every_n_steps=2, log_spaced=False, executor="inline"
+        probe_ids(), schedule=ProbeSchedule(2, log_spaced=False), executor="inline"
     )
     trainer = make_trainer(
         tmp_path,
@@ -72,7 +72,7 @@ def test_hf_run_writes_into_the_trainers_tensorboard_run_matching_the_jsonl(tmp_
 def test_stop_on_alert_sets_should_training_stop(tmp_path):
     cb = RedundancyMonitorTrainerCallback(
         probe_ids(),
-        every_n_steps=1,
+        schedule=ProbeSchedule(1),
         executor="inline",
         alerts=AlertConfig(gap_threshold=-10.0, hysteresis=2),
         stop_on_alert=True,
@@ -100,8 +100,7 @@ def test_hf_interrupted_and_resumed_run_equals_a_straight_run(tmp_path, restore_
     def callback(path):
         return RedundancyMonitorTrainerCallback(
             probe_ids(),
-            every_n_steps=3,
-            log_spaced=False,
+            schedule=ProbeSchedule(3, log_spaced=False),
             executor="inline",
             jsonl_path=path,
             alerts=AlertConfig(gap_threshold=0.0, hysteresis=2),
@@ -128,11 +127,13 @@ def test_hf_interrupted_and_resumed_run_equals_a_straight_run(tmp_path, restore_
 
     assert monitor.probed_steps == straight.monitor.probed_steps == [0, 3, 6, 8]
     for a, b in zip(monitor.history, straight.monitor.history, strict=True):
-        assert a["step"] == b["step"]
-        assert a["scalars"] == pytest.approx(b["scalars"], rel=1e-5, abs=1e-7)
+        assert a.step == b.step
+        assert a.result.summary.scalars() == pytest.approx(
+            b.result.summary.scalars(), rel=1e-5, abs=1e-7
+        )
     assert (
-        monitor.alert_engine.state_dict()["rules"]
-        == (straight.monitor.alert_engine.state_dict()["rules"])
+        monitor.recorder.alert_engine.state_dict()["rules"]
+        == (straight.monitor.recorder.alert_engine.state_dict()["rules"])
     )
 
     def summary(records):

@@ -10,7 +10,7 @@ from conftest import tiny_batch, tiny_model
 from test_monitor_core import sgd_loop
 
 import redundancy_monitor.monitoring.monitor as monitor_module
-from redundancy_monitor import RedundancyMonitor, probe, read_records
+from redundancy_monitor import ProbeConfig, ProbeSchedule, RedundancyMonitor, probe, read_records
 from redundancy_monitor.errors import InvalidConfigError
 from redundancy_monitor.monitoring.device_memory import DeviceBudget, estimate_need
 from redundancy_monitor.monitoring.sinks import Sink
@@ -29,9 +29,13 @@ def size(tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def monitor(shadow_device, **kwargs):
-    defaults = dict(executor="inline", every_n_steps=2, log_spaced=False)
-    return RedundancyMonitor(tiny_batch()[0], shadow_device=shadow_device, **{**defaults, **kwargs})
+def monitor(shadow_device, every_n_steps=2, steps=(), at_train_end=True, batch_tokens=None, **kw):
+    schedule = ProbeSchedule(every_n_steps, False, tuple(steps), at_train_end)
+    config = ProbeConfig() if batch_tokens is None else ProbeConfig(batch_tokens=batch_tokens)
+    kw.setdefault("executor", "inline")
+    return RedundancyMonitor(
+        tiny_batch()[0], shadow_device=shadow_device, schedule=schedule, probe_config=config, **kw
+    )
 
 
 def test_host_shadow_probes_equal_device_shadow_probes_and_a_direct_probe():
@@ -40,7 +44,7 @@ def test_host_shadow_probes_equal_device_shadow_probes_and_a_direct_probe():
         model = tiny_model("gpt_neox", 4)
         mon = monitor(where)
         kept = sgd_loop(model, mon, 4, keep=(2,))
-        runs[where] = {h["step"]: h["scalars"] for h in mon.history}
+        runs[where] = {h.step: h.result.summary.scalars() for h in mon.history}
     assert sorted(runs["host"]) == [0, 2, 4]
     for step in (0, 2, 4):
         assert runs["host"][step] == pytest.approx(runs["device"][step], rel=1e-4, abs=1e-6)
@@ -99,8 +103,8 @@ def test_device_shadow_records_its_bytes_as_device_bytes():
     mon.sinks.append(collect)
     mon.step(0, model)
     meta = collect.records[0].result.meta
-    assert meta["shadow_device_bytes"] == size(model.parameters()) + size(model.buffers())
-    assert meta["shadow_host_bytes"] == 0
+    assert meta.shadow_device_bytes == size(model.parameters()) + size(model.buffers())
+    assert meta.shadow_host_bytes == 0
 
 
 def test_shadow_dtype_bf16_halves_the_host_copy():
@@ -110,7 +114,7 @@ def test_shadow_dtype_bf16_halves_the_host_copy():
     shadow = mon._shadow.shadow
     assert {p.dtype for p in shadow.parameters()} == {torch.bfloat16}
     assert size(shadow.parameters()) * 2 == size(model.parameters())
-    assert [h["step"] for h in mon.history] == [0, 2]
+    assert [h.step for h in mon.history] == [0, 2]
     assert mon.n_failures == 0
 
 
@@ -134,17 +138,17 @@ def test_a_host_probe_starts_only_after_the_first_optimizer_step(monkeypatch):
     mon.before_weights_change()
     mon.step(1, model)
     assert len(calls) == 1 and calls[0] == torch.device("cpu")
-    assert [h["step"] for h in mon.history] == [0]
+    assert [h.step for h in mon.history] == [0]
     unchanged = tiny_model("gpt_neox", 4)
     unchanged.load_state_dict(before)
     want = probe(unchanged, tiny_batch()[0]).summary.scalars()
-    assert mon.history[0]["scalars"] == pytest.approx(want, rel=1e-4, abs=1e-6)
+    assert mon.history[0].result.summary.scalars() == pytest.approx(want, rel=1e-4, abs=1e-6)
 
 
 def test_a_device_shadow_on_cpu_probes_at_once():
     mon = monitor("device")
     mon.step(0, tiny_model("gpt_neox", 4))
-    assert [h["step"] for h in mon.history] == [0]
+    assert [h.step for h in mon.history] == [0]
 
 
 def test_a_probe_waiting_for_an_optimizer_step_runs_at_train_end():
@@ -153,7 +157,7 @@ def test_a_probe_waiting_for_an_optimizer_step_runs_at_train_end():
     mon.step(0, model)
     assert mon.history == []
     mon.train_end(0, model)
-    assert [h["step"] for h in mon.history] == [0]
+    assert [h.step for h in mon.history] == [0]
 
 
 def test_a_probe_that_does_not_fit_in_free_memory_is_a_recorded_failure_not_started(
@@ -193,7 +197,7 @@ def test_the_memory_check_compares_the_estimate_with_the_free_memory():
     mon.before_weights_change()
     mon.step(1, model)
     assert seen == [torch.device("cpu")]
-    assert mon.n_failures == 0 and [h["step"] for h in mon.history] == [0]  # need == free fits
+    assert mon.n_failures == 0 and [h.step for h in mon.history] == [0]  # need == free fits
     mon.device_budget = DeviceBudget(lambda device: (need - 1, need))
     mon.train_end(1, model)
     assert mon.n_failures == 1
@@ -217,16 +221,16 @@ def test_cuda_host_shadow_uses_no_device_memory_between_probes_and_equals_device
         collect = Collect()
         mon.sinks.append(collect)
         sgd_loop(model, mon, 4)
-        runs[where] = {h["step"]: h["scalars"] for h in mon.history}
+        runs[where] = {h.step: h.result.summary.scalars() for h in mon.history}
         metas[where] = collect.records[-1].result.meta
         if where is None:
             assert all(p.is_pinned() for p in mon._shadow.shadow.parameters())
     assert sorted(runs[None]) == sorted(runs["device"]) == [0, 2, 4]
     for step in runs["device"]:
         assert runs[None][step] == pytest.approx(runs["device"][step], rel=1e-4, abs=1e-6)
-    assert metas[None]["shadow_device_bytes"] == 0
-    assert metas[None]["probe_device_peak_bytes"] > 0  # the probe's private pool
-    assert metas["device"]["shadow_device_bytes"] == metas[None]["shadow_host_bytes"]
+    assert metas[None].shadow_device_bytes == 0
+    assert metas[None].probe_device_peak_bytes > 0  # the probe's private pool
+    assert metas["device"].shadow_device_bytes == metas[None].shadow_host_bytes
 
 
 def test_uneven_shards_of_any_dim_and_dtype_reassemble_exactly():
@@ -279,7 +283,7 @@ def test_training_with_the_monitor_ends_with_the_weights_of_an_unmonitored_run(s
                 monitor.step(step, model)
         if monitor:
             monitor.train_end(4, model)
-            assert [h["step"] for h in monitor.history] == [0, 2, 4]
+            assert [h.step for h in monitor.history] == [0, 2, 4]
         return model.state_dict()
 
     plain = train(None)

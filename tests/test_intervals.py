@@ -236,7 +236,7 @@ def test_a_single_sequence_gets_no_interval_and_says_why():
     result = probe(tiny_model("llama", 3), ids)
     assert result.summary.interval("gap_median") == (None, None)
     assert result.pairs[0].interval("gap") == (None, None)
-    assert "at least 2 sequences" in result.meta["intervals"]["skipped"]
+    assert "at least 2 sequences" in result.meta.intervals["skipped"]
     assert sample_size_advice(result).halfwidth is None
 
 
@@ -357,7 +357,7 @@ def test_probe_keeps_per_sequence_distances_whose_mean_is_each_distance():
         for name in PairRecord.INTERVAL_FIELDS:
             low, high = r.interval(name)
             assert low is not None and low <= high
-    assert result.meta["intervals"]["n_boot"] == 1000 and result.meta["intervals"]["n_seq"] == 5
+    assert result.meta.intervals["n_boot"] == 1000 and result.meta.intervals["n_seq"] == 5
     assert set(result.summary.intervals) == {
         k for k, v in result.summary.scalars().items() if v is not None
     }
@@ -371,7 +371,7 @@ def test_probe_without_intervals_skips_the_bootstrap_but_keeps_per_sequence_valu
     ids, _ = tiny_batch(n_seq=4)
     result = probe(tiny_model("gpt_neox", 3), ids, intervals=False)
     assert result.summary.intervals == {} and result.summary.regime_stability is None
-    assert "intervals" not in result.meta and result.per_sequence.n_seq == 4
+    assert result.meta.intervals is None and result.per_sequence.n_seq == 4
 
 
 def test_the_bootstrap_leaves_global_rng_state_untouched():

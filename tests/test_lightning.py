@@ -7,7 +7,7 @@ import csv
 import pytest
 from training_fixtures import lightning_module, lightning_trainer, probe_ids, token_loader
 
-from redundancy_monitor import AlertConfig, read_records
+from redundancy_monitor import AlertConfig, ProbeConfig, ProbeSchedule, read_records
 from redundancy_monitor.integrations.lightning import RedundancyMonitorCallback
 
 pytest.importorskip("lightning")
@@ -24,8 +24,7 @@ def event_accumulator(log_dir):
 def test_tensorboard_events_match_the_jsonl_records(tmp_path):
     cb = RedundancyMonitorCallback(
         probe_ids(),
-        every_n_steps=2,
-        log_spaced=False,
+        schedule=ProbeSchedule(2, log_spaced=False),
         per_pair=True,
         alerts=AlertConfig(gap_threshold=-10.0, hysteresis=1),
     )
@@ -77,23 +76,20 @@ def test_tensorboard_events_match_the_jsonl_records(tmp_path):
 def test_gradient_accumulation_probes_each_optimizer_step_once(tmp_path):
     cb = RedundancyMonitorCallback(
         probe_ids(),
-        steps=(0, 1, 2, 3),
-        every_n_steps=None,
-        log_spaced=False,
-        at_train_end=False,
+        schedule=ProbeSchedule.explicit([0, 1, 2, 3], at_train_end=False),
         executor="inline",
     )
     trainer = lightning_trainer(tmp_path, [cb], max_steps=3, accumulate_grad_batches=2)
     trainer.fit(lightning_module(), token_loader(n_seq=64))
     assert cb.monitor.probed_steps == [0, 1, 2, 3]
-    assert [h["step"] for h in cb.monitor.history] == [0, 1, 2, 3]
+    assert [h.step for h in cb.monitor.history] == [0, 1, 2, 3]
 
 
 def test_every_lightning_logger_gets_the_scalars(tmp_path):
     from lightning.pytorch.loggers import CSVLogger
 
     cb = RedundancyMonitorCallback(
-        probe_ids(), every_n_steps=4, log_spaced=False, executor="inline"
+        probe_ids(), schedule=ProbeSchedule(4, log_spaced=False), executor="inline"
     )
     logger = CSVLogger(str(tmp_path), name="csv")
     trainer = lightning_trainer(tmp_path, [cb], max_steps=4, logger=logger)
@@ -114,18 +110,18 @@ def test_every_lightning_logger_gets_the_scalars(tmp_path):
 def test_probe_batch_falls_back_to_the_first_training_batch(tmp_path):
     loader = token_loader()
     cb = RedundancyMonitorCallback(
-        every_n_steps=None, log_spaced=False, executor="inline", max_sequences=3
+        schedule=ProbeSchedule(None, log_spaced=False), executor="inline", max_sequences=3
     )
     lightning_trainer(tmp_path, [cb], max_steps=2).fit(lightning_module(), loader)
     first = next(iter(loader))[0][:3]
     assert cb.monitor._ids.tolist() == first.tolist()
-    assert [h["step"] for h in cb.monitor.history] == [2]  # at train end
+    assert [h.step for h in cb.monitor.history] == [2]  # at train end
 
 
 def test_stop_on_alert_stops_the_trainer(tmp_path):
     cb = RedundancyMonitorCallback(
         probe_ids(),
-        every_n_steps=1,
+        schedule=ProbeSchedule(1),
         executor="inline",
         alerts=AlertConfig(gap_threshold=-10.0, hysteresis=2),
         stop_on_alert=["gap_threshold"],
@@ -138,7 +134,10 @@ def test_stop_on_alert_stops_the_trainer(tmp_path):
 
 def test_failing_probes_never_stop_training(tmp_path):
     cb = RedundancyMonitorCallback(
-        probe_ids(), every_n_steps=2, log_spaced=False, executor="inline", blocks="no.such.layers"
+        probe_ids(),
+        schedule=ProbeSchedule(2, log_spaced=False),
+        executor="inline",
+        probe_config=ProbeConfig(blocks="no.such.layers"),
     )
     trainer = lightning_trainer(tmp_path, [cb], max_steps=4)
     trainer.fit(lightning_module(), token_loader())
@@ -152,11 +151,11 @@ def test_failing_probes_never_stop_training(tmp_path):
 def test_works_with_the_pytorch_lightning_package(tmp_path):
     pytest.importorskip("pytorch_lightning")
     cb = RedundancyMonitorCallback(
-        probe_ids(), every_n_steps=2, log_spaced=False, executor="inline"
+        probe_ids(), schedule=ProbeSchedule(2, log_spaced=False), executor="inline"
     )
     trainer = lightning_trainer(tmp_path, [cb], base="pytorch_lightning", max_steps=2)
     trainer.fit(lightning_module("pytorch_lightning"), token_loader())
-    assert [h["step"] for h in cb.monitor.history] == [0, 2]
+    assert [h.step for h in cb.monitor.history] == [0, 2]
 
 
 class Crash(Exception):
@@ -180,8 +179,7 @@ def test_interrupted_and_resumed_run_equals_a_straight_run(tmp_path):
     def callback(path):
         return RedundancyMonitorCallback(
             probe_ids(),
-            every_n_steps=3,
-            log_spaced=False,
+            schedule=ProbeSchedule(3, log_spaced=False),
             executor="inline",
             jsonl_path=path,
             alerts=AlertConfig(gap_threshold=0.0, hysteresis=2, growth_factor=1.5),
@@ -209,10 +207,12 @@ def test_interrupted_and_resumed_run_equals_a_straight_run(tmp_path):
 
     assert second.monitor.probed_steps == straight.monitor.probed_steps == [0, 3, 6, 9, 12]
     for a, b in zip(second.monitor.history, straight.monitor.history, strict=True):
-        assert a["step"] == b["step"]
-        assert a["scalars"] == pytest.approx(b["scalars"], rel=1e-5, abs=1e-7)
-    resumed_alerts = second.monitor.alert_engine.state_dict()
-    straight_alerts = straight.monitor.alert_engine.state_dict()
+        assert a.step == b.step
+        assert a.result.summary.scalars() == pytest.approx(
+            b.result.summary.scalars(), rel=1e-5, abs=1e-7
+        )
+    resumed_alerts = second.monitor.recorder.alert_engine.state_dict()
+    straight_alerts = straight.monitor.recorder.alert_engine.state_dict()
     assert resumed_alerts.pop("baseline") == pytest.approx(straight_alerts.pop("baseline"))
     assert resumed_alerts == straight_alerts
     assert [a.to_dict() for a in second.monitor.alerts] == [
@@ -230,9 +230,7 @@ def test_interrupted_and_resumed_run_equals_a_straight_run(tmp_path):
 def test_checkpoint_on_alert_saves_a_lightning_checkpoint(tmp_path):
     cb = RedundancyMonitorCallback(
         probe_ids(),
-        every_n_steps=None,
-        log_spaced=False,
-        steps=(2,),
+        schedule=ProbeSchedule.explicit([2]),
         executor="inline",
         alerts=AlertConfig(gap_threshold=-10.0, hysteresis=1),
         checkpoint_on_alert=["gap_threshold"],

@@ -10,13 +10,14 @@ import torch
 from conftest import tiny_batch
 from training_fixtures import lightning_module, lightning_trainer, probe_ids, token_loader
 
+from redundancy_monitor import ProbeConfig, ProbeSchedule
 from redundancy_monitor.integrations.lightning import RedundancyMonitorCallback
 
 pytest.importorskip("lightning")
 
 
 def callback(probe_batch=None, **kw):
-    kw = {"every_n_steps": 2, "log_spaced": False, "executor": "inline", **kw}
+    kw = {"schedule": ProbeSchedule(2, log_spaced=False), "executor": "inline", **kw}
     return RedundancyMonitorCallback(probe_batch, **kw)
 
 
@@ -46,18 +47,18 @@ def test_two_monitors_keep_their_own_state_through_a_checkpoint(tmp_path):
     resume(tmp_path / "a", again, ckpt, max_steps=6)
     for before, after in ((first[0], again[1]), (first[1], again[0])):
         assert after.monitor.batch_sha256 == before.monitor.batch_sha256
-        assert [h["step"] for h in after.monitor.history] == [0, 2, 4, 6]
+        assert [h.step for h in after.monitor.history] == [0, 2, 4, 6]
         assert after.monitor.history[:3] == before.monitor.history
         assert "resume_change" not in [a.rule for a in after.monitor.alerts]
 
 
 def test_resuming_with_other_pairs_alerts_and_training_goes_on(tmp_path):
     ckpt = fit_and_save(tmp_path, [callback(probe_ids())], max_steps=4)
-    changed = callback(probe_ids(), pairs="all")
+    changed = callback(probe_ids(), probe_config=ProbeConfig(pairs="all"))
     trainer = resume(tmp_path, [changed], ckpt, max_steps=6)
     assert trainer.global_step == 6
-    assert [h["step"] for h in changed.monitor.history] == [6]  # step 4 was in the checkpoint
-    assert [[h["step"] for h in t] for t in changed.monitor.earlier_trajectories] == [[0, 2, 4]]
+    assert [h.step for h in changed.monitor.history] == [6]  # step 4 was in the checkpoint
+    assert [[h.step for h in t] for t in changed.monitor.earlier_trajectories] == [[0, 2, 4]]
     assert "resume_change" in [a.rule for a in changed.monitor.alerts]
 
 
@@ -70,14 +71,16 @@ def test_a_fallback_batch_is_probed_again_on_resume_even_if_the_loader_changed(t
     trainer = resume(tmp_path, [resumed], ckpt, loader=other_data, max_steps=6)
     assert trainer.global_step == 6
     assert resumed.monitor.batch_sha256 == first.monitor.batch_sha256
-    assert [h["step"] for h in resumed.monitor.history] == [0, 2, 4, 6]
+    assert [h.step for h in resumed.monitor.history] == [0, 2, 4, 6]
 
 
 def test_fast_dev_run_probes_but_writes_nothing(tmp_path):
-    cb = callback(probe_ids(), every_n_steps=1, checkpoint_on_alert=True)
+    cb = callback(
+        probe_ids(), schedule=ProbeSchedule(1, log_spaced=False), checkpoint_on_alert=True
+    )
     trainer = lightning_trainer(tmp_path, [cb], fast_dev_run=2)
     trainer.fit(lightning_module(), token_loader())
-    assert [h["step"] for h in cb.monitor.history] == [0, 1, 2]
+    assert [h.step for h in cb.monitor.history] == [0, 1, 2]
     assert [p for p in tmp_path.rglob("*") if p.is_file()] == []
 
 

@@ -6,7 +6,7 @@ import pytest
 
 from redundancy_monitor.errors import InvalidConfigError
 from redundancy_monitor.monitoring.alerts import AlertConfig, AlertEngine
-from redundancy_monitor.probing.result import PairRecord, ProbeResult, summarize
+from redundancy_monitor.probing.result import PairRecord, ProbeMeta, ProbeResult, summarize
 from redundancy_monitor.removal.selection import removal_overlap
 
 ONLY_GAP = dict(growth_factor=None, overlap_threshold=None, regime_change=False)
@@ -16,7 +16,7 @@ def result_from(pairs, n_layers=None):
     """A ProbeResult from (i, j, R(i<-j), R(j<-i), d_int) tuples."""
     records = [PairRecord.build(i, j, a, b, c) for i, j, a, b, c in pairs]
     n = n_layers or max(j for _, j, *_ in pairs) + 1
-    return ProbeResult(records, summarize(records), meta={"n_layers": n})
+    return ProbeResult(records, summarize(records), meta=ProbeMeta(n_layers=n))
 
 
 def gap_result(gap):

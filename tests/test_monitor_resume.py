@@ -11,12 +11,14 @@ import torch
 from conftest import tiny_batch, tiny_model
 
 import redundancy_monitor.monitoring.monitor as monitor_module
-from redundancy_monitor import RedundancyMonitor, read_records
+from redundancy_monitor import ProbeConfig, ProbeSchedule, RedundancyMonitor, read_records
 from redundancy_monitor.errors import MonitorStateError
+
+EVERY_STEP = ProbeSchedule(1, log_spaced=False, at_train_end=False)
 
 
 def monitor(ids=None, **kw):
-    defaults = dict(executor="inline", every_n_steps=1, log_spaced=False, at_train_end=False)
+    defaults = dict(executor="inline", schedule=EVERY_STEP)
     return RedundancyMonitor(ids, **{**defaults, **kw})
 
 
@@ -45,7 +47,11 @@ def held_probe(monkeypatch):
 
 def test_a_save_during_a_probe_does_not_wait_and_marks_the_step_pending(held_probe, tmp_path):
     model = tiny_model("gpt_neox", 4)
-    mon = monitor(tiny_batch(2, 8)[0], executor="background", steps=(3,), every_n_steps=None)
+    mon = monitor(
+        tiny_batch(2, 8)[0],
+        executor="background",
+        schedule=ProbeSchedule.explicit([3], at_train_end=False),
+    )
     mon.step(3, model)
     state = mon.state_dict()  # would block until the probe is released if it waited
     assert mon._executor.busy()
@@ -53,7 +59,7 @@ def test_a_save_during_a_probe_does_not_wait_and_marks_the_step_pending(held_pro
     json.dumps(state, allow_nan=False)
     held_probe.set()
     mon.close()
-    assert [h["step"] for h in mon.history] == [3]  # the live run still logs it
+    assert [h.step for h in mon.history] == [3]  # the live run still logs it
 
 
 def test_a_run_resumed_from_a_save_made_mid_probe_probes_that_step_once(held_probe, tmp_path):
@@ -75,7 +81,7 @@ def test_a_run_resumed_from_a_save_made_mid_probe_probes_that_step_once(held_pro
     resumed.step(2, model)
     resumed.close()
     assert resumed.probed_steps == [0, 1, 2]
-    assert [h["step"] for h in resumed.history] == [0, 1, 2]
+    assert [h.step for h in resumed.history] == [0, 1, 2]
     assert [r["step"] for r in read_records(path) if r["type"] == "probe"] == [0, 1, 2]
 
 
@@ -107,8 +113,8 @@ def test_a_given_batch_that_differs_from_the_checkpoint_starts_a_new_trajectory(
     mon.load_state_dict(state, strict=False)  # an adapter: never raises
     mon.start()
     mon.step(2, tiny_model("gpt_neox", 4))
-    assert [h["step"] for h in mon.history] == [2]
-    assert [[h["step"] for h in t] for t in mon.earlier_trajectories] == [[0, 1]]
+    assert [h.step for h in mon.history] == [2]
+    assert [[h.step for h in t] for t in mon.earlier_trajectories] == [[0, 1]]
     assert [a.rule for a in mon.alerts][-1] == "resume_change"
     assert "another probe batch" in mon.alerts[-1].message
     records = read_records(tmp_path / "r.jsonl")
@@ -123,19 +129,29 @@ def test_a_given_batch_that_differs_from_the_checkpoint_starts_a_new_trajectory(
 def test_resuming_with_other_pairs_from_a_hook_starts_a_new_trajectory_with_an_alert(policy):
     state = saved_state()
     seen = []
-    mon = monitor(tiny_batch(2, 8)[0], pairs="window:2", on_mismatch=policy, on_alert=seen.append)
+    mon = monitor(
+        tiny_batch(2, 8)[0],
+        probe_config=ProbeConfig(pairs="window:2"),
+        on_mismatch=policy,
+        on_alert=seen.append,
+    )
     mon.load_state_dict(state, strict=False)
     mon.start()
     mon.step(2, tiny_model("gpt_neox", 4))
     mon.step(3, tiny_model("gpt_neox", 4))
-    assert [h["step"] for h in mon.history] == [2, 3] and mon.n_failures == 0
+    assert [h.step for h in mon.history] == [2, 3] and mon.n_failures == 0
     assert [a.rule for a in seen].count("resume_change") == 1 and seen[0].rule == "resume_change"
     assert "pairs='window:2' (the checkpoint has pairs='adjacent')" in seen[0].message
 
 
 def test_a_resume_change_alert_never_stops_or_checkpoints_the_run():
     state = saved_state()
-    mon = monitor(tiny_batch(2, 8)[0], pairs="all", stop_on_alert=True, checkpoint_on_alert=True)
+    mon = monitor(
+        tiny_batch(2, 8)[0],
+        probe_config=ProbeConfig(pairs="all"),
+        stop_on_alert=True,
+        checkpoint_on_alert=True,
+    )
     mon.load_state_dict(state, strict=False)
     mon.step(2, tiny_model("gpt_neox", 4))
     assert "resume_change" in [a.rule for a in mon.alerts]
@@ -153,7 +169,7 @@ def test_another_number_of_ranks_on_resume_starts_a_new_trajectory():
     assert "1 rank(s) share the probe (the checkpoint was written with 2)" in (
         mon.alerts[-1].message
     )
-    assert [h["step"] for h in mon.history] == [2]
+    assert [h.step for h in mon.history] == [2]
 
 
 def test_same_number_of_ranks_on_resume_continues_the_trajectory():
@@ -162,7 +178,7 @@ def test_same_number_of_ranks_on_resume_continues_the_trajectory():
     mon.load_state_dict(state, strict=False)
     mon.start()
     mon.step(2, tiny_model("gpt_neox", 4))
-    assert [h["step"] for h in mon.history] == [0, 1, 2]
+    assert [h.step for h in mon.history] == [0, 1, 2]
     assert "resume_change" not in [a.rule for a in mon.alerts]
 
 
@@ -174,5 +190,5 @@ def test_a_state_from_a_newer_version_is_ignored_from_a_hook_and_refused_otherwi
     mon = monitor(tiny_batch(2, 8)[0])
     mon.load_state_dict(state, strict=False)
     mon.step(5, tiny_model("gpt_neox", 4))
-    assert [h["step"] for h in mon.history] == [5]
+    assert [h.step for h in mon.history] == [5]
     assert [a.rule for a in mon.alerts] == ["resume_change"]

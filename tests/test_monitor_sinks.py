@@ -10,18 +10,18 @@ import pytest
 from redundancy_monitor.errors import RecordFileError
 from redundancy_monitor.monitoring.alerts import Alert
 from redundancy_monitor.monitoring.jsonl import JsonlSink, read_records
-from redundancy_monitor.monitoring.sinks import ProbeRecord
+from redundancy_monitor.monitoring.record import ProbeRecord
 from redundancy_monitor.monitoring.tensorboard import MISSING, VIRIDIS, heatmap_image, pair_matrix
-from redundancy_monitor.probing.result import PairRecord, ProbeResult, summarize
+from redundancy_monitor.probing.result import PairRecord, ProbeMeta, ProbeResult, summarize
 
 
 def small_result(gap=0.1):
     records = [PairRecord.build(0, 1, 0.2 + gap, 0.1, 0.2), PairRecord.build(1, 2, 0.3, 0.3, 0.1)]
-    return ProbeResult(records, summarize(records), meta={"n_layers": 3})
+    return ProbeResult(records, summarize(records), meta=ProbeMeta(n_layers=3))
 
 
 def write(sink, step):
-    sink.write_probe(ProbeRecord(step, small_result(), 0.5, 0.01))
+    sink.write_probe(ProbeRecord(step, small_result(), probe_seconds=0.5, blocked_seconds=0.01))
 
 
 def test_each_record_is_on_disk_when_the_call_returns(tmp_path):

@@ -81,7 +81,10 @@ import redundancy_monitor as rm
 result = rm.probe(model, ids, blocks="stack", head="out", pairs="all")
 print("pairs", len(result.pairs), "finite", result.summary.n_finite)
 monitor = rm.RedundancyMonitor(
-    ids, blocks="stack", head="out", executor="inline", steps=(0,), every_n_steps=None
+    ids,
+    probe_config=rm.ProbeConfig(blocks="stack", head="out"),
+    executor="inline",
+    schedule=rm.ProbeSchedule(None, steps=(0,)),
 )
 monitor.step(0, model)
 monitor.close()

@@ -195,7 +195,7 @@ def test_result_is_json_safe_and_round_trips():
     again = rm.ProbeResult.from_dict(json.loads(text))
     assert again.pairs == result.pairs
     assert again.summary == result.summary
-    assert result.meta["batch_sha256"] == again.meta["batch_sha256"]
+    assert result.meta.batch_sha256 == again.meta.batch_sha256
     assert "regime=" in result.to_table()
 
 

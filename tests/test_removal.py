@@ -22,7 +22,7 @@ from redundancy_monitor import (
 from redundancy_monitor.errors import InvalidBudgetError, InvalidProtocolError
 from redundancy_monitor.probing.blocks import find_blocks
 from redundancy_monitor.probing.reference import reference_distances
-from redundancy_monitor.probing.result import summarize
+from redundancy_monitor.probing.result import ProbeMeta, summarize
 from redundancy_monitor.probing.variants import Variant
 from redundancy_monitor.removal.cost import window_plan
 from redundancy_monitor.removal.selection import greedy_non_adjacent, jaccard, removability
@@ -31,7 +31,7 @@ from redundancy_monitor.removal.selection import greedy_non_adjacent, jaccard, r
 def hand_result(n_layers: int, pairs: dict[tuple[int, int], tuple[float, float]]) -> ProbeResult:
     """A ProbeResult whose pair (i, j) has d_repl and d_int as given (both directions equal)."""
     records = [PairRecord.build(i, j, r, r, d) for (i, j), (r, d) in sorted(pairs.items())]
-    return ProbeResult(records, summarize(records), meta={"n_layers": n_layers})
+    return ProbeResult(records, summarize(records), meta=ProbeMeta(n_layers=n_layers))
 
 
 def test_removability_is_min_over_adjacent_pairs_only():

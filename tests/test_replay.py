@@ -75,7 +75,7 @@ def test_replay_probes_hf_trainer_checkpoints_in_step_order_on_one_batch(
     records = probe_records(out)
     assert [r["step"] for r in records] == [4, 8, 12]
     assert {r["result"]["meta"]["batch_sha256"] for r in records} == {
-        probe(_load(root / "checkpoint-4"), probe_ids).meta["batch_sha256"]
+        probe(_load(root / "checkpoint-4"), probe_ids).meta.batch_sha256
     }
     assert "replay:" in done.stderr and "ckpt" in done.stderr  # the tqdm bar
     # The numbers are the probe of that checkpoint, loaded on its own.

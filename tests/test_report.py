@@ -259,8 +259,9 @@ def test_report_finds_the_records_a_lightning_callback_wrote_below_the_root(tmp_
     from training_fixtures import lightning_module, lightning_trainer, probe_ids, token_loader
 
     from redundancy_monitor.integrations.lightning import RedundancyMonitorCallback
+    from redundancy_monitor.monitoring.schedule import ProbeSchedule
 
-    cb = RedundancyMonitorCallback(probe_ids(), every_n_steps=2, log_spaced=False)
+    cb = RedundancyMonitorCallback(probe_ids(), schedule=ProbeSchedule(2, log_spaced=False))
     lightning_trainer(tmp_path, [cb], max_steps=4).fit(lightning_module(), token_loader())
     report = write_report(tmp_path)  # the trainer's default_root_dir
     records = Path(cb.jsonl_file)

@@ -21,6 +21,7 @@ from training_fixtures import probe_ids
 from redundancy_monitor.errors import InvalidConfigError
 from redundancy_monitor.monitoring.alerts import Alert
 from redundancy_monitor.monitoring.jsonl import JsonlSink, read_records
+from redundancy_monitor.monitoring.probe_config import ProbeConfig
 from redundancy_monitor.monitoring.schedule import ProbeSchedule
 from redundancy_monitor.monitoring.sidecar import SidecarAlerts
 from redundancy_monitor.probing.probe import probe
@@ -80,11 +81,12 @@ def test_callbacks_refuse_probing_arguments_with_a_sidecar(tmp_path):
     from redundancy_monitor.integrations.lightning import RedundancyMonitorCallback
 
     for callback in (RedundancyMonitorCallback, RedundancyMonitorTrainerCallback):
-        with pytest.raises(InvalidConfigError, match="probe_batch, pairs would have no effect"):
-            callback(torch.zeros(2, 4, dtype=torch.long), sidecar=tmp_path, pairs="all")
+        with pytest.raises(InvalidConfigError, match="probe_batch, probe_config would have no"):
+            ids = torch.zeros(2, 4, dtype=torch.long)
+            callback(ids, sidecar=tmp_path, probe_config=ProbeConfig(pairs="all"))
         with pytest.raises(InvalidConfigError, match="unknown rules"):
             callback(sidecar=tmp_path, stop_on_alert=["gap_treshold"])
-        cb = callback(sidecar=tmp_path, every_n_steps=3, stop_on_alert=True)
+        cb = callback(sidecar=tmp_path, schedule=ProbeSchedule(3), stop_on_alert=True)
         assert cb.monitor is None and cb.sidecar.schedule.every_n_steps == 3
 
 
@@ -106,8 +108,7 @@ def test_hf_trainer_with_a_sidecar_stops_and_saves_at_the_next_scheduled_step(tm
 
     cb = RedundancyMonitorTrainerCallback(
         sidecar=sidecar_log,
-        every_n_steps=2,
-        log_spaced=False,
+        schedule=ProbeSchedule(2, log_spaced=False),
         stop_on_alert=True,
         checkpoint_on_alert=True,
     )

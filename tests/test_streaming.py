@@ -92,8 +92,8 @@ def test_streamed_probe_with_small_forwards_equals_the_resident_probe():
         assert got.d_int == pytest.approx(want.d_int, abs=1e-5, rel=1e-4)
     assert [d.slot for d in streamed.deletion] == [d.slot for d in resident.deletion]
     assert streamed.summary.regime == resident.summary.regime
-    assert streamed.meta["streamed"]["capacity_blocks"] == 3
-    assert "streamed" not in resident.meta
+    assert streamed.meta.streamed["capacity_blocks"] == 3
+    assert resident.meta.streamed is None
 
 
 def test_streamed_probe_holds_non_block_weights_and_at_most_three_blocks():
@@ -107,7 +107,7 @@ def test_streamed_probe_holds_non_block_weights_and_at_most_three_blocks():
     block_bytes = size(blocks[0].parameters())
     non_block = size(model.parameters()) - size(blocks.parameters()) + size(model.buffers())
     result = probe(model, ids, stream_to="cpu")
-    peak = result.meta["streamed"]["device_weight_peak_bytes"]
+    peak = result.meta.streamed["device_weight_peak_bytes"]
     assert peak == non_block + 3 * block_bytes
     assert peak < size(model.parameters())
 

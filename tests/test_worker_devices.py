@@ -8,7 +8,7 @@ import torch
 from conftest import tiny_batch, tiny_model
 
 import redundancy_monitor.probing.probe as probe_module
-from redundancy_monitor import RedundancyMonitor, probe
+from redundancy_monitor import ProbeSchedule, RedundancyMonitor, probe
 from redundancy_monitor.monitoring.executor import BackgroundExecutor
 
 
@@ -41,7 +41,7 @@ def test_a_cpu_probe_never_touches_the_cuda_device(monkeypatch):
 
 
 def test_the_monitor_hands_the_worker_the_training_models_device(monkeypatch):
-    mon = RedundancyMonitor(tiny_batch()[0], steps=(0,), every_n_steps=None, log_spaced=False)
+    mon = RedundancyMonitor(tiny_batch()[0], schedule=ProbeSchedule.explicit([0]))
     seen = []
     real_submit = mon._executor.submit
 
@@ -72,10 +72,10 @@ def test_an_out_of_memory_retry_in_the_worker_leaves_the_cuda_cache_alone(monkey
 
     monkeypatch.setattr(probe_module, "variant_distances", out_of_memory_once)
     model, ids = tiny_model("gpt_neox", 4), tiny_batch()[0]
-    mon = RedundancyMonitor(ids, steps=(0,), every_n_steps=None, log_spaced=False)
+    mon = RedundancyMonitor(ids, schedule=ProbeSchedule.explicit([0]))
     mon.step(0, model)
     mon.close()
     assert mon.n_probes == 1 and calls[0].startswith("redundancy-probe")
     assert emptied == []  # the worker retried without emptying training's cache
-    assert probe(model, ids).meta["oom_retries"] == 1  # the same retry, in this thread...
+    assert probe(model, ids).meta.oom_retries == 1  # the same retry, in this thread...
     assert emptied == [threading.current_thread().name]  # ...still frees the cache

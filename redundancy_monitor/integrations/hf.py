@@ -20,8 +20,9 @@ from redundancy_monitor.monitoring.adapters import (
     probes_here,
 )
 from redundancy_monitor.monitoring.monitor import RedundancyMonitor
+from redundancy_monitor.monitoring.record import ProbeRecord
 from redundancy_monitor.monitoring.sidecar import SidecarAlerts
-from redundancy_monitor.monitoring.sinks import PROBE_INFO, ProbeRecord, Sink, probe_scalars
+from redundancy_monitor.monitoring.sinks import PROBE_INFO, Sink, probe_scalars
 from redundancy_monitor.monitoring.tensorboard import TensorBoardSink
 
 _callbacks = require("transformers.trainer_callback", "RedundancyMonitorTrainerCallback")
@@ -157,8 +158,8 @@ class RedundancyMonitorTrainerCallback(TrainerCallback, ExportableState):
             the callback reads its new alerts and sets ``control.should_training_stop``
             / ``should_save`` on every rank as `stop_on_alert` / `checkpoint_on_alert`
             ask (see `SidecarAlerts`).
-        **monitor_kwargs: schedule, pairs, executor, alerts, on_alert, stop_on_alert,
-            checkpoint_on_alert, shadow_device, shadow_dtype, ...: see
+        **monitor_kwargs: schedule, probe_config, executor, alerts, on_alert,
+            stop_on_alert, checkpoint_on_alert, shadow_device, shadow_dtype, ...: see
             `RedundancyMonitor` (``shadow_device="host"``, the default on CUDA, keeps the
             snapshot in host memory: docs/big-models.md); with `sidecar` only the
             schedule and the alert actions apply.
@@ -173,7 +174,8 @@ class RedundancyMonitorTrainerCallback(TrainerCallback, ExportableState):
     keep its result, call ``cb.monitor.close()`` in a ``finally`` around ``train()``.
 
     Example:
-        >>> cb = RedundancyMonitorTrainerCallback(probe_ids, every_n_steps=200)
+        >>> schedule = ProbeSchedule(every_n_steps=200)
+        >>> cb = RedundancyMonitorTrainerCallback(probe_ids, schedule=schedule)
         >>> Trainer(model, args, train_dataset=ds, callbacks=[cb]).train()
     """
 

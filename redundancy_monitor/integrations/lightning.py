@@ -103,8 +103,8 @@ class RedundancyMonitorCallback(Callback):
             this run's checkpoints. Nothing is probed in this process: at scheduled
             steps the sidecar's new alerts are read and `stop_on_alert` /
             `checkpoint_on_alert` applied on every rank (see `SidecarAlerts`).
-        **monitor_kwargs: schedule, pairs, executor, alerts, on_alert, stop_on_alert,
-            checkpoint_on_alert, shadow_device, shadow_dtype, ...: see
+        **monitor_kwargs: schedule, probe_config, executor, alerts, on_alert,
+            stop_on_alert, checkpoint_on_alert, shadow_device, shadow_dtype, ...: see
             `RedundancyMonitor` (``shadow_device="host"``, the default on CUDA, keeps the
             snapshot in host memory: docs/big-models.md); with `sidecar` only the
             schedule and the alert actions apply.
@@ -118,7 +118,8 @@ class RedundancyMonitorCallback(Callback):
             arguments given with `sidecar`.
 
     Example:
-        >>> cb = RedundancyMonitorCallback(probe_ids, every_n_steps=200)
+        >>> schedule = ProbeSchedule(every_n_steps=200)
+        >>> cb = RedundancyMonitorCallback(probe_ids, schedule=schedule)
         >>> Trainer(callbacks=[cb]).fit(module, loader)
         >>> cb.monitor.trajectory("gap_mean")
     """

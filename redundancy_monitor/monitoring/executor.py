@@ -1,22 +1,23 @@
 """Where a probe runs: a background worker thread, or inline in the training thread.
 
 Both executors take a job (a function returning a `ProbeResult`), run it at most one at
-a time, catch anything it raises, and hand back a `ProbeOutcome` on `poll()`; the
+a time, catch anything it raises, and hand back a `ProbeRecord` on `poll()`; the
 training thread never waits unless asked to with `drain()`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
 import traceback
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 
 from redundancy_monitor.errors import InvalidConfigError
+from redundancy_monitor.monitoring.record import ProbeRecord
 from redundancy_monitor.probing.cancel import CancelToken, set_current_token
 from redundancy_monitor.probing.result import ProbeResult
 
@@ -24,32 +25,21 @@ EXECUTORS = ("background", "inline")
 log = logging.getLogger("redundancy_monitor")
 
 
-@dataclass
-class ProbeOutcome:
-    """What came of one probe: a result, or the error that stopped it."""
-
-    step: int
-    result: ProbeResult | None
-    error: str | None
-    probe_seconds: float
-    blocked_seconds: float
-
-
-def _run(step: int, job: Callable[[], ProbeResult], blocked: float) -> ProbeOutcome:
+def _run(step: int, job: Callable[[], ProbeResult], blocked: float) -> ProbeRecord:
     started = time.perf_counter()
     try:
         result, error = job(), None
     except Exception as exc:  # a probe must never take training down
         result = None
         error = f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=8)}"
-    return ProbeOutcome(step, result, error, time.perf_counter() - started, blocked)
+    return ProbeRecord(step, result, error, time.perf_counter() - started, blocked)
 
 
 class InlineExecutor:
     """Runs each probe synchronously in the caller's thread."""
 
     def __init__(self) -> None:
-        self._done: list[ProbeOutcome] = []
+        self._done: list[ProbeRecord] = []
 
     def busy(self) -> bool:
         return False
@@ -66,18 +56,18 @@ class InlineExecutor:
         device: torch.device | None = None,
     ) -> None:
         started = time.perf_counter()
-        outcome = _run(step, job, blocked)
-        outcome.blocked_seconds = blocked + (time.perf_counter() - started)
-        self._done.append(outcome)
+        record = _run(step, job, blocked)
+        waited = blocked + (time.perf_counter() - started)
+        self._done.append(dataclasses.replace(record, blocked_seconds=waited))
 
-    def poll(self) -> list[ProbeOutcome]:
+    def poll(self) -> list[ProbeRecord]:
         done, self._done = self._done, []
         return done
 
-    def drain(self, timeout: float | None = None) -> list[ProbeOutcome]:
+    def drain(self, timeout: float | None = None) -> list[ProbeRecord]:
         return self.poll()
 
-    def close(self, timeout: float | None = None) -> list[ProbeOutcome]:
+    def close(self, timeout: float | None = None) -> list[ProbeRecord]:
         return self.poll()
 
 
@@ -96,7 +86,6 @@ class BackgroundExecutor:
         self.threads = threads
         self._thread: threading.Thread | None = None
         self._token: CancelToken | None = None
-        self._outcome: ProbeOutcome | None = None
         self._step: int | None = None
         self._submit_seconds = 0.0
         self.n_cancelled = self.n_abandoned = 0
@@ -126,7 +115,7 @@ class BackgroundExecutor:
             raise RuntimeError("a probe is already running; check busy() first")
         started = time.perf_counter()
         token = CancelToken()
-        box: list[ProbeOutcome] = []
+        box: list[ProbeRecord] = []
 
         # CPU kernels of the probe use their own, smaller share of the cores (the setting
         # is per thread), so the probe does not oversubscribe the cores training uses.
@@ -145,34 +134,33 @@ class BackgroundExecutor:
             finally:
                 set_current_token(None)
 
-        self._token, self._box, self._step = token, box, step
-        self._thread = threading.Thread(target=work, name=f"redundancy-probe-{step}", daemon=True)
-        self._thread.start()
+        thread = threading.Thread(target=work, name=f"redundancy-probe-{step}", daemon=True)
+        thread.start()  # may raise (no thread can be started): then nothing is left half-set
+        self._thread, self._token, self._box, self._step = thread, token, box, step
         self._submit_seconds = time.perf_counter() - started
 
-    def _collect(self) -> list[ProbeOutcome]:
-        outcome = (
-            self._box[0]
-            if self._box
-            else ProbeOutcome(self._step, None, "the probe thread died", 0.0, 0.0)
-        )
+    def _collect(self) -> list[ProbeRecord]:
+        if self._box:
+            record = self._box[0]
+        else:
+            record = ProbeRecord(self._step, None, "the probe thread died", 0.0, 0.0)
         self._thread = self._token = None
-        outcome.blocked_seconds += self._submit_seconds
-        return [outcome]
+        waited = record.blocked_seconds + self._submit_seconds
+        return [dataclasses.replace(record, blocked_seconds=waited)]
 
-    def poll(self) -> list[ProbeOutcome]:
+    def poll(self) -> list[ProbeRecord]:
         if self._thread is None or self._thread.is_alive():
             return []
         return self._collect()
 
-    def drain(self, timeout: float | None = None) -> list[ProbeOutcome]:
+    def drain(self, timeout: float | None = None) -> list[ProbeRecord]:
         """Wait (at most `timeout` seconds; None: until done) for the running probe."""
         if self._thread is None:
             return []
         self._thread.join(timeout)
         return self.poll()
 
-    def close(self, timeout: float | None = None) -> list[ProbeOutcome]:
+    def close(self, timeout: float | None = None) -> list[ProbeRecord]:
         """Stop the worker within about ``timeout + CANCEL_GRACE`` seconds.
 
         Waits up to `timeout` for the running probe to finish (its outcome is returned),

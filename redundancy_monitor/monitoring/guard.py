@@ -41,12 +41,12 @@ def trajectory_identity(result: ProbeResult) -> dict[str, Any]:
     (expanded), the protocols."""
     pairs = [[r.i, r.j] for r in result.pairs] + [[s.i, s.j] for s in result.skipped]
     identity = {
-        "batch_sha256": result.meta.get("batch_sha256"),
+        "batch_sha256": result.meta.batch_sha256,
         "n_layers": result.n_layers,
         "pairs": sorted(pairs),
     }
-    if result.meta.get("protocols") is not None:
-        identity["protocols"] = protocols_identity(result.meta["protocols"])
+    if result.meta.protocols is not None:
+        identity["protocols"] = protocols_identity(result.meta.protocols)
     return identity
 
 

@@ -24,7 +24,8 @@ from typing import Any
 
 from redundancy_monitor.errors import RecordFileError, RecordFileLost, UnsafePathError
 from redundancy_monitor.monitoring.alerts import Alert
-from redundancy_monitor.monitoring.sinks import ProbeRecord, Sink
+from redundancy_monitor.monitoring.record import ProbeRecord
+from redundancy_monitor.monitoring.sinks import Sink
 
 
 class JsonlSink(Sink):
@@ -109,7 +110,7 @@ class JsonlSink(Sink):
         self._append({"type": "alert", **alert.to_dict()})
 
     def write_failure(self, step: int, error: str) -> None:
-        self._append({"type": "failure", "step": step, "error": error})
+        self._append(ProbeRecord(step, error=error).to_dict())
 
     def write_resume(self, step: int) -> None:
         self._append({"type": "resume", "step": step})

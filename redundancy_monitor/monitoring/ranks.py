@@ -9,9 +9,12 @@ send it their shards (monitoring/sharded.py); the merge is the same.
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.distributed as dist
 
+from redundancy_monitor.monitoring.record import ProbeRecord
 from redundancy_monitor.probing.probe import merge_shards, probe
 from redundancy_monitor.probing.result import ProbeResult
 
@@ -86,22 +89,20 @@ class RankGroup:
         dist.all_reduce(value, op=dist.ReduceOp.MAX, group=self.group)
         return [bool(v) for v in value.tolist()]
 
-    def merge(self, outcome, memory: dict | None = None):
-        """Every rank's outcome of one probe, merged into one (the same on every rank).
+    def merge(self, record: ProbeRecord, memory: dict | None = None) -> ProbeRecord:
+        """Every rank's record of one probe, merged into one (the same on every rank).
 
         A failure on any rank makes the whole probe a failure that names the rank. A rank
         with neither result nor error only helped (sent shards). `memory` is this rank's
         byte figures; the merged result carries the largest of each over the ranks and
         ``shadow_host_bytes_by_rank``.
         """
-        from redundancy_monitor.monitoring.executor import ProbeOutcome
-
         mine = {
-            "step": outcome.step,
-            "result": None if outcome.result is None else outcome.result.to_dict(),
-            "error": outcome.error,
-            "probe_seconds": outcome.probe_seconds,
-            "blocked_seconds": outcome.blocked_seconds,
+            "step": record.step,
+            "result": None if record.result is None else record.result.to_dict(),
+            "error": record.error,
+            "probe_seconds": record.probe_seconds,
+            "blocked_seconds": record.blocked_seconds,
             "memory": memory or {},
         }
         parts: list[dict | None] = [None] * self.world_size
@@ -116,13 +117,13 @@ class RankGroup:
         if not results and not errors:
             errors.append("no rank produced a result")
         if errors:
-            return ProbeOutcome(step, None, "; ".join(errors), seconds, blocked)
+            return ProbeRecord(step, None, "; ".join(errors), seconds, blocked)
         merged = merge_shards(results)
         memories = [p["memory"] for p in parts]
         if all(memories):
-            for key in memories[0]:
-                merged.meta[key] = max(m.get(key, 0) for m in memories)
-            merged.meta["shadow_host_bytes_by_rank"] = [
-                m.get("shadow_host_bytes", 0) for m in memories
-            ]
-        return ProbeOutcome(step, merged, None, seconds, blocked)
+            figures = {key: max(m.get(key, 0) for m in memories) for key in memories[0]}
+            by_rank = tuple(m.get("shadow_host_bytes", 0) for m in memories)
+            merged.meta = dataclasses.replace(
+                merged.meta, **figures, shadow_host_bytes_by_rank=by_rank
+            )
+        return ProbeRecord(step, merged, None, seconds, blocked)

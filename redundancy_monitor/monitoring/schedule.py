@@ -68,11 +68,3 @@ class ProbeSchedule:
         if self.log_spaced and (step == 0 or (step & (step - 1)) == 0):
             return self.every_n_steps is None or step < self.every_n_steps
         return step in self.steps
-
-    def to_dict(self) -> dict:
-        return {
-            "every_n_steps": self.every_n_steps,
-            "log_spaced": self.log_spaced,
-            "steps": list(self.steps),
-            "at_train_end": self.at_train_end,
-        }

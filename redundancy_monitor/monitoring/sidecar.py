@@ -18,12 +18,11 @@ from typing import Any
 
 from redundancy_monitor.errors import InvalidConfigError
 from redundancy_monitor.monitoring.alerts import Alert
-from redundancy_monitor.monitoring.monitor import _rule_set
+from redundancy_monitor.monitoring.recorder import _rule_set
 from redundancy_monitor.monitoring.schedule import ProbeSchedule
 
 log = logging.getLogger("redundancy_monitor")
 RECORD_FILE = "redundancy.jsonl"
-_SCHEDULE_ARGS = ("every_n_steps", "log_spaced", "steps", "at_train_end")
 _ALERT_ARGS = ("stop_on_alert", "checkpoint_on_alert", "on_alert")
 
 
@@ -138,7 +137,7 @@ def sidecar_from_kwargs(
     Raises:
         InvalidConfigError: a probing argument, which would have no effect.
     """
-    allowed = ("schedule", *_SCHEDULE_ARGS, *_ALERT_ARGS)
+    allowed = ("schedule", *_ALERT_ARGS)
     given = [k for k, v in unused.items() if v is not None]
     given += [k for k in monitor_kwargs if k not in allowed]
     if given:
@@ -147,10 +146,6 @@ def sidecar_from_kwargs(
             "have no effect; give probing settings to `redundancy-monitor watch`, or drop "
             "sidecar= to probe in-process"
         )
-    schedule = monitor_kwargs.get("schedule")
-    if schedule is None:
-        args = {k: monitor_kwargs[k] for k in _SCHEDULE_ARGS if k in monitor_kwargs}
-        args["steps"] = tuple(args.get("steps", ()))
-        schedule = ProbeSchedule(**args)
+    schedule = monitor_kwargs.get("schedule") or ProbeSchedule()
     alert_args = {k: monitor_kwargs[k] for k in _ALERT_ARGS if k in monitor_kwargs}
     return SidecarAlerts(log_dir, schedule, **alert_args)

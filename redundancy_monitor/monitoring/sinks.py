@@ -6,11 +6,10 @@ never needs a lock and framework loggers are never touched from the probe thread
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 from redundancy_monitor.monitoring.alerts import Alert
+from redundancy_monitor.monitoring.record import ProbeRecord
 from redundancy_monitor.probing.result import ProbeResult
 
 PREFIX = "redundancy"
@@ -28,27 +27,6 @@ BY_SEPARATION, DETAIL, PAIRS, PROBE_INFO = (
 MEMORY_FIELDS = ("shadow_host_bytes", "shadow_device_bytes", "probe_device_peak_bytes")
 #: Summary scalars whose interval bounds are logged as ``<name>_low`` / ``<name>_high``.
 BANDS = ("gap_median",)
-
-
-@dataclass
-class ProbeRecord:
-    """One finished probe, at the optimizer step of its snapshot."""
-
-    step: int
-    result: ProbeResult
-    probe_seconds: float
-    blocked_seconds: float
-    wall_time: float = field(default_factory=time.time)
-
-    def to_dict(self) -> dict:
-        return {
-            "type": "probe",
-            "step": self.step,
-            "wall_time": self.wall_time,
-            "probe_seconds": self.probe_seconds,
-            "blocked_seconds": self.blocked_seconds,
-            "result": self.result.to_dict(),
-        }
 
 
 def scalar_tag(name: str) -> str:
@@ -134,10 +112,6 @@ class SinkHealth:
     def ok(self, sink: Sink, method: str) -> None:
         if self._failing.get(id(sink)) == method:
             del self._failing[id(sink)]
-
-    @property
-    def n_failing(self) -> int:
-        return len(self._failing)
 
 
 class MetricsSink(Sink):

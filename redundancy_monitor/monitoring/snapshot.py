@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch
@@ -305,13 +306,13 @@ def probe_snapshot(
     finally:
         if gathered is not None:
             gathered.finish()
-    streamed = result.meta.get("streamed", {}).get("device_weight_peak_bytes", 0)
+    streamed = (result.meta.streamed or {}).get("device_weight_peak_bytes", 0)
     return _with_memory(result, snap, peak.bytes if peak.bytes is not None else streamed)
 
 
 def _with_memory(result, snap: Snapshot, peak_bytes: int | None):
     snap.memory["probe_device_peak_bytes"] = int(peak_bytes or 0)
-    result.meta.update(snap.memory)
+    result.meta = dataclasses.replace(result.meta, **snap.memory)
     return result
 
 

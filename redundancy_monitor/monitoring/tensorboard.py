@@ -10,6 +10,7 @@ import numpy as np
 
 from redundancy_monitor.errors import InvalidConfigError
 from redundancy_monitor.monitoring.alerts import Alert
+from redundancy_monitor.monitoring.record import ProbeRecord
 from redundancy_monitor.monitoring.sinks import (
     BANDS,
     BY_SEPARATION,
@@ -17,7 +18,6 @@ from redundancy_monitor.monitoring.sinks import (
     MEMORY_FIELDS,
     PREFIX,
     PROBE_INFO,
-    ProbeRecord,
     Sink,
     probe_scalars,
 )
@@ -209,8 +209,8 @@ class TensorBoardSink(Sink):
         w.add_scalar(f"{PROBE_INFO}/probe_seconds", record.probe_seconds, step)
         w.add_scalar(f"{PROBE_INFO}/blocked_seconds", record.blocked_seconds, step)
         for name in MEMORY_FIELDS:
-            if record.result.meta.get(name) is not None:
-                w.add_scalar(f"{PROBE_INFO}/{name}", record.result.meta[name], step)
+            if getattr(record.result.meta, name) is not None:
+                w.add_scalar(f"{PROBE_INFO}/{name}", getattr(record.result.meta, name), step)
         if record.result.summary.regime is not None:
             w.add_text(f"{PREFIX}/regime", record.result.summary.regime, step)
         if self.per_sequence and record.result.per_sequence is not None:

@@ -23,7 +23,6 @@ ask for, in order, so it can copy them ahead.
 from __future__ import annotations
 
 import contextlib
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -449,7 +448,3 @@ def variant_distances(
     """
     with untouched(model):
         return Engine(model, blocks, head, batch, options, weights).run(variants, progress)
-
-
-def is_finite(x: float | None) -> bool:
-    return x is not None and math.isfinite(x)

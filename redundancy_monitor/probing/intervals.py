@@ -31,6 +31,7 @@ from redundancy_monitor.probing.result import (
     GapStats,
     PairRecord,
     PerSequence,
+    ProbeMeta,
     ProbeResult,
     Thresholds,
     _ranks,
@@ -329,7 +330,7 @@ def add_intervals(
     without intervals and ``meta["intervals"]["skipped"]`` says why.
     """
     config = config or IntervalConfig()
-    thresholds = thresholds or Thresholds(**result.meta.get("thresholds", {}))
+    thresholds = thresholds or result.meta.thresholds or Thresholds()
     info: dict[str, Any] = {
         "method": METHOD,
         "n_boot": config.n_boot,
@@ -340,7 +341,7 @@ def add_intervals(
     per_seq = result.per_sequence
     if per_seq is None or per_seq.n_seq < 2:
         info["skipped"] = "needs the per-sequence distances of at least 2 sequences"
-        return dataclasses.replace(result, meta={**result.meta, "intervals": info})
+        return dataclasses.replace(result, meta=dataclasses.replace(result.meta, intervals=info))
     n = per_seq.n_seq
     levels = quantile_levels(n, config.confidence, config.expanded)
     info["n_seq"], info["levels"] = n, [float(levels[0]), float(levels[1])]
@@ -371,7 +372,10 @@ def add_intervals(
         stability = float(np.mean(codes == REGIMES.index(result.summary.regime)))
     summary = dataclasses.replace(result.summary, intervals=intervals, regime_stability=stability)
     return dataclasses.replace(
-        result, pairs=pairs, summary=summary, meta={**result.meta, "intervals": info}
+        result,
+        pairs=pairs,
+        summary=summary,
+        meta=dataclasses.replace(result.meta, intervals=info),
     )
 
 
@@ -406,11 +410,11 @@ def from_per_sequence(
             for name in PerSequence.TABLES
         }
         records.append(PairRecord.build(i, j, mean["repl_ij"], mean["repl_ji"], mean["d_int"]))
-    meta = {
-        "n_layers": max((j for _, j in per_seq.pairs), default=0) + 1,
-        "n_seq": per_seq.n_seq,
-        "thresholds": thresholds.__dict__.copy(),
-    }
+    meta = ProbeMeta(
+        n_layers=max((j for _, j in per_seq.pairs), default=0) + 1,
+        n_seq=per_seq.n_seq,
+        thresholds=thresholds,
+    )
     result = ProbeResult(records, summarize(records, thresholds), meta=meta, per_sequence=per_seq)
     return add_intervals(result, config, thresholds) if intervals else result
 
@@ -512,10 +516,10 @@ def sample_size_advice(
     Raises:
         KeyError: `metric` is not a summary scalar.
     """
-    info = result.meta.get("intervals", {})
+    info = result.meta.intervals or {}
     confidence = float(info.get("confidence", 0.95))
     expanded = bool(info.get("expanded", True))
-    n = int(result.meta.get("n_seq") or info.get("n_seq") or 0)
+    n = int(result.meta.n_seq or info.get("n_seq") or 0)
     low, high = result.summary.interval(metric)
     value = result.summary.scalars().get(metric)
     halfwidth = needed = None

@@ -22,7 +22,7 @@ def _accepts(fn, name: str) -> bool:
     return name in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
 
 
-def vocab_size_of(model: nn.Module, head: nn.Module | None = None) -> int | None:
+def vocab_size_of(model: nn.Module) -> int | None:
     """The size of the embedding table, which bounds the valid token ids."""
     getter = getattr(model, "get_input_embeddings", None)
     emb = getter() if callable(getter) else None

@@ -27,6 +27,7 @@ from redundancy_monitor.probing.result import (
     DeletionRecord,
     PairRecord,
     PerSequence,
+    ProbeMeta,
     ProbeResult,
     SkippedPair,
     Thresholds,
@@ -195,20 +196,23 @@ def merge_shards(parts: Sequence[ProbeResult], thresholds: Thresholds | None = N
     """
     if not parts:
         raise InvalidConfigError("merge_shards needs at least one shard")
-    hashes = {p.meta.get("batch_sha256") for p in parts}
+    hashes = {p.meta.batch_sha256 for p in parts}
     if len(hashes) != 1:
         raise InvalidConfigError(
             "shards were measured on different probe batches; every rank must probe the same batch"
         )
-    thresholds = thresholds or Thresholds(**parts[0].meta.get("thresholds", {}))
+    thresholds = thresholds or parts[0].meta.thresholds or Thresholds()
     records = sorted((r for p in parts for r in p.pairs), key=lambda r: (r.i, r.j))
     skipped = sorted((s for p in parts for s in p.skipped), key=lambda s: (s.i, s.j))
     deletion = sorted((d for p in parts for d in p.deletion), key=lambda d: d.slot)
-    meta = dict(parts[0].meta)
-    meta.pop("shard", None)
-    meta["n_variants"] = sum(p.meta.get("n_variants", 0) for p in parts)
-    meta["elapsed_s"] = max(p.meta.get("elapsed_s", 0.0) for p in parts)
-    meta["world_size"] = len(parts)
+    meta = dataclasses.replace(
+        parts[0].meta,
+        shard=None,
+        n_variants=sum(p.meta.n_variants or 0 for p in parts),
+        elapsed_s=max(p.meta.elapsed_s or 0.0 for p in parts),
+        world_size=len(parts),
+        intervals=None,
+    )
     per_seq = [p.per_sequence for p in parts if p.per_sequence is not None]
     merged = ProbeResult(
         records,
@@ -218,7 +222,7 @@ def merge_shards(parts: Sequence[ProbeResult], thresholds: Thresholds | None = N
         meta,
         per_sequence=PerSequence.merge(per_seq) if len(per_seq) == len(parts) else None,
     )
-    requested = meta.pop("intervals", None)
+    requested = parts[0].meta.intervals
     if requested is None:
         return merged
     config = IntervalConfig(
@@ -343,27 +347,25 @@ def probe(
         for s in deletion_slots:
             d = by_variant[Variant.deletion(n_layers, [s])]
             deletion.append(DeletionRecord(s, d.mean, d.last))
-    meta = {
-        "version": __version__,
-        "model_class": type(root).__name__,
-        "dtype": str(next(root.parameters()).dtype).replace("torch.", ""),
-        "device": str(batch.input_ids.device),
-        "n_layers": n_layers,
-        "n_seq": batch.n_seq,
-        "seq_len": batch.seq_len,
-        "n_tokens": batch.n_tokens,
-        "batch_sha256": batch.sha256,
-        "pairs": pairs if isinstance(pairs, str) else "explicit",
-        "protocols": list(protocols),
-        "thresholds": thresholds.__dict__.copy(),
-        "n_variants": len(variants),
-        "oom_retries": oom_retries,
-        "elapsed_s": round(time.perf_counter() - started, 4),
-    }
-    if shard is not None:
-        meta["shard"] = list(shard)
-    if streamed is not None:
-        meta["streamed"] = streamed
+    meta = ProbeMeta(
+        version=__version__,
+        model_class=type(root).__name__,
+        dtype=str(next(root.parameters()).dtype).replace("torch.", ""),
+        device=str(batch.input_ids.device),
+        n_layers=n_layers,
+        n_seq=batch.n_seq,
+        seq_len=batch.seq_len,
+        n_tokens=batch.n_tokens,
+        batch_sha256=batch.sha256,
+        pairs=pairs if isinstance(pairs, str) else "explicit",
+        protocols=tuple(protocols),
+        thresholds=thresholds,
+        n_variants=len(variants),
+        oom_retries=oom_retries,
+        elapsed_s=round(time.perf_counter() - started, 4),
+        shard=None if shard is None else tuple(shard),
+        streamed=streamed,
+    )
     result = ProbeResult(
         records,
         summarize(records, thresholds),
@@ -375,7 +377,7 @@ def probe(
     if interval_config is None:
         return result
     if shard is not None:  # the summary needs every pair: merge_shards bootstraps
-        meta["intervals"] = dataclasses.asdict(interval_config)
+        result.meta = dataclasses.replace(meta, intervals=dataclasses.asdict(interval_config))
         return result
     return add_intervals(result, interval_config, thresholds)
 

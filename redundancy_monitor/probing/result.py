@@ -464,6 +464,75 @@ def summarize(pairs: list[PairRecord], thresholds: Thresholds | None = None) -> 
     )
 
 
+@dataclass(frozen=True)
+class ProbeMeta:
+    """How a probe was run: library version, model, probe batch, pair set, protocols, cost.
+
+    A field is None where it is unknown (records of older versions, hand-made results)
+    and is then left out of `to_dict()`.
+
+    Attributes:
+        pairs: the pair-set name (``"adjacent"``, ``"window:k"``, ``"all"``), or
+            ``"explicit"`` for a list of pairs.
+        shard: ``(rank, world_size)`` of a result that holds one rank's share.
+        streamed: for a probe that streamed block weights from host memory, its
+            ``device_weight_peak_bytes``, ``block_loads`` and ``capacity_blocks``.
+        intervals: how the bootstrap intervals were computed (replicates, confidence,
+            seed; or why they were skipped); on a shard, the request `merge_shards`
+            carries out.
+        shadow_host_bytes, shadow_device_bytes, probe_device_peak_bytes: the monitor's
+            memory figures for this probe (snapshot in host and device memory, the
+            probe's device peak); the largest over the ranks for a merged result.
+        world_size: how many shares a merged result was made of.
+        shadow_host_bytes_by_rank: each rank's host snapshot bytes (merged results).
+        oom_retries: how often the probe ran out of memory and retried smaller.
+    """
+
+    version: str | None = None
+    model_class: str | None = None
+    dtype: str | None = None
+    device: str | None = None
+    n_layers: int | None = None
+    n_seq: int | None = None
+    seq_len: int | None = None
+    n_tokens: int | None = None
+    batch_sha256: str | None = None
+    pairs: str | None = None
+    protocols: tuple[str, ...] | None = None
+    thresholds: Thresholds | None = None
+    n_variants: int | None = None
+    oom_retries: int | None = None
+    elapsed_s: float | None = None
+    shard: tuple[int, int] | None = None
+    streamed: dict[str, int] | None = None
+    intervals: dict[str, Any] | None = None
+    shadow_host_bytes: int | None = None
+    shadow_device_bytes: int | None = None
+    probe_device_peak_bytes: int | None = None
+    world_size: int | None = None
+    shadow_host_bytes_by_rank: tuple[int, ...] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if value is not None:
+                out[f.name] = asdict(value) if isinstance(value, Thresholds) else value
+        return json_safe(out)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ProbeMeta:
+        """Read `to_dict()` output; keys this version does not know are ignored."""
+        known = {f.name for f in fields(cls)}
+        values = {k: v for k, v in data.items() if k in known}
+        if isinstance(values.get("thresholds"), dict):
+            values["thresholds"] = Thresholds(**values["thresholds"])
+        for key in ("protocols", "shard", "shadow_host_bytes_by_rank"):
+            if isinstance(values.get(key), list):
+                values[key] = tuple(values[key])
+        return cls(**values)
+
+
 @dataclass
 class ProbeResult:
     """Everything one probe measured.
@@ -482,12 +551,14 @@ class ProbeResult:
     summary: ProbeSummary
     skipped: list[SkippedPair] = field(default_factory=list)
     deletion: list[DeletionRecord] = field(default_factory=list)
-    meta: dict[str, Any] = field(default_factory=dict)
+    meta: ProbeMeta = field(default_factory=ProbeMeta)
     per_sequence: PerSequence | None = None
 
     @property
     def n_layers(self) -> int:
-        return int(self.meta["n_layers"])
+        if self.meta.n_layers is None:
+            raise KeyError("the result's meta does not say how many layers the model has")
+        return int(self.meta.n_layers)
 
     def pair(self, i: int, j: int) -> PairRecord:
         i, j = min(i, j), max(i, j)
@@ -501,7 +572,7 @@ class ProbeResult:
 
     def to_dict(self) -> dict[str, Any]:
         out = {
-            "meta": self.meta,
+            "meta": self.meta.to_dict(),
             "summary": self.summary.to_dict(),
             "pairs": [r.to_dict() for r in self.pairs],
             "skipped": [s.to_dict() for s in self.skipped],
@@ -519,7 +590,7 @@ class ProbeResult:
             summary=ProbeSummary.from_dict(data["summary"]),
             skipped=[SkippedPair(**s) for s in data.get("skipped", [])],
             deletion=[DeletionRecord(**d) for d in data.get("deletion", [])],
-            meta=dict(data.get("meta", {})),
+            meta=ProbeMeta.from_dict(data.get("meta", {})),
             per_sequence=None if per_sequence is None else PerSequence.from_dict(per_sequence),
         )
 

@@ -111,12 +111,6 @@ class HiddenStateScores:
         start = min(range(len(scores)), key=lambda s: (scores[s], s))
         return tuple(range(start, start + budget))
 
-    def to_dict(self) -> dict:
-        return {
-            "block_influence": list(self.block_influence),
-            "angular": {str(n): list(v) for n, v in self.angular.items()},
-        }
-
 
 def _cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.cosine_similarity(a.float(), b.float(), dim=-1, eps=1e-12)

@@ -11,34 +11,17 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from redundancy_monitor.errors import RunFolderError
 from redundancy_monitor.monitoring.alerts import Alert
 from redundancy_monitor.monitoring.jsonl import RecordFileError, read_numbered_records
-from redundancy_monitor.probing.result import ProbeResult
+from redundancy_monitor.monitoring.record import ProbeRecord
 
 RECORD_FILE = "redundancy.jsonl"
 REMOVAL_FILES = ("result.json", "removal.json")
-
-
-@dataclass
-class ProbePoint:
-    """One probe of the run: its optimizer step and everything it measured."""
-
-    step: int
-    result: ProbeResult
-    wall_time: float | None = None
-    probe_seconds: float | None = None
-    segment: int = 0  # which trajectory: 0, then +1 at each new_baseline marker
-
-
-@dataclass
-class Failure:
-    step: int
-    error: str
 
 
 @dataclass
@@ -55,43 +38,45 @@ class RunRecords:
 
     Attributes:
         source: the record file read.
-        probes: one point per probed step (a step probed twice keeps its last record).
+        probes: one record per probed step (a step probed twice keeps its last record).
         alerts: every alert, in the order written.
-        failures: every failed probe.
+        failures: every failed probe (records with an error).
         removal: a measured removal table (``rows``, ``verdicts``, ``base_perplexity``),
             or None when the run has none.
         removal_source: the file it came from.
-        baselines: the new-baseline markers, in order; probes after the k-th belong to
-            trajectory ``segment == k``.
+        baselines: the new-baseline markers, in order.
+        segment_of: the trajectory each probed step belongs to: 0, then +1 at each
+            new-baseline marker (in the order written).
     """
 
     source: Path
-    probes: list[ProbePoint]
+    probes: list[ProbeRecord]
     alerts: list[Alert] = field(default_factory=list)
-    failures: list[Failure] = field(default_factory=list)
+    failures: list[ProbeRecord] = field(default_factory=list)
     removal: dict[str, Any] | None = None
     removal_source: Path | None = None
     baselines: list[Baseline] = field(default_factory=list)
+    segment_of: dict[int, int] = field(default_factory=dict)
 
-    def segments(self) -> list[list[ProbePoint]]:
+    def segments(self) -> list[list[ProbeRecord]]:
         """The probes of each trajectory (separated by new baselines) that has any."""
-        by_segment: dict[int, list[ProbePoint]] = {}
+        by_segment: dict[int, list[ProbeRecord]] = {}
         for p in self.probes:
-            by_segment.setdefault(p.segment, []).append(p)
+            by_segment.setdefault(self.segment_of.get(p.step, 0), []).append(p)
         return [by_segment[k] for k in sorted(by_segment)]
 
     @property
-    def current(self) -> list[ProbePoint]:
+    def current(self) -> list[ProbeRecord]:
         """The probes of the last trajectory: the one changes are measured within."""
         return self.segments()[-1]
 
     @property
-    def first(self) -> ProbePoint:
+    def first(self) -> ProbeRecord:
         """The first probe of the current trajectory."""
         return self.current[0]
 
     @property
-    def last(self) -> ProbePoint:
+    def last(self) -> ProbeRecord:
         return self.probes[-1]
 
     @property
@@ -131,17 +116,13 @@ def find_record_file(run_dir: str | os.PathLike) -> Path:
     )
 
 
-def _probe_point(record: dict[str, Any], segment: int) -> ProbePoint:
-    result = ProbeResult.from_dict(record["result"])
-    if "n_layers" not in result.meta and result.pairs:
-        result.meta["n_layers"] = max(r.j for r in result.pairs) + 1
-    return ProbePoint(
-        step=int(record["step"]),
-        result=result,
-        wall_time=record.get("wall_time"),
-        probe_seconds=record.get("probe_seconds"),
-        segment=segment,
-    )
+def _probe_record(line: dict[str, Any]) -> ProbeRecord:
+    record = ProbeRecord.from_dict(line)
+    result = record.result
+    if result.meta.n_layers is None and result.pairs:  # files of early versions
+        meta = replace(result.meta, n_layers=max(r.j for r in result.pairs) + 1)
+        record = replace(record, result=replace(result, meta=meta))
+    return record
 
 
 def read_removal_table(path: Path) -> dict[str, Any] | None:
@@ -189,20 +170,22 @@ def load_run(run_dir: str | os.PathLike, removal: str | os.PathLike | None = Non
             message names the line.
     """
     source = find_record_file(run_dir)
-    by_step: dict[int, ProbePoint] = {}
+    by_step: dict[int, ProbeRecord] = {}
+    segment_of: dict[int, int] = {}
     alerts, failures, baselines = [], [], []
-    for n, record in read_numbered_records(source):
-        kind = record.get("type")
+    for n, line in read_numbered_records(source):
+        kind = line.get("type")
         try:
             if kind == "probe":
-                point = _probe_point(record, len(baselines))
-                by_step[point.step] = point
+                record = _probe_record(line)
+                by_step[record.step] = record
+                segment_of[record.step] = len(baselines)
             elif kind == "alert":
-                alerts.append(Alert(**{k: v for k, v in record.items() if k != "type"}))
+                alerts.append(Alert(**{k: v for k, v in line.items() if k != "type"}))
             elif kind == "failure":
-                failures.append(Failure(int(record["step"]), str(record.get("error", ""))))
+                failures.append(ProbeRecord.from_dict(line))
             elif kind == "new_baseline":
-                baselines.append(Baseline(int(record["step"]), str(record.get("reason", ""))))
+                baselines.append(Baseline(int(line["step"]), str(line.get("reason", ""))))
         except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
             detail = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
             raise RecordFileError(
@@ -226,4 +209,4 @@ def load_run(run_dir: str | os.PathLike, removal: str | os.PathLike | None = Non
     else:
         folders = [source.parent] + ([Path(run_dir)] if Path(run_dir).is_dir() else [])
         table, table_source = _find_removal_table(folders)
-    return RunRecords(source, probes, alerts, failures, table, table_source, baselines)
+    return RunRecords(source, probes, alerts, failures, table, table_source, baselines, segment_of)

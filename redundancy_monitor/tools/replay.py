@@ -1,9 +1,9 @@
 """`redundancy-monitor replay`: the gap trajectory of a series of saved checkpoints.
 
 Each checkpoint is loaded in step order and probed on one fixed batch; the results go
-through a `RedundancyMonitor` (its JSONL and TensorBoard sinks and its alert rules), so
-the run folder holds exactly what the live monitor writes during training. The
-monitor's state is saved after every checkpoint; an interrupted replay resumes from it
+through the `Recorder` a live monitor uses (its JSONL and TensorBoard sinks and its alert
+rules), so the run folder holds exactly what the monitor writes during training. The
+recorder's state is saved after every checkpoint; an interrupted replay resumes from it
 the way a resumed training run does, and already probed steps are not redone.
 `ReplayRun` is that run folder; `redundancy-monitor watch` (tools/watch.py) records
 through it too.
@@ -41,15 +41,16 @@ from redundancy_monitor.errors import (
 )
 from redundancy_monitor.files import write_json_atomic
 from redundancy_monitor.monitoring.alerts import AlertConfig
-from redundancy_monitor.monitoring.executor import ProbeOutcome
 from redundancy_monitor.monitoring.guard import protocols_identity, same_pair_set
-from redundancy_monitor.monitoring.monitor import RedundancyMonitor
-from redundancy_monitor.monitoring.schedule import ProbeSchedule
+from redundancy_monitor.monitoring.jsonl import JsonlSink
+from redundancy_monitor.monitoring.probe_config import ProbeConfig
+from redundancy_monitor.monitoring.record import ProbeRecord
+from redundancy_monitor.monitoring.recorder import Recorder
 from redundancy_monitor.monitoring.tensorboard import TensorBoardSink
+from redundancy_monitor.probing.batch import make_batch
 from redundancy_monitor.probing.engine import DEFAULT_BATCH_TOKENS
 from redundancy_monitor.probing.probe import probe
 from redundancy_monitor.probing.result import Thresholds
-from redundancy_monitor.probing.variants import check_protocols
 from redundancy_monitor.tools import dcp
 
 log = logging.getLogger("redundancy_monitor")
@@ -463,11 +464,14 @@ def _check_settings(
 
 
 class ReplayRun:
-    """A run folder that probes of saved checkpoints are recorded into, as the live
-    monitor records them (JSONL, TensorBoard, alerts), resumable from its state file.
+    """A run folder that probes of saved checkpoints are recorded into, through the
+    `Recorder` the live monitor uses (JSONL, TensorBoard, alerts), resumable from its
+    state file.
 
     Opening a folder that holds a state file resumes it: its alert state, history and
     probed steps are restored, and the next `record` marks where the earlier records end.
+    The state file keeps the recorder's state with the probed steps, under ``"monitor"``
+    (the keys of a monitor's `state_dict()`).
 
     Args:
         out_dir: the run folder.
@@ -479,6 +483,7 @@ class ReplayRun:
     Raises:
         CheckpointError: the folder holds a run with other settings.
         MonitorStateError: the folder holds a run of another probe batch.
+        InvalidBatchError: a probe batch that cannot be used.
     """
 
     def __init__(
@@ -494,56 +499,53 @@ class ReplayRun:
         batch_tokens: int = DEFAULT_BATCH_TOKENS,
         state_file: str = STATE_FILE,
     ):
-        protocols = check_protocols(protocols)
+        self.config = ProbeConfig(pairs, tuple(protocols), thresholds, batch_tokens=batch_tokens)
+        batch = make_batch(input_ids.detach().cpu(), _cpu(attention_mask))
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.state_path = self.out_dir / state_file
-        self.settings = {"pairs": pairs, "protocols": list(protocols)}
-        saved = None
+        self.settings = {"pairs": pairs, "protocols": list(self.config.protocols)}
+        saved = {}
         if self.state_path.is_file():
             saved = json.loads(self.state_path.read_text(encoding="utf-8"))
             identity = saved["monitor"].get("trajectory") or {}
             _check_settings(
                 saved.get("settings", {}), self.settings, self.out_dir, identity.get("n_layers")
             )
-        resumed_at = None if saved is None else saved["monitor"].get("last_step")
+        state = saved.get("monitor", {})
+        self._steps: list[int] = list(state.get("probed_steps", []))
+        self._last_step: int | None = state.get("last_step")
         self._tensorboard = TensorBoardSink(
-            log_dir=self.out_dir, purge_step=None if resumed_at is None else resumed_at + 1
+            log_dir=self.out_dir,
+            purge_step=None if self._last_step is None else self._last_step + 1,
         )
-        self.monitor = RedundancyMonitor(
-            input_ids,
-            attention_mask=attention_mask,
-            schedule=ProbeSchedule.explicit([], at_train_end=False),
-            pairs=pairs,
-            protocols=protocols,
-            thresholds=thresholds,
-            batch_tokens=batch_tokens,
-            executor="inline",
+        self.recorder = Recorder(
+            [self._tensorboard, JsonlSink(self.out_dir / RECORD_FILE)],
             alerts=alerts,
-            jsonl_path=self.out_dir / RECORD_FILE,
-            sinks=[self._tensorboard],
+            probe_config=self.config,
         )
-        if saved is not None:
-            self.monitor.load_state_dict(saved["monitor"])
+        if state:
+            self.recorder.load_state_dict(state)
+        self.recorder.use_batch(batch.sha256)
         self._ids, self._mask = input_ids, attention_mask
         self._started = False
 
     @property
     def probed_steps(self) -> set[int]:
         """Steps recorded so far (probed or failed), earlier sessions included."""
-        return set(self.monitor.probed_steps)
+        return set(self._steps)
 
     @property
     def last_step(self) -> int | None:
-        return self.monitor.last_step
+        return self._last_step
 
     @property
     def alerts(self):
-        return self.monitor.alerts
+        return self.recorder.alerts
 
     def record(
         self, ref: CheckpointRef, load_model: Callable[[CheckpointRef], nn.Module]
-    ) -> ProbeOutcome:
+    ) -> ProbeRecord:
         """Load and probe one checkpoint, record it, save the state.
 
         A checkpoint that fails to load or probe is recorded as a failed probe (with its
@@ -554,28 +556,34 @@ class ReplayRun:
             CheckpointVanished: the checkpoint was deleted while it was read (nothing
                 is recorded).
         """
-        if self.last_step is not None and ref.step <= self.last_step:
+        if self._last_step is not None and ref.step <= self._last_step:
             raise CheckpointError(
-                f"{self.out_dir} already holds probes up to step {self.last_step}; {ref.path} "
+                f"{self.out_dir} already holds probes up to step {self._last_step}; {ref.path} "
                 f"(step {ref.step}) would come out of order. Replay it into a new --out"
             )
-        if not self._started:
-            self.monitor.start()  # after a resume: marks where the earlier records end
+        record = _probe_checkpoint(ref, load_model, self._ids, self._mask, self.config)
+        if not self._started:  # after a resume: marks where the earlier records end
+            resumed = self._last_step is not None
+            self.recorder.mark_start(self._last_step + 1 if resumed else ref.step, resumed)
             self._started = True
-        outcome = _probe_checkpoint(
-            ref, load_model, self._ids, self._mask, self.monitor.probe_kwargs
-        )
-        self.monitor.record_outcome(outcome)
+        self._last_step = ref.step
+        self._steps.append(ref.step)
+        self.recorder.record(record)
         try:  # a sidecar may be killed at any moment: keep TensorBoard as current as the state
             self._tensorboard.flush()
         except Exception as exc:
             log.warning("replay: flushing TensorBoard events failed: %s", exc)
-        state = {"settings": self.settings, "monitor": self.monitor.state_dict()}
+        position = {"last_step": self._last_step, "probed_steps": list(self._steps)}
+        state = {"settings": self.settings, "monitor": {**self.recorder.state_dict(), **position}}
         write_json_atomic(self.state_path, state, indent=1)
-        return outcome
+        return record
 
     def close(self) -> None:
-        self.monitor.close()
+        self.recorder.close()
+
+
+def _cpu(tensor: torch.Tensor | None) -> torch.Tensor | None:
+    return None if tensor is None else tensor.detach().cpu()
 
 
 # ----- the replay -----------------------------------------------------------------------
@@ -645,8 +653,8 @@ def replay(
     try:
         for ref in todo:
             bar.set_postfix_str(f"step {ref.step}")
-            result = run.record(ref, load_model)
-            (outcome.failed if result.error else outcome.probed).append(ref.step)
+            record = run.record(ref, load_model)
+            (outcome.failed if record.failed else outcome.probed).append(ref.step)
             bar.update(1)
     finally:
         bar.close()
@@ -662,11 +670,11 @@ def _progress(total: int, done: int, enabled: bool):
 
 
 def _probe_checkpoint(
-    ref: CheckpointRef, load_model: Callable, ids, mask, probe_kwargs: dict[str, Any]
-) -> ProbeOutcome:
+    ref: CheckpointRef, load_model: Callable, ids, mask, config: ProbeConfig
+) -> ProbeRecord:
     started = time.perf_counter()
     try:
-        result, error = probe(load_model(ref), ids, mask, **probe_kwargs), None
+        result, error = probe(load_model(ref), ids, mask, **config.probe_kwargs()), None
     except (InvalidPairsError, InvalidProtocolError, MissingModelConfig):
         raise  # a wrong setting, not a bad checkpoint: every other one would fail too
     except Exception as exc:  # one bad checkpoint must not end the replay
@@ -676,4 +684,4 @@ def _probe_checkpoint(
             ) from None
         result = None
         error = f"{type(exc).__name__}: {exc} ({ref.path})\n{traceback.format_exc(limit=6)}"
-    return ProbeOutcome(ref.step, result, error, time.perf_counter() - started, 0.0)
+    return ProbeRecord(ref.step, result, error, time.perf_counter() - started, 0.0)

@@ -19,8 +19,9 @@ from pathlib import Path
 from redundancy_monitor.errors import InvalidBudgetError
 from redundancy_monitor.files import write_bytes_atomic
 from redundancy_monitor.formatting import fmt
+from redundancy_monitor.monitoring.record import ProbeRecord
 from redundancy_monitor.removal.selection import default_budget, jaccard, plan_removal
-from redundancy_monitor.tools.records import ProbePoint, RunRecords, load_run
+from redundancy_monitor.tools.records import RunRecords, load_run
 
 _f = functools.partial(fmt, missing="n/a")  # a page for people: "n/a", not "null"
 
@@ -126,7 +127,7 @@ def _baseline_sentences(run: RunRecords) -> list[str]:
     ]
 
 
-def _removal_sentences(point: ProbePoint) -> list[str]:
+def _removal_sentences(point: ProbeRecord) -> list[str]:
     budget = default_budget(point.result.n_layers)
     try:
         plan = plan_removal(
@@ -252,7 +253,7 @@ def _probe_table(run: RunRecords) -> str:
         rows.append(
             [
                 str(p.step),
-                *([str(p.segment + 1)] if several else []),
+                *([str(run.segment_of.get(p.step, 0) + 1)] if several else []),
                 s.regime_text(),
                 _f(s.gap_mean),
                 _f(s.gap_median),
@@ -329,7 +330,7 @@ def render_html(run: RunRecords, figures: dict[str, bytes | None], summary: list
     sections.append(f"<h2>Every probe</h2>{_probe_table(run)}")
     meta = run.last.result.meta
     source = html.escape(str(run.source))
-    batch = html.escape(str(meta.get("batch_sha256", "unknown"))[:16])
+    batch = html.escape(str(meta.batch_sha256 or "unknown")[:16])
     return (
         '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
         f'<meta http-equiv="Content-Security-Policy" content="{CSP}">'
@@ -337,7 +338,7 @@ def render_html(run: RunRecords, figures: dict[str, bytes | None], summary: list
         f"<script>{CHECK_SCRIPT}</script></head><body>"
         "<h1>Layer redundancy report</h1>"
         f'<p class="note">Records: {source}; probe batch sha256 {batch}...; model '
-        f"{html.escape(str(meta.get('model_class', 'unknown')))}. Distances are KL divergences "
+        f"{html.escape(str(meta.model_class or 'unknown'))}. Distances are KL divergences "
         "in nats; gap = d_repl - d_int; ir = d_int / d_repl.</p>"
         f"<h2>Summary</h2><ul>{items}</ul>{''.join(sections)}</body></html>\n"
     )

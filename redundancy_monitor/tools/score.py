@@ -133,7 +133,7 @@ class ScoreRun:
                 k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self.config).items()
             },
             "versions": versions(),
-            "batch_sha256": self.result.meta.get("batch_sha256"),
+            "batch_sha256": self.result.meta.batch_sha256,
             "text": self.split.to_dict(),
             "probe": self.result.to_dict(),
             "removal": self.report.to_dict(),

@@ -69,7 +69,7 @@ def _regime_line(run: ScoreRun, bold: bool = False) -> str:
 
 
 def _interval_note(run: ScoreRun) -> str:
-    info = run.result.meta.get("intervals") or {}
+    info = run.result.meta.intervals or {}
     if "levels" not in info:
         return "no intervals (the probe batch has fewer than 2 sequences, or they were off)"
     return (
@@ -82,8 +82,8 @@ def terminal_summary(run: ScoreRun) -> str:
     """Regime, the ten most interchangeable pairs under each protocol, the removal table."""
     meta = run.result.meta
     lines = [
-        f"{meta['model_class']}: {meta['n_layers']} layers, probe batch {meta['n_seq']} x "
-        f"{meta['seq_len']} tokens (sha256 {meta['batch_sha256'][:12]}), pairs {meta['pairs']}",
+        f"{meta.model_class}: {meta.n_layers} layers, probe batch {meta.n_seq} x "
+        f"{meta.seq_len} tokens (sha256 {meta.batch_sha256[:12]}), pairs {meta.pairs}",
         f"regime: {_regime_line(run)}",
         f"precision: {run.sample_size.sentence()}",
         _interval_note(run),
@@ -103,9 +103,9 @@ def summary_markdown(run: ScoreRun) -> str:
     out = [
         f"# redundancy-monitor score: `{run.config.path}`",
         "",
-        f"- model: {meta['model_class']}, {meta['n_layers']} layers, dtype {meta['dtype']}",
-        f"- probe batch: {meta['n_seq']} x {meta['seq_len']} tokens, sha256 "
-        f"`{meta['batch_sha256']}`; pairs: {meta['pairs']}",
+        f"- model: {meta.model_class}, {meta.n_layers} layers, dtype {meta.dtype}",
+        f"- probe batch: {meta.n_seq} x {meta.seq_len} tokens, sha256 "
+        f"`{meta.batch_sha256}`; pairs: {meta.pairs}",
         f"- regime: {_regime_line(run, bold=True)}. The regime describes; the recommendation "
         "below comes from measured cost.",
         f"- precision: {run.sample_size.sentence()}.",

@@ -19,7 +19,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 from training_fixtures import probe_ids, token_loader
 
-from redundancy_monitor import RedundancyMonitor
+from redundancy_monitor import ProbeConfig, ProbeSchedule, RedundancyMonitor
 from redundancy_monitor.monitoring.sharded import HostShards
 
 
@@ -59,9 +59,8 @@ def main() -> None:
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     monitor = RedundancyMonitor(
         probe_ids(),
-        every_n_steps=3,
-        log_spaced=False,
-        pairs="window:2",
+        schedule=ProbeSchedule(3, log_spaced=False),
+        probe_config=ProbeConfig(pairs="window:2"),
         jsonl_path=out / "redundancy.jsonl",
         shadow_device=shadow_device,
         executor=executor,

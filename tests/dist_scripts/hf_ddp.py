@@ -18,7 +18,7 @@ import transformers
 from conftest import tiny_model
 from training_fixtures import TokenDataset, probe_ids
 
-from redundancy_monitor import AlertConfig
+from redundancy_monitor import AlertConfig, ProbeConfig, ProbeSchedule
 from redundancy_monitor.integrations.hf import RedundancyMonitorTrainerCallback
 
 
@@ -33,9 +33,8 @@ def main() -> None:
     os.environ["TENSORBOARD_LOGGING_DIR"] = str(out / "runs")
     callback = RedundancyMonitorTrainerCallback(
         probe_ids(),
-        every_n_steps=2,
-        log_spaced=False,
-        pairs="window:2",
+        schedule=ProbeSchedule(2, log_spaced=False),
+        probe_config=ProbeConfig(pairs="window:2"),
         log_dir=str(out / "tb"),
         **extra,
     )

@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from conftest import tiny_model
 from training_fixtures import TokenDataset, probe_ids
 
-from redundancy_monitor import AlertConfig
+from redundancy_monitor import AlertConfig, ProbeSchedule
 from redundancy_monitor.integrations.hf import RedundancyMonitorTrainerCallback
 
 
@@ -33,8 +33,7 @@ def main() -> None:
     torch.set_num_threads(1)
     callback = RedundancyMonitorTrainerCallback(
         probe_ids(),
-        every_n_steps=3,
-        log_spaced=False,
+        schedule=ProbeSchedule(3, log_spaced=False),
         executor="inline",
         alerts=AlertConfig(gap_threshold=0.0, hysteresis=2),
     )
@@ -73,7 +72,7 @@ def main() -> None:
         json.dumps(
             {
                 "probed_steps": used.monitor.probed_steps,
-                "history": used.monitor.history,
+                "history": [r.to_dict() for r in used.monitor.history],
                 "rebuilt": used is not callback,
             }
         )

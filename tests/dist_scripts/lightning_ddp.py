@@ -20,7 +20,7 @@ from conftest import tiny_model
 from training_fixtures import probe_ids, token_loader
 
 import redundancy_monitor.monitoring.monitor as monitor_module
-from redundancy_monitor import AlertConfig
+from redundancy_monitor import AlertConfig, ProbeConfig, ProbeSchedule
 from redundancy_monitor.integrations.lightning import RedundancyMonitorCallback
 
 FAIL = tuple(int(x) for x in os.environ.get("RM_TEST_FAIL", "-1,-1").split(","))
@@ -103,10 +103,9 @@ def main() -> None:
     monitor = RedundancyMonitorCallback(
         probe_ids(),
         **{
-            "every_n_steps": 4,
-            "log_spaced": False,
+            "schedule": ProbeSchedule(4, log_spaced=False),
             "executor": "background",
-            "pairs": "window:2",
+            "probe_config": ProbeConfig(pairs="window:2"),
             "log_dir": str(out / "tb"),
             "jsonl_path": str(out / "redundancy.jsonl"),
             **extra,

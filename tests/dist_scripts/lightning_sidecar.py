@@ -22,6 +22,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from redundancy_monitor.integrations.lightning import RedundancyMonitorCallback
 from redundancy_monitor.monitoring.alerts import Alert
 from redundancy_monitor.monitoring.jsonl import JsonlSink
+from redundancy_monitor.monitoring.schedule import ProbeSchedule
 
 OUT = Path(sys.argv[1])
 DEVICES, MAX_STEPS, EVERY = (int(x) for x in sys.argv[2:5])
@@ -70,8 +71,7 @@ def main() -> None:
     data = torch.randint(0, vocab, (4 * MAX_STEPS, 16), generator=torch.Generator().manual_seed(1))
     monitor = RedundancyMonitorCallback(
         sidecar=OUT / "redundancy",
-        every_n_steps=2 if WRITE_ALERT_AT else 1,
-        log_spaced=False,
+        schedule=ProbeSchedule(2 if WRITE_ALERT_AT else 1, log_spaced=False),
         stop_on_alert=True,
         checkpoint_on_alert=["gap_threshold"],
     )

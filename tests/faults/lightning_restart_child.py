@@ -19,7 +19,7 @@ import torch
 from lightning.pytorch import Callback
 from training_fixtures import lightning_module, lightning_trainer, probe_ids
 
-from redundancy_monitor import AlertConfig
+from redundancy_monitor import AlertConfig, ProbeSchedule
 from redundancy_monitor.integrations.lightning import RedundancyMonitorCallback
 
 BATCHES_PER_EPOCH = 4
@@ -66,8 +66,7 @@ def arm_mid_record_kill() -> None:
 def callback() -> RedundancyMonitorCallback:
     return RedundancyMonitorCallback(
         probe_ids(),
-        every_n_steps=2,
-        log_spaced=False,
+        schedule=ProbeSchedule(2, log_spaced=False),
         executor="inline",
         alerts=AlertConfig(gap_threshold=0.0, hysteresis=2, growth_factor=1.5),
     )

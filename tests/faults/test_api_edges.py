@@ -7,7 +7,7 @@ import pytest
 import torch
 from conftest import tiny_batch, tiny_model
 
-from redundancy_monitor import RedundancyMonitor, read_records
+from redundancy_monitor import ProbeConfig, RedundancyMonitor, read_records
 from redundancy_monitor.errors import (
     InvalidBatchError,
     InvalidConfigError,
@@ -20,9 +20,14 @@ from redundancy_monitor.probing.probe import probe
 IDS = tiny_batch(2, 8)[0]
 
 
-def monitor(path=None, **kw):
-    kw.setdefault("every_n_steps", 2)
-    return RedundancyMonitor(IDS, executor="inline", log_spaced=False, jsonl_path=path, **kw)
+def monitor(path=None, every_n_steps=2, **probe_settings):
+    return RedundancyMonitor(
+        IDS,
+        executor="inline",
+        schedule=ProbeSchedule(every_n_steps, log_spaced=False),
+        probe_config=ProbeConfig(**probe_settings),
+        jsonl_path=path,
+    )
 
 
 def test_a_pair_generator_is_read_once_and_every_probe_uses_all_its_pairs():
@@ -30,8 +35,8 @@ def test_a_pair_generator_is_read_once_and_every_probe_uses_all_its_pairs():
     model = tiny_model("gpt_neox", 4)
     for step in (0, 2):
         mon.step(step, model)
-    assert mon.n_failures == 0 and [h["step"] for h in mon.history] == [0, 2]
-    assert all(h["scalars"]["n_pairs"] == 3 for h in mon.history)
+    assert mon.n_failures == 0 and [h.step for h in mon.history] == [0, 2]
+    assert all(h.result.summary.n_pairs == 3 for h in mon.history)
 
 
 @pytest.mark.parametrize(
@@ -116,12 +121,12 @@ def test_a_lightning_callback_closed_by_its_fit_refuses_a_second_fit_at_setup(tm
 
     from redundancy_monitor.integrations.lightning import RedundancyMonitorCallback
 
-    cb = RedundancyMonitorCallback(probe_ids(), every_n_steps=1, executor="inline")
+    cb = RedundancyMonitorCallback(probe_ids(), schedule=ProbeSchedule(1), executor="inline")
     module = lightning_module()
     module.validation_step = module.training_step
     lightning_trainer(tmp_path, [cb], max_steps=1).validate(module, token_loader())
     assert not cb.monitor.closed  # validating first leaves it open for the fit
     lightning_trainer(tmp_path, [cb], max_steps=1).fit(module, token_loader())
-    assert cb.monitor.closed and [h["step"] for h in cb.monitor.history] == [0, 1]
+    assert cb.monitor.closed and [h.step for h in cb.monitor.history] == [0, 1]
     with pytest.raises(InvalidConfigError, match="new callback"):
         lightning_trainer(tmp_path, [cb], max_steps=2).fit(module, token_loader())

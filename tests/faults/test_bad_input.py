@@ -11,7 +11,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from redundancy_monitor import RedundancyMonitor
+from redundancy_monitor import ProbeConfig, ProbeSchedule, RedundancyMonitor
 from redundancy_monitor.errors import (
     InvalidBatchError,
     InvalidBudgetError,
@@ -21,7 +21,7 @@ from redundancy_monitor.errors import (
     RedundancyMonitorError,
 )
 from redundancy_monitor.monitoring.alerts import AlertConfig
-from redundancy_monitor.probing.result import PairRecord, ProbeResult, summarize
+from redundancy_monitor.probing.result import PairRecord, ProbeMeta, ProbeResult, summarize
 from redundancy_monitor.removal.selection import (
     greedy_non_adjacent,
     plan_removal,
@@ -38,17 +38,17 @@ IDS = torch.ones(2, 4, dtype=torch.long)
         ({"probe_batch": torch.zeros(5, dtype=torch.long)}, InvalidBatchError, "2-D", "unsqueeze(0)"),
         ({"probe_batch": torch.zeros(2, 3)}, InvalidBatchError, "integer", "pass token ids"),
         ({"probe_batch": torch.zeros(0, 4, dtype=torch.long)}, InvalidBatchError, "empty", "pass at least one token"),
-        ({"attention_mask": torch.zeros(2, 4)}, InvalidBatchError, "all padding", "pass a mask with 1"),
-        ({"attention_mask": torch.ones(2, 5)}, InvalidBatchError, "same shape", "pass a mask of the same shape"),
-        ({"pairs": "window:0"}, InvalidPairsError, "window", "e.g. 'window:3'"),
-        ({"pairs": "neighbours"}, InvalidPairsError, "adjacent", "pass 'adjacent', 'window:k', 'all'"),
-        ({"pairs": [(1, 1)]}, InvalidPairsError, "same slot", "use i != j"),
-        ({"protocols": ("replacement", "swap")}, InvalidProtocolError, "interchange", "choose from"),
+        ({"probe_batch": (IDS, torch.zeros(2, 4))}, InvalidBatchError, "all padding", "pass a mask with 1"),
+        ({"probe_batch": {"input_ids": IDS, "attention_mask": torch.ones(2, 5)}}, InvalidBatchError, "same shape", "pass a mask of the same shape"),
+        ({"probe_config": {"pairs": "window:0"}}, InvalidPairsError, "window", "e.g. 'window:3'"),
+        ({"probe_config": {"pairs": "neighbours"}}, InvalidPairsError, "adjacent", "pass 'adjacent', 'window:k', 'all'"),
+        ({"probe_config": {"pairs": [(1, 1)]}}, InvalidPairsError, "same slot", "use i != j"),
+        ({"probe_config": {"protocols": ("replacement", "swap")}}, InvalidProtocolError, "interchange", "choose from"),
         ({"executor": "thread"}, InvalidConfigError, "background", "one of ('background', 'inline')"),
         ({"on_mismatch": "ignore"}, InvalidConfigError, "new_baseline", "one of ('refuse', 'new_baseline')"),
         ({"stop_on_alert": ["gap_too_big"]}, InvalidConfigError, "known", "known: ('gap_threshold'"),
         ({"checkpoint_on_alert": ["nope"]}, InvalidConfigError, "known", "known: ('gap_threshold'"),
-        ({"blocks": torch.nn.ModuleList()}, InvalidConfigError, "dotted path", "must be a dotted path string"),
+        ({"probe_config": {"blocks": torch.nn.ModuleList()}}, InvalidConfigError, "dotted path", "must be a dotted path string"),
         ({"texts": ["a b c"]}, InvalidConfigError, "tokenizer", "pass tokenizer="),
     ],
 )  # fmt: skip
@@ -57,6 +57,8 @@ def test_bad_monitor_input_is_refused_when_the_monitor_is_built(kwargs, error, s
     if "texts" in kwargs:
         kwargs.pop("probe_batch")
     with pytest.raises(error, match=says) as info:
+        if "probe_config" in kwargs:  # the settings are checked where they are grouped
+            kwargs["probe_config"] = ProbeConfig(**kwargs["probe_config"])
         RedundancyMonitor(**kwargs)
     assert advice in str(info.value)  # it says what to pass instead
 
@@ -80,7 +82,12 @@ def test_bad_alert_config_is_refused(kwargs):
 def test_a_pair_out_of_range_for_the_model_is_a_failure_record_not_a_crash(tmp_path):
     from conftest import tiny_model
 
-    mon = RedundancyMonitor(IDS, pairs=[(0, 9)], executor="inline", steps=(0,), every_n_steps=None)
+    mon = RedundancyMonitor(
+        IDS,
+        probe_config=ProbeConfig(pairs=[(0, 9)]),
+        executor="inline",
+        schedule=ProbeSchedule(None, steps=(0,)),
+    )
     mon.step(0, tiny_model("gpt_neox", 4))
     assert mon.n_failures == 1 and "InvalidPairsError" in mon.alerts[0].message
 
@@ -100,7 +107,7 @@ def adjacent_results(draw):
         if draw(st.booleans()) or n < 4:  # some adjacent pairs not probed
             repl = draw(distance)
             records.append(PairRecord.build(i, i + 1, repl, repl, draw(distance)))
-    return ProbeResult(records, summarize(records), meta={"n_layers": n})
+    return ProbeResult(records, summarize(records), meta=ProbeMeta(n_layers=n))
 
 
 @given(result=adjacent_results(), protocol=st.sampled_from(["interchange", "replacement"]))

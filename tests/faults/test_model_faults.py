@@ -8,16 +8,14 @@ import torch
 from conftest import tiny_batch, tiny_config, tiny_model
 from test_probe_api import ToyLM
 
-from redundancy_monitor import RedundancyMonitor, probe, read_records
+from redundancy_monitor import ProbeConfig, ProbeSchedule, RedundancyMonitor, probe, read_records
 
 
 def monitor(path, ids=None, **kw):
     return RedundancyMonitor(
         tiny_batch(2, 8)[0] if ids is None else ids,
         executor="inline",
-        every_n_steps=1,
-        log_spaced=False,
-        at_train_end=False,
+        schedule=ProbeSchedule(1, log_spaced=False, at_train_end=False),
         jsonl_path=path,
         **kw,
     )
@@ -27,7 +25,8 @@ def test_heterogeneous_blocks_are_skipped_with_the_reason_in_the_record_file(tmp
     torch.manual_seed(0)
     model = ToyLM(inners=(24, 24, 32, 24))
     ids = torch.randint(0, 50, (2, 7))
-    mon = monitor(tmp_path / "r.jsonl", ids, blocks="trunk.stack", head="out", pairs="all")
+    config = ProbeConfig(blocks="trunk.stack", head="out", pairs="all")
+    mon = monitor(tmp_path / "r.jsonl", ids, probe_config=config)
     mon.step(0, model)
     mon.close()
     (record,) = [r for r in read_records(tmp_path / "r.jsonl") if r["type"] == "probe"]
@@ -43,7 +42,7 @@ def test_frozen_model_is_monitored_like_a_trainable_one(tmp_path):
     model.requires_grad_(False)
     mon = monitor(tmp_path / "r.jsonl")
     mon.step(0, model)
-    assert mon.history[0]["scalars"] == pytest.approx(want, rel=1e-6, abs=1e-9)
+    assert mon.history[0].result.summary.scalars() == pytest.approx(want, rel=1e-6, abs=1e-9)
     assert not any(p.requires_grad for p in model.parameters())
 
 

@@ -11,7 +11,7 @@ from fault_fixtures import event_accumulator, scalar_steps, text_steps
 from training_fixtures import lightning_module, lightning_trainer, probe_ids, token_loader
 
 import redundancy_monitor.monitoring.monitor as monitor_module
-from redundancy_monitor import AlertConfig, read_records
+from redundancy_monitor import AlertConfig, ProbeConfig, ProbeSchedule, read_records
 from redundancy_monitor.probing.engine import Engine
 
 pytest.importorskip("lightning")
@@ -24,9 +24,8 @@ def run(tmp_path, callbacks, max_steps=6, **kw):
     from redundancy_monitor.integrations.lightning import RedundancyMonitorCallback
 
     kw.setdefault("executor", "inline")
-    cb = RedundancyMonitorCallback(
-        probe_ids(), every_n_steps=2, log_spaced=False, alerts=QUIET, **kw
-    )
+    schedule = ProbeSchedule(2, log_spaced=False)
+    cb = RedundancyMonitorCallback(probe_ids(), schedule=schedule, alerts=QUIET, **kw)
     trainer = lightning_trainer(tmp_path, [*callbacks, cb], max_steps=max_steps)
     trainer.fit(lightning_module(), token_loader())
     return trainer, cb
@@ -46,7 +45,7 @@ def test_an_exception_inside_one_probe_is_a_failure_record_and_one_alert(tmp_pat
     assert trainer.global_step == 6
     mon = cb.monitor
     assert (mon.n_probes, mon.n_failures) == (3, 1)
-    assert [h["step"] for h in mon.history] == [0, 4, 6]
+    assert [h.step for h in mon.history] == [0, 4, 6]
     records = read_records(cb.jsonl_file)
     failures = [r for r in records if r["type"] == "failure"]
     alerts = [r for r in records if r["type"] == "alert"]
@@ -111,7 +110,8 @@ def test_out_of_memory_in_a_probe_is_retried_at_smaller_chunks_and_recorded(tmp_
         return real(self, finals, k)
 
     monkeypatch.setattr(Engine, "_token_kl", tight)
-    trainer, cb = run(tmp_path, [], batch_tokens=400)  # 8 variants per forward at first
+    # 8 variants per forward at first
+    trainer, cb = run(tmp_path, [], probe_config=ProbeConfig(batch_tokens=400))
     assert trainer.global_step == 6
     assert cb.monitor.n_failures == 0 and cb.monitor.n_probes == 4
     records = read_records(cb.jsonl_file)

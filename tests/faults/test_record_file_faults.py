@@ -14,7 +14,7 @@ import pytest
 from conftest import tiny_batch, tiny_model
 from run_folders import hand_result, write_records
 
-from redundancy_monitor import AlertConfig, RedundancyMonitor, read_records
+from redundancy_monitor import AlertConfig, ProbeSchedule, RedundancyMonitor, read_records
 from redundancy_monitor.errors import RedundancyMonitorError
 from redundancy_monitor.monitoring.jsonl import JsonlSink
 from redundancy_monitor.tools.cli import main
@@ -37,9 +37,7 @@ def monitor(path, **kw):
     return RedundancyMonitor(
         tiny_batch(2, 8)[0],
         executor="inline",
-        every_n_steps=2,
-        log_spaced=False,
-        at_train_end=False,
+        schedule=ProbeSchedule(2, log_spaced=False, at_train_end=False),
         jsonl_path=path,
         **kw,
     )
@@ -127,7 +125,7 @@ def test_a_symlinked_record_file_never_stops_training(tmp_path):
     for step in range(3):
         mon.step(step, model)
     mon.close()
-    assert [h["step"] for h in mon.history] == [0, 2] and mon.n_sink_errors >= 1
+    assert [h.step for h in mon.history] == [0, 2] and mon.n_sink_errors >= 1
     assert [a.rule for a in mon.alerts] == ["sink_failure"]
     assert target.read_text() == "keep"
 

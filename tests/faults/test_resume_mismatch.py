@@ -9,7 +9,7 @@ import json
 import pytest
 from conftest import tiny_batch, tiny_model
 
-from redundancy_monitor import RedundancyMonitor, read_records
+from redundancy_monitor import ProbeConfig, ProbeSchedule, RedundancyMonitor, read_records
 from redundancy_monitor.errors import InvalidConfigError, MonitorStateError
 
 
@@ -17,9 +17,7 @@ def monitor(ids=None, path=None, **kw):
     return RedundancyMonitor(
         tiny_batch(2, 8)[0] if ids is None else ids,
         executor="inline",
-        every_n_steps=1,
-        log_spaced=False,
-        at_train_end=False,
+        schedule=ProbeSchedule(1, log_spaced=False, at_train_end=False),
         jsonl_path=path,
         **kw,
     )
@@ -35,7 +33,7 @@ def saved_state(**kw):
 def test_resuming_with_another_pair_set_is_refused_with_what_to_do():
     state = saved_state()
     with pytest.raises(MonitorStateError, match=r"pairs='adjacent'.*on_mismatch='new_baseline'"):
-        monitor(pairs="all").load_state_dict(state)
+        monitor(probe_config=ProbeConfig(pairs="all")).load_state_dict(state)
 
 
 def test_resuming_with_another_probe_batch_is_refused_and_names_the_opt_in():
@@ -48,7 +46,7 @@ def test_resuming_a_deeper_model_is_refused_at_its_first_probe(tmp_path):
     mon = monitor(path=tmp_path / "r.jsonl")
     mon.load_state_dict(saved_state())
     mon.step(2, tiny_model("gpt_neox", 6))
-    assert mon.n_failures == 1 and [h["step"] for h in mon.history] == [0, 1]
+    assert mon.n_failures == 1 and [h.step for h in mon.history] == [0, 1]
     failure = next(r for r in read_records(tmp_path / "r.jsonl") if r["type"] == "failure")
     assert "MonitorStateError" in failure["error"] and "6-block model" in failure["error"]
     assert "on_mismatch='new_baseline'" in failure["error"]
@@ -63,13 +61,14 @@ def test_new_baseline_on_resume_writes_a_marker_and_starts_a_fresh_trajectory(
     tmp_path, change, says
 ):
     state = saved_state()
-    kw = {"ids": tiny_batch(2, 8, seed=7)[0]} if change == "batch" else {"pairs": "window:2"}
+    window = {"probe_config": ProbeConfig(pairs="window:2")}
+    kw = {"ids": tiny_batch(2, 8, seed=7)[0]} if change == "batch" else window
     mon = monitor(path=tmp_path / "r.jsonl", on_mismatch="new_baseline", **kw)
     mon.load_state_dict(state)
     mon.step(2, tiny_model("gpt_neox", 4))
     mon.step(3, tiny_model("gpt_neox", 4))
-    assert [h["step"] for h in mon.history] == [2, 3]
-    assert [[h["step"] for h in t] for t in mon.earlier_trajectories] == [[0, 1]]
+    assert [h.step for h in mon.history] == [2, 3]
+    assert [[h.step for h in t] for t in mon.earlier_trajectories] == [[0, 1]]
     markers = [r for r in read_records(tmp_path / "r.jsonl") if r["type"] == "new_baseline"]
     assert [m["step"] for m in markers] == [2] and says in markers[0]["reason"]
     again = monitor(on_mismatch="new_baseline", **kw)
@@ -85,7 +84,7 @@ def test_depth_changing_mid_run_is_refused_and_the_old_depth_goes_on(tmp_path):
     mon.step(0, four)
     mon.step(1, five)
     mon.step(2, four)
-    assert [h["step"] for h in mon.history] == [0, 2] and mon.n_failures == 1
+    assert [h.step for h in mon.history] == [0, 2] and mon.n_failures == 1
     kinds = [(r["type"], r["step"]) for r in read_records(tmp_path / "r.jsonl")]
     assert ("failure", 1) in kinds and ("probe", 1) not in kinds
 
@@ -94,8 +93,8 @@ def test_depth_changing_mid_run_with_new_baseline_resets_the_alert_baseline(tmp_
     mon = monitor(path=tmp_path / "r.jsonl", on_mismatch="new_baseline")
     mon.step(0, tiny_model("gpt_neox", 4))
     mon.step(1, tiny_model("gpt_neox", 5))
-    assert mon.alert_engine.baseline_at == 1
-    assert [h["step"] for h in mon.history] == [1]
+    assert mon.recorder.alert_engine.baseline_at == 1
+    assert [h.step for h in mon.history] == [1]
     marker = next(r for r in read_records(tmp_path / "r.jsonl") if r["type"] == "new_baseline")
     assert "5-block model (the trajectory has 4)" in marker["reason"]
     assert (marker["previous"]["n_layers"], marker["current"]["n_layers"]) == (4, 5)

@@ -14,14 +14,15 @@ from conftest import subprocess_env, tiny_batch, tiny_model
 from fault_fixtures import ROOT, slow_engine
 
 import redundancy_monitor.monitoring.monitor as monitor_module
-from redundancy_monitor import RedundancyMonitor, read_records
+from redundancy_monitor import ProbeConfig, ProbeSchedule, RedundancyMonitor, read_records
 
-IDS = tiny_batch(3, 16)[0]  # batch_tokens=48: one variant per group, 9 groups
+IDS = tiny_batch(3, 16)[0]
+SLOW = ProbeConfig(batch_tokens=48)  # one variant per group, 9 groups
 
 
-def slow_monitor(**kw):
-    kw.setdefault("batch_tokens", 48)
-    return RedundancyMonitor(IDS, every_n_steps=None, log_spaced=False, steps=(0,), **kw)
+def slow_monitor(at_train_end=True, **kw):
+    schedule = ProbeSchedule.explicit([0], at_train_end=at_train_end)
+    return RedundancyMonitor(IDS, schedule=schedule, probe_config=SLOW, **kw)
 
 
 def test_close_cancels_a_long_probe_between_variant_groups(monkeypatch):
@@ -66,7 +67,7 @@ def test_close_waits_for_a_probe_that_finishes_within_the_timeout(monkeypatch):
     mon = slow_monitor(at_train_end=False)
     mon.step(0, tiny_model("gpt_neox", 4))
     mon.close(timeout=60)
-    assert [h["step"] for h in mon.history] == [0]
+    assert [h.step for h in mon.history] == [0]
     assert mon._executor.n_cancelled == 0
 
 
@@ -78,7 +79,7 @@ def test_train_end_joins_the_running_probe_and_records_both(monkeypatch, tmp_pat
     assert mon._executor.busy()
     mon.train_end(5, model)
     mon.close()
-    assert [h["step"] for h in mon.history] == [0, 5]
+    assert [h.step for h in mon.history] == [0, 5]
     records = read_records(tmp_path / "r.jsonl")
     assert [r["step"] for r in records if r["type"] == "probe"] == [0, 5]
     assert not mon._executor.busy()
@@ -101,9 +102,8 @@ def test_a_crash_in_lightning_training_stops_the_probe_within_the_bound(tmp_path
 
     slow_engine(monkeypatch, 0.5)
     cb = RedundancyMonitorCallback(
-        probe_ids(), steps=(1,), every_n_steps=None, log_spaced=False, close_timeout=0.1,
-        batch_tokens=48,
-    )  # fmt: skip
+        probe_ids(), schedule=ProbeSchedule.explicit([1]), probe_config=SLOW, close_timeout=0.1
+    )
     trainer = lightning_trainer(tmp_path, [cb, CrashAtStep2()], max_steps=10)
     t0 = time.monotonic()
     with pytest.raises(Crash):
@@ -117,6 +117,7 @@ import sys, time
 from fault_fixtures import Engine
 from lightning.pytorch import Callback
 from training_fixtures import lightning_module, lightning_trainer, probe_ids, token_loader
+from redundancy_monitor import ProbeConfig, ProbeSchedule
 from redundancy_monitor.integrations.lightning import RedundancyMonitorCallback
 
 real = Engine._token_kl
@@ -130,8 +131,8 @@ class CtrlC(Callback):
         if trainer.global_step == 2:
             raise KeyboardInterrupt
 
-cb = RedundancyMonitorCallback(probe_ids(), steps=(1,), every_n_steps=None, log_spaced=False,
-                               close_timeout=0.2, batch_tokens=48)
+cb = RedundancyMonitorCallback(probe_ids(), schedule=ProbeSchedule.explicit([1]),
+                               probe_config=ProbeConfig(batch_tokens=48), close_timeout=0.2)
 trainer = lightning_trainer(sys.argv[1], [cb, CtrlC()], max_steps=10)
 try:
     trainer.fit(lightning_module(), token_loader())
@@ -143,12 +144,12 @@ INTERRUPTED_PLAIN_LOOP = """
 import sys, time
 from conftest import tiny_batch, tiny_model
 from fault_fixtures import Engine
-from redundancy_monitor import RedundancyMonitor
+from redundancy_monitor import ProbeSchedule, RedundancyMonitor
 
 def stuck(self, finals, k):
     time.sleep(600)
 Engine._token_kl = stuck
-mon = RedundancyMonitor(tiny_batch(3, 16)[0], steps=(0,), every_n_steps=None)
+mon = RedundancyMonitor(tiny_batch(3, 16)[0], schedule=ProbeSchedule(None, steps=(0,)))
 mon.step(0, tiny_model("gpt_neox", 4))
 time.sleep(0.5)
 print("probe running:", mon._executor.busy(), flush=True)

@@ -14,7 +14,7 @@ from conftest import tiny_batch, tiny_model
 from fault_fixtures import event_accumulator, scalar_steps
 
 import redundancy_monitor.monitoring.jsonl as jsonl_module
-from redundancy_monitor import AlertConfig, RedundancyMonitor, read_records
+from redundancy_monitor import AlertConfig, ProbeSchedule, RedundancyMonitor, read_records
 from redundancy_monitor.errors import RecordFileLost
 from redundancy_monitor.monitoring.jsonl import JsonlSink
 
@@ -28,9 +28,7 @@ def monitor(path, **kw):
     return RedundancyMonitor(
         tiny_batch(2, 8)[0],
         executor="inline",
-        every_n_steps=1,
-        log_spaced=False,
-        at_train_end=False,
+        schedule=ProbeSchedule(1, log_spaced=False, at_train_end=False),
         jsonl_path=path,
         **kw,
     )
@@ -86,7 +84,7 @@ def test_disk_full_is_counted_alerted_once_and_records_are_written_once_space_fr
         ("probe", 3),
         ("probe", 4),
     ]
-    assert [h["step"] for h in mon.history] == [0, 1, 2, 3, 4]
+    assert [h.step for h in mon.history] == [0, 1, 2, 3, 4]
     assert mon.state_dict()["n_sink_errors"] == mon.n_sink_errors
 
 
@@ -194,7 +192,10 @@ def test_tensorboard_writer_failing_mid_run_is_counted_alerted_and_training_goes
             monkeypatch.setattr(writer_cls, "add_scalar", add_scalar)
 
     cb = RedundancyMonitorCallback(
-        probe_ids(), every_n_steps=1, log_spaced=False, executor="inline", alerts=QUIET
+        probe_ids(),
+        schedule=ProbeSchedule(1, log_spaced=False),
+        executor="inline",
+        alerts=QUIET,
     )
     trainer = lightning_trainer(tmp_path, [BreakWriter(), cb], max_steps=5)
     trainer.fit(lightning_module(), token_loader())

@@ -8,7 +8,7 @@ import json
 import pytest
 from conftest import tiny_batch, tiny_model
 
-from redundancy_monitor import RedundancyMonitor, read_records
+from redundancy_monitor import ProbeConfig, ProbeSchedule, RedundancyMonitor, read_records
 from redundancy_monitor.errors import MonitorStateError
 from redundancy_monitor.monitoring.guard import TrajectoryGuard
 from redundancy_monitor.probing.probe import probe
@@ -16,15 +16,14 @@ from redundancy_monitor.probing.probe import probe
 IDS = tiny_batch(2, 8)[0]
 
 
-def monitor(path=None, **kw):
+def monitor(path=None, on_mismatch="refuse", **probe_settings):
     return RedundancyMonitor(
         IDS,
         executor="inline",
-        every_n_steps=1,
-        log_spaced=False,
-        at_train_end=False,
+        schedule=ProbeSchedule(1, log_spaced=False, at_train_end=False),
+        probe_config=ProbeConfig(**probe_settings),
         jsonl_path=path,
-        **kw,
+        on_mismatch=on_mismatch,
     )
 
 
@@ -47,7 +46,7 @@ def test_protocols_in_another_order_are_the_same_trajectory():
     mon = monitor(protocols=("interchange", "replacement"))
     mon.load_state_dict(state)
     mon.step(2, tiny_model("gpt_neox", 4))
-    assert [h["step"] for h in mon.history] == [0, 1, 2] and mon.n_failures == 0
+    assert [h.step for h in mon.history] == [0, 1, 2] and mon.n_failures == 0
 
 
 def test_new_baseline_on_fewer_protocols_starts_a_new_trajectory_without_false_alerts(tmp_path):
@@ -57,7 +56,7 @@ def test_new_baseline_on_fewer_protocols_starts_a_new_trajectory_without_false_a
     mon.step(2, tiny_model("gpt_neox", 4))
     marker = next(r for r in read_records(tmp_path / "r.jsonl") if r["type"] == "new_baseline")
     assert marker["step"] == 2 and "other protocols" in marker["reason"]
-    assert [h["step"] for h in mon.history] == [2]
+    assert [h.step for h in mon.history] == [2]
     assert [a.rule for a in mon.alerts if a.step == 2] == []  # no removal_overlap from a gap
 
 
@@ -78,7 +77,7 @@ def test_resuming_with_another_spelling_of_the_same_pairs_continues_the_trajecto
     mon = monitor(pairs=pairs)
     mon.load_state_dict(state)
     mon.step(2, tiny_model("gpt_neox", 4))
-    assert [h["step"] for h in mon.history] == [0, 1, 2] and mon.n_failures == 0
+    assert [h.step for h in mon.history] == [0, 1, 2] and mon.n_failures == 0
 
 
 def test_an_explicit_list_resumed_as_its_name_continues_the_trajectory():
@@ -86,7 +85,7 @@ def test_an_explicit_list_resumed_as_its_name_continues_the_trajectory():
     mon = monitor(pairs="adjacent")
     mon.load_state_dict(state)
     mon.step(2, tiny_model("gpt_neox", 4))
-    assert [h["step"] for h in mon.history] == [0, 1, 2]
+    assert [h.step for h in mon.history] == [0, 1, 2]
 
 
 @pytest.mark.parametrize("pairs", ["window:2", "all", [(0, 1), (1, 2)]])
