@@ -285,34 +285,29 @@ class AlertEngine:
         if self.baseline is None or value is None:
             return self._update("gap_growth", step, False, None, None, "")
         if interval is not None and self.baseline_interval is not None:
-            return self._growth_of_interval(step, value, interval)
-        ratio = value / max(abs(self.baseline), c.growth_floor)
+            ratio, message = self._growth_of_interval(step, value, interval)
+        else:
+            ratio = value / max(abs(self.baseline), c.growth_floor)
+            message = (
+                f"step {step}: {c.gap_metric} = {fmt(value)} nats is {ratio:.1f}x its value "
+                f"{fmt(self.baseline)} at the baseline probe (step {self.baseline_at}); "
+                f"the protocols are diverging"
+            )
         return self._update(
-            "gap_growth",
-            step,
-            ratio > c.growth_factor,
-            ratio,
-            c.growth_factor,
-            f"step {step}: {c.gap_metric} = {fmt(value)} nats is {ratio:.1f}x its value "
-            f"{fmt(self.baseline)} at the baseline probe (step {self.baseline_at}); "
-            f"the protocols are diverging",
+            "gap_growth", step, ratio > c.growth_factor, ratio, c.growth_factor, message
         )
 
-    def _growth_of_interval(self, step, value, interval) -> Alert | None:
-        """Lower bound now against factor x the baseline's upper bound (its magnitude)."""
+    def _growth_of_interval(self, step, value, interval) -> tuple[float, str]:
+        """Lower bound now against factor x the baseline's upper bound (its magnitude):
+        the ratio and the alert's sentence."""
         c = self.config
         reference = max(abs(self.baseline_interval[0]), abs(self.baseline_interval[1]))
         ratio = interval[0] / max(reference, c.growth_floor)
-        return self._update(
-            "gap_growth",
-            step,
-            ratio > c.growth_factor,
-            ratio,
-            c.growth_factor,
+        return ratio, (
             f"step {step}: {c.gap_metric} = {fmt(value)} nats, interval "
             f"{_interval_text(interval)}: its lower bound is {ratio:.1f}x the upper bound "
             f"{fmt(reference)} of the interval {_interval_text(self.baseline_interval)} at the "
-            f"baseline probe (step {self.baseline_at}); the protocols are diverging",
+            f"baseline probe (step {self.baseline_at}); the protocols are diverging"
         )
 
     def _overlap(self, step: int, result: ProbeResult) -> Alert | None:

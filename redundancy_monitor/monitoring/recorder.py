@@ -368,28 +368,33 @@ class Recorder:
         now = pairs_spec(self.probe_config.pairs)
         if saved is None or same_pair_set(saved, now, n_layers):
             return
-        if self.lenient:
-            self.note_resume_change(f"pairs={now!r} (the checkpoint has pairs={saved!r})")
-        elif self.on_mismatch == "refuse":
-            raise MonitorStateError(
-                f"the restored monitor state was recorded with pairs={saved!r}, this monitor "
-                f"probes pairs={now!r}; trajectories would not be comparable. Pass the same "
-                "pairs when resuming, or on_mismatch='new_baseline' to start a new trajectory."
-            )
+        self._setting_changed(
+            f"pairs={now!r} (the checkpoint has pairs={saved!r})",
+            f"the restored monitor state was recorded with pairs={saved!r}, this monitor "
+            f"probes pairs={now!r}; trajectories would not be comparable. Pass the same "
+            "pairs when resuming, or on_mismatch='new_baseline' to start a new trajectory.",
+        )
 
     def _check_protocols(self, saved: list[str] | None) -> None:
         now = protocols_identity(self.probe_config.protocols)
         if saved is None or saved == now:
             return
+        self._setting_changed(
+            f"protocols {now} (the checkpoint has {saved})",
+            f"the restored monitor state was recorded with protocols {saved}, this "
+            f"monitor probes {now}; trajectories would not be comparable (a missing "
+            "protocol leaves the gap undefined). Pass the same protocols when resuming, "
+            "or on_mismatch='new_baseline' to start a new trajectory.",
+        )
+
+    def _setting_changed(self, change: str, refusal: str) -> None:
+        """A setting differs from the restored state's: noted as a resume change when
+        lenient (the callbacks), refused under on_mismatch='refuse', else left to the
+        trajectory guard to start a new baseline."""
         if self.lenient:
-            self.note_resume_change(f"protocols {now} (the checkpoint has {saved})")
+            self.note_resume_change(change)
         elif self.on_mismatch == "refuse":
-            raise MonitorStateError(
-                f"the restored monitor state was recorded with protocols {saved}, this "
-                f"monitor probes {now}; trajectories would not be comparable (a missing "
-                "protocol leaves the gap undefined). Pass the same protocols when resuming, "
-                "or on_mismatch='new_baseline' to start a new trajectory."
-            )
+            raise MonitorStateError(refusal)
 
 
 def _rule_set(value: bool | Collection[str], name: str) -> frozenset[str]:

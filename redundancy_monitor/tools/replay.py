@@ -476,7 +476,7 @@ class ReplayRun:
     Args:
         out_dir: the run folder.
         input_ids, attention_mask: the probe batch, the same for every checkpoint.
-        pairs, protocols, thresholds, batch_tokens: passed to `probe()`.
+        config: what each probe measures (`probe()` settings).
         alerts: the alert rules, evaluated over the series as during training.
         state_file: name of the state file in `out_dir`.
 
@@ -490,21 +490,18 @@ class ReplayRun:
         self,
         out_dir: str | os.PathLike,
         input_ids: torch.Tensor,
+        config: ProbeConfig,
         *,
         attention_mask: torch.Tensor | None = None,
-        pairs: str = "adjacent",
-        protocols: Sequence[str] = ("replacement", "interchange"),
-        thresholds: Thresholds | None = None,
         alerts: AlertConfig | None = None,
-        batch_tokens: int = DEFAULT_BATCH_TOKENS,
         state_file: str = STATE_FILE,
     ):
-        self.config = ProbeConfig(pairs, tuple(protocols), thresholds, batch_tokens=batch_tokens)
+        self.config = config
         batch = make_batch(input_ids.detach().cpu(), _cpu(attention_mask))
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.state_path = self.out_dir / state_file
-        self.settings = {"pairs": pairs, "protocols": list(self.config.protocols)}
+        self.settings = {"pairs": config.pairs, "protocols": list(config.protocols)}
         saved = {}
         if self.state_path.is_file():
             saved = json.loads(self.state_path.read_text(encoding="utf-8"))
@@ -634,16 +631,8 @@ def replay(
     alert) and the replay goes on.
     """
     checkpoints = sorted(checkpoints, key=lambda c: c.step)
-    run = ReplayRun(
-        out_dir,
-        input_ids,
-        attention_mask=attention_mask,
-        pairs=pairs,
-        protocols=protocols,
-        thresholds=thresholds,
-        alerts=alerts,
-        batch_tokens=batch_tokens,
-    )
+    config = ProbeConfig(pairs, tuple(protocols), thresholds, batch_tokens=batch_tokens)
+    run = ReplayRun(out_dir, input_ids, config, attention_mask=attention_mask, alerts=alerts)
     outcome = ReplayOutcome(run.out_dir)
     done = run.probed_steps
     todo = [c for c in checkpoints if c.step not in done]

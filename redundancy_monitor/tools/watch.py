@@ -32,10 +32,12 @@ from torch import nn
 
 from redundancy_monitor.errors import CheckpointError, CheckpointVanished
 from redundancy_monitor.monitoring.alerts import AlertConfig
+from redundancy_monitor.monitoring.probe_config import ProbeConfig
 from redundancy_monitor.probing.engine import DEFAULT_BATCH_TOKENS
 from redundancy_monitor.probing.result import Thresholds
 from redundancy_monitor.tools.replay import (
     CheckpointRef,
+    ReplayOutcome,
     ReplayRun,
     checkpoint_step,
     checkpoints_in,
@@ -169,16 +171,16 @@ class CheckpointFolder:
 
 
 @dataclass
-class WatchOutcome:
-    """What one `watch` call did, and why it ended."""
+class WatchOutcome(ReplayOutcome):
+    """What one `watch` call did (as a replay does), what it skipped, and why it ended."""
 
-    log_dir: Path
-    probed: list[int] = field(default_factory=list)
-    failed: list[int] = field(default_factory=list)
-    already_done: list[int] = field(default_factory=list)
     skipped: list[int] = field(default_factory=list)
-    n_alerts: int = 0
     reason: str = ""
+
+    @property
+    def log_dir(self) -> Path:
+        """The run folder written (the replay's `out_dir`)."""
+        return self.out_dir
 
 
 class _Sidecar:
@@ -318,14 +320,8 @@ def watch(
             f"{root} is a file; pass the folder the run saves its checkpoints into"
         )
     outcome = WatchOutcome(Path(log_dir) if log_dir is not None else default_log_dir(root))
-    run_kwargs = dict(
-        pairs=pairs,
-        protocols=protocols,
-        thresholds=thresholds,
-        alerts=alerts,
-        batch_tokens=batch_tokens,
-        state_file=STATE_FILE,
-    )
+    config = ProbeConfig(pairs, tuple(protocols), thresholds, batch_tokens=batch_tokens)
+    run_kwargs = dict(config=config, alerts=alerts, state_file=STATE_FILE)
     folder = CheckpointFolder(root, settle_seconds)
     sidecar = _Sidecar(folder, load_model, probe_batch, run_kwargs, outcome, notice)
     notice(f"following {root}, writing to {outcome.log_dir}")
