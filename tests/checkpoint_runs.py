@@ -6,11 +6,13 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
+import pytest
 import torch
 from conftest import tiny_model
 
 WORDS = [f"w{i}" for i in range(60)]
 SEQ_LEN = 16
+N_SEQ = 2  # sequences in the probe batch of `probe_ids`
 
 
 def corpus(n_words: int = 2400, seed: int = 0) -> str:
@@ -90,3 +92,23 @@ def lightning_checkpoints(root: Path, max_steps: int = 8, every: int = 4) -> tup
     config = root / "config.json"
     lm.config.to_json_file(config)
     return folder, config
+
+
+@pytest.fixture(scope="module")
+def hf_run(tmp_path_factory):
+    """``(checkpoint root, probe text file)`` of a short HF Trainer run."""
+    root = hf_trainer_checkpoints(tmp_path_factory.mktemp("hf") / "out")
+    text = root.parent / "probe.txt"
+    text.write_text(corpus(400, seed=7))
+    return root, text
+
+
+@pytest.fixture(scope="module")
+def probe_ids(hf_run):
+    """The probe batch cut from `hf_run`'s text with its own tokenizer."""
+    from redundancy_monitor.tools.loading import load_tokenizer, probe_batch_from_text
+
+    root, text = hf_run
+    return probe_batch_from_text(
+        load_tokenizer(root / "checkpoint-4"), text.read_text(), N_SEQ, SEQ_LEN
+    )

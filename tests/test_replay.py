@@ -7,7 +7,11 @@ import shutil
 
 import pytest
 import torch
-from checkpoint_runs import SEQ_LEN, corpus, hf_trainer_checkpoints, lightning_checkpoints
+from checkpoint_runs import (
+    N_SEQ,
+    SEQ_LEN,
+    lightning_checkpoints,
+)
 from run_folders import run_cli
 
 from redundancy_monitor.errors import CheckpointError, MonitorStateError
@@ -15,7 +19,6 @@ from redundancy_monitor.monitoring.alerts import AlertConfig
 from redundancy_monitor.monitoring.jsonl import read_records
 from redundancy_monitor.probing.probe import probe
 from redundancy_monitor.tools.cli import main
-from redundancy_monitor.tools.loading import load_tokenizer, probe_batch_from_text
 from redundancy_monitor.tools.records import load_run
 from redundancy_monitor.tools.replay import (
     ModelLoader,
@@ -24,8 +27,10 @@ from redundancy_monitor.tools.replay import (
 )
 from redundancy_monitor.tools.report import write_report
 
-N_SEQ = 2
 # Always-true gap condition with hysteresis 2: it fires at the second probe of a series,
+# the module-scoped fixtures hf_run (an HF Trainer run's checkpoints) and probe_ids
+pytest_plugins = ["checkpoint_runs"]
+
 # so an alert engine that forgot its state over a resume would fire one probe later.
 STATEFUL_ALERTS = AlertConfig(
     gap_metric="gap_max",
@@ -35,22 +40,6 @@ STATEFUL_ALERTS = AlertConfig(
     regime_change=False,
     hysteresis=2,
 )
-
-
-@pytest.fixture(scope="module")
-def hf_run(tmp_path_factory):
-    root = hf_trainer_checkpoints(tmp_path_factory.mktemp("hf") / "out")
-    text = root.parent / "probe.txt"
-    text.write_text(corpus(400, seed=7))
-    return root, text
-
-
-@pytest.fixture(scope="module")
-def probe_ids(hf_run):
-    root, text = hf_run
-    return probe_batch_from_text(
-        load_tokenizer(root / "checkpoint-4"), text.read_text(), N_SEQ, SEQ_LEN
-    )
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,11 @@ import warnings
 
 import pytest
 import torch
-from checkpoint_runs import SEQ_LEN, corpus, hf_trainer_checkpoints, lightning_checkpoints
+from checkpoint_runs import (
+    N_SEQ,
+    SEQ_LEN,
+    lightning_checkpoints,
+)
 from conftest import tiny_config, tiny_model
 
 from redundancy_monitor.errors import CheckpointError
@@ -21,11 +25,12 @@ from redundancy_monitor.monitoring.jsonl import read_records
 from redundancy_monitor.probing.probe import probe
 from redundancy_monitor.tools.cli import main
 from redundancy_monitor.tools.dcp import read_metadata
-from redundancy_monitor.tools.loading import load_tokenizer, probe_batch_from_text
 from redundancy_monitor.tools.replay import ModelLoader, find_checkpoints, replay
 from redundancy_monitor.tools.watch import CheckpointFolder, default_log_dir, watch
 
-N_SEQ = 2
+# the module-scoped fixtures hf_run (an HF Trainer run's checkpoints) and probe_ids
+pytest_plugins = ["checkpoint_runs"]
+
 FAST = dict(settle_seconds=0.3, poll_seconds=0.05)
 # Fires at every series' first probe (hysteresis 1, a threshold every gap exceeds).
 ALWAYS = AlertConfig(
@@ -36,22 +41,6 @@ ALWAYS = AlertConfig(
     regime_change=False,
     hysteresis=1,
 )
-
-
-@pytest.fixture(scope="module")
-def hf_run(tmp_path_factory):
-    root = hf_trainer_checkpoints(tmp_path_factory.mktemp("hf") / "out")
-    text = root.parent / "probe.txt"
-    text.write_text(corpus(400, seed=7))
-    return root, text
-
-
-@pytest.fixture(scope="module")
-def probe_ids(hf_run):
-    root, text = hf_run
-    return probe_batch_from_text(
-        load_tokenizer(root / "checkpoint-4"), text.read_text(), N_SEQ, SEQ_LEN
-    )
 
 
 def safe_loader(**kw):
