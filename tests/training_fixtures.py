@@ -66,3 +66,18 @@ def lightning_trainer(tmp_path, callbacks, base="lightning.pytorch", **kw):
         log_every_n_steps=1,
         **kw,
     )
+
+
+def fsdp2_tiny_model():
+    """A tiny GPT-NeoX sharded with FSDP2 (`fully_shard`, each block then the root) over
+    every rank of the initialised process group, in training mode (CPU, gloo)."""
+    from torch.distributed import get_world_size
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh("cpu", (get_world_size(),))
+    model = tiny_model("gpt_neox", 4).train()
+    for block in model.gpt_neox.layers:
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model

@@ -13,22 +13,15 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from conftest import tiny_model
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import fully_shard
-from training_fixtures import token_loader
+from training_fixtures import fsdp2_tiny_model, token_loader
 
 
 def main() -> None:
     out = Path(sys.argv[1])
     dist.init_process_group("gloo")
     torch.set_num_threads(1)
-    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
-    model = tiny_model("gpt_neox", 4).train()
-    for block in model.gpt_neox.layers:
-        fully_shard(block, mesh=mesh)
-    fully_shard(model, mesh=mesh)
+    model = fsdp2_tiny_model()
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     for step, (ids,) in enumerate(token_loader(n_seq=32), start=1):
         model(input_ids=ids, labels=ids).loss.backward()

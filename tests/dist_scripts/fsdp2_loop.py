@@ -13,11 +13,8 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from conftest import tiny_model
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import fully_shard
-from training_fixtures import probe_ids, token_loader
+from training_fixtures import fsdp2_tiny_model, probe_ids, token_loader
 
 from redundancy_monitor import ProbeConfig, ProbeSchedule, RedundancyMonitor
 from redundancy_monitor.monitoring.sharded import HostShards
@@ -51,11 +48,7 @@ def main() -> None:
     executor = sys.argv[3] if len(sys.argv) > 3 else "background"
     dist.init_process_group("gloo")
     torch.set_num_threads(1)
-    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
-    model = tiny_model("gpt_neox", 4).train()
-    for block in model.gpt_neox.layers:
-        fully_shard(block, mesh=mesh)
-    fully_shard(model, mesh=mesh)
+    model = fsdp2_tiny_model()
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     monitor = RedundancyMonitor(
         probe_ids(),
