@@ -93,9 +93,10 @@ def test_weights_are_fenced_before_the_first_forward_after_every_snapshot(tmp_pa
 
     def step(n, model):
         launched = n not in cb.monitor.probed_steps and cb.monitor.schedule.is_due(n)
-        real_step(n, model)
+        control = real_step(n, model)
         if launched:
             events.append("snapshot")
+        return control
 
     cb.monitor.before_weights_change, cb.monitor.step = fence, step
     trainer = make_trainer(tmp_path, [cb], max_steps=3, gradient_accumulation_steps=2)
@@ -141,6 +142,7 @@ def test_a_run_resumed_in_a_new_process_equals_a_straight_run(tmp_path, restore_
     straight, resumed = outcome(tmp_path / "straight"), outcome(tmp_path / "resumed")
     assert resumed["probed_steps"] == straight["probed_steps"] == [0, 3, 6, 8]
     assert resumed["rebuilt"] is restore_flag  # the Trainer rebuilt the callback itself
+    assert resumed["same_object"]  # as the very object passed in: nothing was copied
     for a, b in zip(resumed["history"], straight["history"], strict=True):
         a, b = ProbeRecord.from_dict(a), ProbeRecord.from_dict(b)
         assert a.step == b.step

@@ -20,6 +20,7 @@ from training_fixtures import probe_ids
 
 from redundancy_monitor.errors import InvalidConfigError
 from redundancy_monitor.monitoring.alerts import Alert
+from redundancy_monitor.monitoring.control import MonitorControl
 from redundancy_monitor.monitoring.jsonl import JsonlSink, read_records
 from redundancy_monitor.monitoring.probe_config import ProbeConfig
 from redundancy_monitor.monitoring.schedule import ProbeSchedule
@@ -61,18 +62,21 @@ def test_only_alerts_appended_after_start_are_acted_on_at_scheduled_steps(tmp_pa
         on_alert=seen.append,
     )
     reader.start()
-    assert reader.step(4) and not reader.stop_requested  # the old alert is not news
+    assert reader.step(4) == MonitorControl()  # the old alert is not news
     sink.write_alert(alert(6, "removal_overlap"))
-    assert not reader.step(7)  # not a scheduled step: the file is not read
-    assert not reader.checkpoint_requested
-    assert reader.step(8)
-    assert reader.checkpoint_requested and not reader.stop_requested
+    assert reader.step(7) == MonitorControl()  # not a scheduled step: the file is not read
+    assert seen == []
+    control = reader.step(8)
+    assert (control.save, control.stop) == (True, False)
+    assert control.reason == "[removal_overlap] test alert at 6"
+    assert reader.step(8) == reader.step(9) == MonitorControl()  # a save is handed out once
     with open(tmp_path / "redundancy.jsonl", "a") as f:
         f.write('{"type":"probe","step":9}\nnot json\n["a list"]\n{"type":"alert","step":10,')
-    assert reader.step(12) and not reader.stop_requested  # bad lines skipped, partial waits
+    assert reader.step(12) == MonitorControl()  # bad lines skipped, partial waits
     with open(tmp_path / "redundancy.jsonl", "a") as f:
         f.write('"rule":"gap_threshold","value":1.0,"threshold":0.1,"message":"m"}\n')
-    assert reader.step(16) and reader.stop_requested
+    assert reader.step(16) == MonitorControl(stop=True, reason="[gap_threshold] m")
+    assert reader.step(17).stop  # a stop stays set
     assert [(a.step, a.rule) for a in seen] == [(6, "removal_overlap"), (10, "gap_threshold")]
 
 

@@ -16,9 +16,12 @@ from typing import Any
 from redundancy_monitor.errors import InvalidConfigError
 from redundancy_monitor.extras import require
 from redundancy_monitor.monitoring.adapters import (
+    RECORD_FILE,
+    check_distinct_record_files,
     monitor_or_sidecar,
     probes_here,
 )
+from redundancy_monitor.monitoring.control import ControlSource, MonitorControl
 from redundancy_monitor.monitoring.monitor import RedundancyMonitor
 from redundancy_monitor.monitoring.record import ProbeRecord
 from redundancy_monitor.monitoring.sidecar import SidecarAlerts
@@ -33,9 +36,10 @@ log = logging.getLogger("redundancy_monitor")
 
 # The Trainer rebuilds stateful callbacks as ``type(cb)(**args)`` when
 # `restore_callback_states_from_checkpoint=True`; args must be JSON, so they carry a token
-# naming the live callback whose configuration the rebuilt one takes over. In a new
-# process that token is unknown: the rebuilt callback then takes over the live one of the
-# same configuration (the digest after the colon), else the first one not taken yet.
+# naming the live callback to hand back (`__new__` returns that very object, so nothing
+# is copied). In a new process that token is unknown: the live callback not started yet
+# of the same configuration (the digest after the colon) is handed back, else the newest
+# one not started yet.
 _LIVE: weakref.WeakValueDictionary[str, RedundancyMonitorTrainerCallback] = (
     weakref.WeakValueDictionary()
 )
@@ -69,9 +73,11 @@ def refuse_unsupported_setup(args, model=None) -> None:
 
 
 def _calling_handler() -> CallbackHandler | None:
-    """The `CallbackHandler` of the Trainer that is calling us (an event, or the rebuild
-    of callbacks on resume), found on the call stack: the Trainer hands callbacks no
-    reference to itself or its handler."""
+    """The `CallbackHandler` of the Trainer that is calling us, found on the call stack.
+
+    Why the stack: the Trainer hands a callback no reference to itself, its handler or its
+    other callbacks, and the log sink needs them (``on_log`` of the integrations, the
+    TensorBoard writer); with no handler found the probe scalars go to our own writer."""
     frame = sys._getframe(1)
     for _ in range(8):
         if frame is None:
@@ -179,6 +185,26 @@ class RedundancyMonitorTrainerCallback(TrainerCallback, ExportableState):
         >>> Trainer(model, args, train_dataset=ds, callbacks=[cb]).train()
     """
 
+    def __new__(cls, *args: Any, restore_token: str | None = None, **kwargs: Any):
+        if restore_token is None:
+            return super().__new__(cls)
+        # The Trainer rebuilding us from a checkpoint: hand back the live callback the
+        # token names (the Trainer then sets its state and puts it back in its list).
+        live = _LIVE.get(restore_token)
+        if live is None or live._begun:  # another process, or one that trained already
+            digest = restore_token.rpartition(":")[2]
+            fresh = [cb for cb in reversed(list(_LIVE.values())) if not cb._begun]
+            live = next((cb for cb in fresh if cb._digest == digest), None) or next(
+                iter(fresh), None
+            )
+        if live is None:
+            raise InvalidConfigError(
+                "cannot rebuild RedundancyMonitorTrainerCallback from a checkpoint alone; pass "
+                "the callback to the Trainer again (its state is then restored from the "
+                "checkpoint)"
+            )
+        return live
+
     def __init__(
         self,
         probe_batch=None,
@@ -192,46 +218,24 @@ class RedundancyMonitorTrainerCallback(TrainerCallback, ExportableState):
         **monitor_kwargs: Any,
     ):
         if restore_token is not None:
-            self._adopt(restore_token)
-            return
+            return  # `__new__` handed back a live, configured callback
         self.monitor: RedundancyMonitor | None
         self.sidecar: SidecarAlerts | None
         self.monitor, self.sidecar = monitor_or_sidecar(
             probe_batch, log_dir, jsonl_path, sidecar, monitor_kwargs
         )
+        # What the events drive: the monitor, or the sidecar reader in its place.
+        self._source: ControlSource = self.monitor or self.sidecar  # type: ignore[assignment]
         self.log_dir, self.jsonl_path = log_dir, jsonl_path
         self.per_pair, self.images = per_pair, images
-        self._attached = self._restored = self._ended = False
+        self._attached = self._restored = self._ended = self._begun = False
         self.tensorboard_dir: str | None = None
         self._args = self._state = self._control = None
-        self._decisions = None  # a RankGroup when rank 0 probes alone among several
-        self._synced_step: int | None = None
         config = {"sidecar": str(sidecar)} if self.monitor is None else self.monitor.config_key
         key = json.dumps(config, sort_keys=True, default=str)
         self._digest = hashlib.sha256(key.encode()).hexdigest()[:16]
         self._token = f"rm-{os.getpid()}-{next(_TOKENS)}:{self._digest}"
         _LIVE[self._token] = self
-
-    def _adopt(self, token: str) -> None:
-        original = _LIVE.get(token)
-        if original is None:  # a new process: the same configuration, else the first
-            handler = _calling_handler()
-            live = [
-                cb
-                for cb in (handler.callbacks if handler is not None else list(_LIVE.values()))
-                if isinstance(cb, type(self)) and _LIVE.get(cb._token) is cb
-            ]
-            digest = token.rpartition(":")[2]
-            same = [cb for cb in live if cb._digest == digest]
-            original = (same or live or [None])[0]
-        if original is None:
-            raise InvalidConfigError(
-                "cannot rebuild RedundancyMonitorTrainerCallback from a checkpoint alone; pass "
-                "the callback to the Trainer again (its state is then restored from the "
-                "checkpoint)"
-            )
-        self.__dict__.update(original.__dict__)
-        _LIVE[self._token] = self  # the original is taken: another rebuild skips it
 
     # ----- ExportableState ---------------------------------------------------------------
 
@@ -267,13 +271,16 @@ class RedundancyMonitorTrainerCallback(TrainerCallback, ExportableState):
     def _attach_sinks(self, args, handler) -> None:
         report_to = args.report_to or []
         tensorboard = None
+        siblings = [] if handler is None else _monitors(handler.callbacks)
+        # Several monitors: each writes a folder of its own (record file, TensorBoard run).
+        own = f"redundancy-{self._digest[:8]}" if len(siblings) > 1 else None
         if handler is not None:
             self.monitor.sinks.append(TrainerLogSink(self, handler, self.per_pair))
             tensorboard = next(
                 (cb for cb in handler.callbacks if type(cb).__name__ == "TensorBoardCallback"),
                 None,
             )
-        if tensorboard is not None:
+        if tensorboard is not None and own is None:
             sink = TensorBoardSink(
                 writer=_tensorboard_writer(tensorboard, args),
                 per_pair=self.per_pair,
@@ -281,17 +288,18 @@ class RedundancyMonitorTrainerCallback(TrainerCallback, ExportableState):
             )
             self.monitor.sinks.append(sink)
             self.tensorboard_dir = sink.log_dir
-        elif "tensorboard" in report_to:  # the Trainer's writer was not reachable
-            log.warning(
-                "redundancy monitor: the Trainer's TensorBoard writer was not found; "
-                "writing a TensorBoard run of its own"
-            )
+        elif "tensorboard" in report_to:  # not the Trainer's writer: a run of its own
+            if own is None:
+                log.warning(
+                    "redundancy monitor: the Trainer's TensorBoard writer was not found; "
+                    "writing a TensorBoard run of its own"
+                )
             root = os.environ.get("TENSORBOARD_LOGGING_DIR") or os.path.join(
                 args.output_dir, "runs"
             )
             resumed = self.monitor.last_step
             sink = TensorBoardSink(
-                log_dir=os.path.join(root, "redundancy"),
+                log_dir=os.path.join(root, own or "redundancy"),
                 per_pair=self.per_pair,
                 images=self.images,
                 purge_step=None if resumed is None else resumed + 1,
@@ -301,8 +309,8 @@ class RedundancyMonitorTrainerCallback(TrainerCallback, ExportableState):
         if self.jsonl_path is not False:
             from redundancy_monitor.monitoring.jsonl import JsonlSink
 
-            folder = self.log_dir or os.path.join(args.output_dir, "redundancy")
-            self.jsonl_file = str(self.jsonl_path or os.path.join(folder, "redundancy.jsonl"))
+            folder = self.log_dir or os.path.join(args.output_dir, own or "redundancy")
+            self.jsonl_file = str(self.jsonl_path or os.path.join(folder, RECORD_FILE))
             self.monitor.sinks.append(JsonlSink(self.jsonl_file))
 
     def _fallback_batch(self, kwargs) -> None:
@@ -312,92 +320,63 @@ class RedundancyMonitorTrainerCallback(TrainerCallback, ExportableState):
 
     # ----- events ------------------------------------------------------------------------
 
-    def _probes_here(self, args, state) -> bool:
-        return probes_here(state.is_world_process_zero, args.world_size, self.monitor)
-
     def _bind(self, args, state, control) -> None:
         self._args, self._state, self._control = args, state, control
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         refuse_unsupported_setup(args, model)
         self._bind(args, state, control)
-        if self.sidecar is not None:
-            self.sidecar.start()
-            self._read_sidecar(state, control)
-            return
-        solo = args.world_size > 1 and self.monitor.distributed is False
-        if solo and self._decisions is None:
-            from redundancy_monitor.monitoring.ranks import RankGroup
-
-            self._decisions = RankGroup()  # a collective: every rank is here
-        if self._probes_here(args, state):
+        self._begun = True
+        if probes_here(state.is_world_process_zero, args.world_size, self.monitor):
             self._restore(state)
             self._fallback_batch(kwargs)
             if not self._attached and state.is_world_process_zero:
-                self._attach_sinks(args, _calling_handler())
+                handler = _calling_handler()
+                if handler is not None:
+                    explicit = [cb.jsonl_path or None for cb in _monitors(handler.callbacks)]
+                    check_distinct_record_files(explicit, type(self).__name__)
+                self._attach_sinks(args, handler)
                 self._attached = True
-            self.monitor.start()
-            self.monitor.step(state.global_step, model)
-        self._apply_requests(args, state, control)
+        self._source.start()
+        self._apply(control, self._source.step(state.global_step, model))
 
     def on_step_begin(self, args, state, control, **kwargs):
         # Before the first forward of the step: under DeepSpeed the weights change inside
         # backward, after which on_pre_optimizer_step would come too late.
-        if self._probes_here(args, state):
-            self.monitor.before_weights_change()
+        self._source.before_weights_change()
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
-        if self._probes_here(args, state):
-            self.monitor.before_weights_change()
+        self._source.before_weights_change()
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         self._bind(args, state, control)
-        if self.sidecar is not None:
-            self._read_sidecar(state, control)
-            return
-        if self._probes_here(args, state):
-            self.monitor.step(state.global_step, model)
-        self._apply_requests(args, state, control)
+        self._apply(control, self._source.step(state.global_step, model))
         if control.should_training_stop:  # the last step: probe and deliver now, while
-            self._end(args, state, model)  # the integrations are still open
+            self._end(control, state, model)  # the integrations are still open
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
         self._bind(args, state, control)
-        self._end(args, state, model)
-        if self._probes_here(args, state):
-            self.monitor.close()
+        self._end(control, state, model)
+        self._source.close()
 
-    def _end(self, args, state, model) -> None:
-        if not self._ended and self._probes_here(args, state):
+    def _end(self, control, state, model) -> None:
+        if not self._ended:
             self._ended = True
-            self.monitor.train_end(state.global_step, model)
+            self._apply(control, self._source.train_end(state.global_step, model))
 
-    def _read_sidecar(self, state, control) -> None:
-        # Every process reads at the same scheduled steps and gets rank 0's decision.
-        if self.sidecar.step(state.global_step):
-            if self.sidecar.stop_requested:
-                control.should_training_stop = True
-            if self.sidecar.checkpoint_requested:
-                self.sidecar.checkpoint_requested = False
-                control.should_save = True
-
-    def _apply_requests(self, args, state, control) -> None:
-        stop, save = self.monitor.stop_requested, self.monitor.checkpoint_requested
-        if self._decisions is not None:
-            # Rank 0 probes alone, so only it knows: it tells the others at scheduled
-            # steps (the same on every rank). Otherwise every rank reaches the same
-            # decisions from the same gathered result.
-            if not self._sync_due(state.global_step):
-                return
-            stop, save = self._decisions.any_true([stop, save])
-        if stop:
+    @staticmethod
+    def _apply(control, decision: MonitorControl) -> None:
+        """Copy the monitor's control (the same on every rank) into the Trainer's."""
+        if decision.stop:
             control.should_training_stop = True
-        if save:
-            self.monitor.checkpoint_requested = False
+        if decision.save:
             control.should_save = True
 
-    def _sync_due(self, step: int) -> bool:
-        if step == self._synced_step or not self.monitor.schedule.is_due(step):
-            return False
-        self._synced_step = step
-        return True
+
+def _monitors(callbacks) -> list[RedundancyMonitorTrainerCallback]:
+    """The in-process monitors among a Trainer's callbacks."""
+    return [
+        cb
+        for cb in callbacks
+        if isinstance(cb, RedundancyMonitorTrainerCallback) and cb.monitor is not None
+    ]

@@ -15,9 +15,12 @@ from redundancy_monitor.errors import InvalidConfigError
 from redundancy_monitor.extras import missing
 from redundancy_monitor.monitoring.adapters import (
     add_default_sinks,
+    check_distinct_record_files,
+    monitor_label,
     monitor_or_sidecar,
     probes_here,
 )
+from redundancy_monitor.monitoring.control import ControlSource, MonitorControl
 from redundancy_monitor.monitoring.monitor import RedundancyMonitor
 from redundancy_monitor.monitoring.sidecar import SidecarAlerts
 from redundancy_monitor.monitoring.sinks import MetricsSink
@@ -110,7 +113,10 @@ class RedundancyMonitorCallback(Callback):
             schedule and the alert actions apply.
 
     Its checkpoint state is kept under a `state_key` made of the probe batch and what is
-    probed, so several monitors can be attached to one trainer. With ``fast_dev_run``
+    probed, so several monitors can be attached to one trainer; each then writes its
+    TensorBoard run and record file into a folder of its own,
+    ``<log dir>/redundancy-<8 hex digits of its configuration>`` (two given the same
+    `jsonl_path` are refused). With ``fast_dev_run``
     it probes but writes nothing (no record file, no TensorBoard events, no checkpoint).
 
     Raises:
@@ -141,6 +147,8 @@ class RedundancyMonitorCallback(Callback):
         self.monitor, self.sidecar = monitor_or_sidecar(
             probe_batch, log_dir, jsonl_path, sidecar, monitor_kwargs
         )
+        # What the hooks drive: the monitor, or the sidecar reader in its place.
+        self._source: ControlSource = self.monitor or self.sidecar  # type: ignore[assignment]
         self.model_path, self.log_dir, self.jsonl_path = model, log_dir, jsonl_path
         self.per_pair, self.images = per_pair, images
         self._attached = False
@@ -148,7 +156,7 @@ class RedundancyMonitorCallback(Callback):
         self._root: str | None = None  # the trainer's default_root_dir
         self._saved_jsonl: str | None = None  # the record file a restored checkpoint names
         self._alert_dir: str | None = None  # where alert checkpoints go, the same on every rank
-        self._synced_step: int | None = None
+        self._trained = False  # on_train_start ran in this fit
 
     @property
     def state_key(self) -> str:
@@ -157,6 +165,13 @@ class RedundancyMonitorCallback(Callback):
         return self._generate_state_key(**self.monitor.config_key, model=self.model_path)
 
     # ----- setup -------------------------------------------------------------------------
+
+    def _siblings(self, trainer) -> list[RedundancyMonitorCallback]:
+        return [
+            cb
+            for cb in trainer.callbacks
+            if isinstance(cb, RedundancyMonitorCallback) and cb.monitor is not None
+        ]
 
     def _attach_sinks(self, trainer) -> None:
         tensorboard = None
@@ -173,9 +188,17 @@ class RedundancyMonitorCallback(Callback):
         self._root = str(trainer.default_root_dir)
         saved = self._saved_jsonl and os.path.join(self._root, self._saved_jsonl)
         jsonl = False if self.jsonl_path is False else self.jsonl_path or saved
+        if len(self._siblings(trainer)) > 1:
+            # Several monitors: each writes a folder of its own (TensorBoard run and record
+            # file), so neither their records nor their scalars mix.
+            log_dir, writer = os.path.join(log_dir, self._label), None
         self.tensorboard_dir, self.jsonl_file = add_default_sinks(
             self.monitor, log_dir, jsonl, self.per_pair, self.images, writer
         )
+
+    @property
+    def _label(self) -> str:
+        return monitor_label({**self.monitor.config_key, "model": self.model_path})
 
     def _fallback_batch(self, trainer) -> None:
         if self.monitor.has_probe_batch:
@@ -197,19 +220,19 @@ class RedundancyMonitorCallback(Callback):
                 "this RedundancyMonitorCallback watched a fit already and is closed; pass a "
                 "new callback to each Trainer.fit (resuming from a checkpoint restores its state)"
             )
-
-    def _probes_here(self, trainer) -> bool:
-        return probes_here(trainer.is_global_zero, trainer.world_size, self.monitor)
+        if stage == "fit" and self.monitor is not None:
+            explicit = [cb.jsonl_path or None for cb in self._siblings(trainer)]
+            check_distinct_record_files(explicit, "RedundancyMonitorCallback")
+        self._trained = False
 
     def on_train_start(self, trainer, pl_module) -> None:
+        self._begin(trainer, pl_module)
+        self._apply(trainer, self._source.step(trainer.global_step, self._lm))
+
+    def _begin(self, trainer, pl_module) -> None:
+        self._trained = True
         writes = not trainer.fast_dev_run
-        if self.sidecar is not None:
-            folder = str(trainer.default_root_dir)
-            self._alert_dir = trainer.strategy.broadcast(folder) if writes else None
-            self.sidecar.start()
-            self._read_sidecar(trainer)
-            return
-        if self._probes_here(trainer):
+        if probes_here(trainer.is_global_zero, trainer.world_size, self.monitor):
             self._lm = find_language_model(pl_module, self.model_path)
             self._fallback_batch(trainer)
             if not self._attached and trainer.is_global_zero and writes:
@@ -217,79 +240,42 @@ class RedundancyMonitorCallback(Callback):
                 self._attached = True
         folder = getattr(self, "tensorboard_dir", None) or trainer.default_root_dir
         # A collective: a sharded checkpoint needs one path on every rank.
-        self._alert_dir = trainer.strategy.broadcast(folder) if writes else None
-        if self._probes_here(trainer):
-            self.monitor.start()
-            self.monitor.step(trainer.global_step, self._lm)
-        self._apply_requests(trainer)
+        self._alert_dir = trainer.strategy.broadcast(str(folder)) if writes else None
+        self._source.start()
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
-        if self._probes_here(trainer):
-            self.monitor.before_weights_change()
+        self._source.before_weights_change()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if self.sidecar is not None:
-            self._read_sidecar(trainer)
-            return
-        if self._probes_here(trainer):
-            self.monitor.step(trainer.global_step, self._lm)
-        self._apply_requests(trainer)
+        self._apply(trainer, self._source.step(trainer.global_step, self._lm))
 
     def on_train_end(self, trainer, pl_module) -> None:
-        if self._probes_here(trainer):
-            self.monitor.train_end(trainer.global_step, self._lm)
-        self._apply_requests(trainer, at_end=True)
+        self._apply(trainer, self._source.train_end(trainer.global_step, self._lm))
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        # Resumed from the checkpoint of a run's last step, the fit ends at once without
+        # on_train_start / on_train_end; the final weights may still be owed their probe
+        # (the attempt that saved the checkpoint died during it).
+        if not self._trained and self.monitor is not None and self.monitor.final_probe_owed:
+            self._begin(trainer, pl_module)
+            self.on_train_end(trainer, pl_module)
 
     def on_exception(self, trainer, pl_module, exception) -> None:
         # Also reached on KeyboardInterrupt. Bounded: a running probe gets close_timeout
         # seconds, is then cancelled, and abandoned if it still runs a second later.
-        if self.monitor is not None:
-            self.monitor.close()
+        self._source.close()
 
     def teardown(self, trainer, pl_module, stage: str) -> None:
-        if self.monitor is not None and stage == "fit":
-            # a validate or test run before fit leaves the monitor open
-            self.monitor.close()
+        if stage == "fit":  # a validate or test run before fit leaves the monitor open
+            self._source.close()
 
-    def _read_sidecar(self, trainer) -> None:
-        # Every rank reads at the same scheduled steps and gets rank 0's decision.
-        if self.sidecar.step(trainer.global_step):
-            save = self.sidecar.checkpoint_requested
-            self.sidecar.checkpoint_requested = False
-            self._act(trainer, self.sidecar.stop_requested, save)
-
-    def _apply_requests(self, trainer, at_end: bool = False) -> None:
-        if self.monitor is None:
-            return
-        stop, save = self.monitor.stop_requested, self.monitor.checkpoint_requested
-        if trainer.world_size > 1 and self.monitor.distributed is False:
-            # Rank 0 probes alone, so only it knows; it tells the others at scheduled
-            # steps (the same on every rank), not at every batch. When all ranks share
-            # the probe, each reaches the same decisions from the gathered result.
-            if not (at_end or self._sync_due(trainer.global_step)):
-                return
-            if self.monitor.stop_rules:
-                stop = trainer.strategy.reduce_boolean_decision(stop, all=False)
-            if self.monitor.checkpoint_rules:
-                save = trainer.strategy.reduce_boolean_decision(save, all=False)
-        if save:
-            self.monitor.checkpoint_requested = False
-        self._act(trainer, stop, save)
-
-    def _act(self, trainer, stop: bool, save: bool) -> None:
-        if stop:
+    def _apply(self, trainer, control: MonitorControl) -> None:
+        """Copy the monitor's control (the same on every rank) into the trainer."""
+        if control.stop:
             trainer.should_stop = True
-        if save and self._alert_dir is not None:
+        if control.save and self._alert_dir is not None:
             name = f"redundancy-alert-step{trainer.global_step}.ckpt"
             trainer.save_checkpoint(os.path.join(self._alert_dir, name))
-
-    def _sync_due(self, step: int) -> bool:
-        """Whether `step` is a scheduled step seen for the first time (micro-batches of
-        one optimizer step share it)."""
-        if step == self._synced_step or not self.monitor.schedule.is_due(step):
-            return False
-        self._synced_step = step
-        return True
 
     # ----- resume ------------------------------------------------------------------------
 

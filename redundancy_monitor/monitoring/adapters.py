@@ -1,9 +1,13 @@
-"""What the Lightning and HF Trainer adapters share: which ranks probe, and the default
-outputs (a TensorBoard run and a JSON Lines record file)."""
+"""What the Lightning and HF Trainer adapters share: the monitor (or sidecar reader) they
+drive, which ranks prepare a probe, and the default outputs (a TensorBoard run and a JSON
+Lines record file, one folder per monitor when a trainer has several)."""
 
 from __future__ import annotations
 
+import hashlib
 import os
+from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from redundancy_monitor.errors import InvalidConfigError
@@ -37,9 +41,11 @@ def monitor_or_sidecar(
 
 
 def probes_here(is_main: bool, world_size: int, monitor: RedundancyMonitor | None) -> bool:
-    """Whether this rank runs the monitor: with several ranks every rank probes its share
-    of the pairs, unless distributed probing is off, in which case the main rank probes
-    alone. Without a monitor (None: a sidecar probes) no rank does."""
+    """Whether this rank probes, so needs the model, a probe batch and (the main rank)
+    sinks: with several ranks every rank probes its share of the pairs, unless
+    distributed probing is off, in which case the main rank probes alone (the others
+    still call the monitor's hooks, to learn its decisions). Without a monitor (None: a
+    sidecar probes) no rank does."""
     if monitor is None:
         return False
     return is_main or (world_size > 1 and monitor.distributed is not False)
@@ -83,3 +89,31 @@ def add_default_sinks(
     jsonl_file = str(jsonl_path or os.path.join(log_dir, RECORD_FILE))
     monitor.sinks.append(JsonlSink(jsonl_file))
     return sink.log_dir, jsonl_file
+
+
+def monitor_label(config: dict[str, Any]) -> str:
+    """A short stable name for a monitor's configuration (its probe batch and what it
+    probes), the same in every process: names its folder when a trainer has several."""
+    key = repr(sorted(config.items())).encode()
+    return "redundancy-" + hashlib.sha256(key).hexdigest()[:8]
+
+
+def check_distinct_record_files(paths: Sequence[str | os.PathLike | None], kind: str) -> None:
+    """Refuse two monitors of one trainer writing one record file (their probes would mix).
+
+    Raises:
+        InvalidConfigError: two of `paths` (None: no file) name the same file.
+    """
+    seen: set[Path] = set()
+    for path in paths:
+        if path is None:
+            continue
+        resolved = Path(path).absolute()
+        if resolved in seen:
+            raise InvalidConfigError(
+                f"two {kind}s on one trainer would write the same record file {path}, and "
+                "their probes would mix into one trajectory; give each its own jsonl_path= "
+                "(or leave jsonl_path unset: several monitors then each get a folder of "
+                "their own, named after their configuration)"
+            )
+        seen.add(resolved)

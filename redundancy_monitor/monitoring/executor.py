@@ -7,11 +7,13 @@ training thread never waits unless asked to with `drain()`.
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import logging
 import threading
 import time
 import traceback
+import weakref
 from collections.abc import Callable
 
 import torch
@@ -81,6 +83,9 @@ class BackgroundExecutor:
 
     #: seconds `close` waits after cancelling before it abandons the worker.
     CANCEL_GRACE = 1.0
+    #: seconds the interpreter's exit waits for a cancelled worker (a probe checks for
+    #: cancellation after each group of variants, seconds apart on a big model).
+    EXIT_WAIT = 30.0
 
     def __init__(self, threads: int | None = None) -> None:
         self.threads = threads
@@ -137,6 +142,7 @@ class BackgroundExecutor:
         thread = threading.Thread(target=work, name=f"redundancy-probe-{step}", daemon=True)
         thread.start()  # may raise (no thread can be started): then nothing is left half-set
         self._thread, self._token, self._box, self._step = thread, token, box, step
+        _WORKERS.add(self)
         self._submit_seconds = time.perf_counter() - started
 
     def _collect(self) -> list[ProbeRecord]:
@@ -185,6 +191,35 @@ class BackgroundExecutor:
             log.info("redundancy monitor: cancelled the running probe at shutdown")
         self._thread = self._token = None
         return []
+
+    def stop_at_exit(self) -> None:
+        """Cancel a probe still running when the interpreter exits and wait for its thread
+        to end (up to `EXIT_WAIT` seconds); its result is dropped."""
+        thread, token = self._thread, self._token
+        if thread is None or token is None or not thread.is_alive():
+            return
+        log.warning(
+            "redundancy monitor: the process is exiting while the probe of step %s runs "
+            "(nothing closed the monitor); cancelling it first (up to %.0f s)",
+            self._step,
+            self.EXIT_WAIT,
+        )
+        token.cancel()
+        thread.join(self.EXIT_WAIT)
+
+
+#: Executors that started a worker; weak, so a monitor that is gone is not kept alive.
+_WORKERS: weakref.WeakSet[BackgroundExecutor] = weakref.WeakSet()
+
+
+@atexit.register
+def _stop_workers_at_exit() -> None:
+    # A worker still inside torch when the interpreter tears down (training raised and
+    # nothing closed the monitor: the HF Trainer has no exception event) aborts the
+    # process ("terminate called without an active exception", exit 134) instead of the
+    # exit status the training's own error gives. atexit runs before that teardown.
+    for executor in list(_WORKERS):
+        executor.stop_at_exit()
 
 
 def make_executor(kind: str, threads: int | None = None) -> InlineExecutor | BackgroundExecutor:

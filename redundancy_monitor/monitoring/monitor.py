@@ -10,25 +10,29 @@ each optimizer step, and `train_end()`; everything else happens here.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 from collections.abc import Callable, Collection, Sequence
-from typing import Any
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from redundancy_monitor.errors import InvalidConfigError, MonitorUsageError
 from redundancy_monitor.monitoring.alerts import Alert, AlertConfig
+from redundancy_monitor.monitoring.control import CONTINUE, MonitorControl, RankAgreement
 from redundancy_monitor.monitoring.device_memory import DeviceBudget
 from redundancy_monitor.monitoring.executor import make_executor
 from redundancy_monitor.monitoring.probe_config import ProbeConfig, pairs_spec
 from redundancy_monitor.monitoring.record import ProbeRecord
 from redundancy_monitor.monitoring.recorder import Recorder
-from redundancy_monitor.monitoring.schedule import ProbeSchedule
+from redundancy_monitor.monitoring.schedule import OverheadPacer, ProbeSchedule
 from redundancy_monitor.monitoring.sinks import Sink
 from redundancy_monitor.monitoring.snapshot import (
     ShadowModel,
+    Snapshot,
     check_shadow_device,
     check_shadow_dtype,
     probe_snapshot,
@@ -38,12 +42,67 @@ from redundancy_monitor.probing.inputs import from_dataloader, from_texts, ids_a
 from redundancy_monitor.probing.probe import probe
 from redundancy_monitor.probing.result import ProbeResult
 
+if TYPE_CHECKING:
+    from redundancy_monitor.monitoring.ranks import RankGroup
+
 log = logging.getLogger("redundancy_monitor")
 #: Seconds `close()` waits for a running probe before cancelling it (then abandoning it).
 DEFAULT_CLOSE_TIMEOUT = 5.0
 #: Probe batches up to this many ids are kept in the monitor's state, so that a resumed
 #: run probes the very same batch even when its loader would now give another one.
 MAX_SAVED_BATCH_TOKENS = 65536
+
+
+@dataclass
+class DeferredProbe:
+    """A probe snapshotted before the first optimizer step: it starts after that step."""
+
+    step: int
+    job: Callable[[], ProbeResult | None]
+    blocked: float
+    device: torch.device
+
+
+@dataclass
+class UngatheredProbe:
+    """With several ranks: a probe whose ranks' shares are not gathered yet."""
+
+    step: int
+    failure: ProbeRecord | None  # this rank's, known before the probe ran
+    snapshot: Snapshot | None
+
+
+@dataclass
+class Attempt:
+    """This process's attempt at the run: what happened since the monitor started, or
+    since a saved state was loaded (a loaded state starts a new attempt)."""
+
+    optimizer_stepped: bool = False  # an optimizer step has run in this process
+    step_announced: bool = False  # before_weights_change() was called
+    start_marked: bool = False  # the start marker is written
+    closed: bool = False
+    #: ranks that shared the probe when the loaded state was saved
+    saved_world_size: int | None = None
+    #: the loaded state was saved while this step's probe ran: probe it again
+    redo_step: int | None = None
+
+
+@dataclass
+class Skips:
+    """Scheduled probes not taken because the previous probe still ran."""
+
+    total: int = 0  # over the whole run (kept in the state)
+    since_last: int = 0  # since the last probe started: that probe's record carries it
+    warned: bool = False  # the first skip is a warning, later ones are counted
+    by_step: dict[int, int] = field(default_factory=dict)  # probe step -> skips before it
+
+
+@dataclass
+class RunningProbe:
+    """When the latest probe started, to tell what a skip would need (and pace probes)."""
+
+    step: int
+    started: float  # time.perf_counter()
 
 
 class RedundancyMonitor:
@@ -176,21 +235,20 @@ class RedundancyMonitor:
         self._shadow = ShadowModel(*self._shadow_options)
         #: Checks a probe's estimated device memory against the free memory first.
         self.device_budget = DeviceBudget()
-        self._deferred = None  # (step, job, blocked, device): waits for an optimizer step
-        self._optimizer_stepped = False  # an optimizer step has run in this process
-        self._step_announced = False  # before_weights_change() was called
+        self._deferred: DeferredProbe | None = None
+        self._attempt = Attempt()
         self.distributed = distributed
-        self._ranks = None  # a RankGroup once start() finds a multi-rank job
-        # (step, local failure, snapshot) of the probe whose shares are not gathered yet
-        self._pending: tuple | None = None
-        self._start_marked = False
-        self._closed = False
-        self._saved_world_size: int | None = None
-        # The checkpoint was saved while this step's probe ran: probe again on resume.
-        self._saved_pending: int | None = None
+        self._ranks: RankGroup | None = None  # the ranks sharing each probe, from start()
+        self._ungathered: UngatheredProbe | None = None
+        # Who decides stop / checkpoint: this process, or rank 0 for every rank when it
+        # probes alone (distributed=False in a multi-rank job; start() sets the group).
+        self._agreement = RankAgreement(None, self.schedule)
+        self._follows = False
+        self._pacer = OverheadPacer(self.schedule.max_overhead)
+        self._running: RunningProbe | None = None
+        self._skips = Skips()
         self.last_step: int | None = None
         self.probed_steps: list[int] = []
-        self.n_skipped_busy = 0
         self.close_timeout = close_timeout
         self.config_key = self._make_config_key()
 
@@ -302,11 +360,37 @@ class RedundancyMonitor:
 
     # ----- the hooks adapters call -----------------------------------------------------
 
-    def start(self) -> None:
-        """Call once when training starts (after any `load_state_dict`).
+    @property
+    def n_skipped_busy(self) -> int:
+        """Scheduled probes skipped because the previous probe still ran (whole run)."""
+        return self._skips.total
 
-        In a multi-rank job this is a collective (it creates the monitor's gloo group).
+    @property
+    def follows(self) -> bool:
+        """Whether this rank only follows rank 0, which probes alone (``distributed=False``
+        in a multi-rank job, known from `start()`)."""
+        return self._follows
+
+    def start(self) -> None:
+        """Call once when training starts (after any `load_state_dict`), on every rank.
+
+        In a multi-rank job this is a collective (it creates the monitor's gloo groups):
+        with ``distributed=False`` rank 0 probes alone and, when a rule may stop or
+        checkpoint the run, tells every other rank its decisions at scheduled steps.
         """
+        if self.distributed is False:
+            from redundancy_monitor.monitoring.ranks import (
+                RankGroup,
+                is_distributed,
+                rank_and_world,
+            )
+
+            rank, world = rank_and_world()
+            self._follows = rank != 0
+            self.recorder.writer = not self._follows
+            # Only rank 0 knows the alerts: the others learn what they ask at scheduled steps.
+            if world > 1 and self._acts and self._agreement.group is None and is_distributed():
+                self._agreement = RankAgreement(RankGroup(), self.schedule)
         if self._ranks is None and self.distributed is not False:
             from redundancy_monitor.monitoring.ranks import RankGroup, is_distributed
 
@@ -325,30 +409,50 @@ class RedundancyMonitor:
                     "distributed=True but torch.distributed is not initialised with several "
                     "ranks; call start() after the process group is set up"
                 )
-        saved, self._saved_world_size = self._saved_world_size, None
+        saved, self._attempt.saved_world_size = self._attempt.saved_world_size, None
         if saved is not None and saved != self.probe_world_size:
             self.recorder.note_resume_change(
                 f"{self.probe_world_size} rank(s) share the probe (the checkpoint was written "
                 f"with {saved})"
             )
         self._check_open("start")
-        if self.last_step is not None:  # resumed: the first step of this attempt is known
+        # Resumed: the first step of this attempt is known, unless the final weights may
+        # still be owed a probe (train_end then marks the start at their step).
+        if self.last_step is not None and not self.final_probe_owed:
             self._mark_start(self.last_step + 1)
 
-    def _mark_start(self, step: int) -> None:
+    @property
+    def _acts(self) -> bool:
+        return bool(self.recorder.stop_rules or self.recorder.checkpoint_rules)
+
+    @property
+    def final_probe_owed(self) -> bool:
+        """Whether the weights of the last step seen were not probed, though the schedule
+        probes the final weights: after a resume from a checkpoint of a run's last step
+        (saved before its train-end probe, which may never have finished), a fit that
+        ends at once still owes that probe (`train_end` takes it)."""
+        return (
+            self.schedule.at_train_end
+            and self.last_step is not None
+            and self.last_step not in self.probed_steps
+        )
+
+    def _mark_start(self, step: int, redo: int | None = None) -> None:
         """Have a ``start`` marker written before this monitor's first record: readers drop
-        the records earlier attempts wrote from the first step this attempt covers."""
-        if self._start_marked:
+        the records earlier attempts wrote from the first step this attempt covers
+        (`redo`: an earlier step this attempt probes again)."""
+        if self._attempt.start_marked or self.follows:
             return
-        self._start_marked = True
+        self._attempt.start_marked = True
         resumed = self.last_step is not None
         first = self.last_step + 1 if resumed else step
-        if self._saved_pending is not None:  # its result is not in the state: redone
-            first = min(first, self._saved_pending)
+        for again in (self._attempt.redo_step, redo):
+            if again is not None:  # its result is not in the state: redone
+                first = min(first, again)
         self.recorder.mark_start(first, resumed)
 
     def _check_open(self, method: str) -> None:
-        if self._closed:
+        if self._attempt.closed:
             raise MonitorUsageError(
                 f"{method}() was called after close(); a closed monitor has stopped its "
                 "probe worker and closed its sinks. Create a new RedundancyMonitor (load "
@@ -358,32 +462,43 @@ class RedundancyMonitor:
     @property
     def closed(self) -> bool:
         """Whether `close()` was called (the hooks then refuse to run)."""
-        return self._closed
+        return self._attempt.closed
 
     @property
     def probe_world_size(self) -> int:
         """How many ranks share each probe (1 when this process probes alone)."""
         return 1 if self._ranks is None else self._ranks.world_size
 
-    def step(self, step: int, model: nn.Module) -> None:
+    def step(self, step: int, model: nn.Module | None) -> MonitorControl:
         """Call after every optimizer step with the number of steps done (0 before any).
 
         Collects finished probes and starts a new one if `step` is due. Steps already
         seen (gradient-accumulation micro-batches, a resumed run) are ignored.
 
+        Returns:
+            What the alerts ask of the training loop, the same on every rank (when rank
+            0 probes alone, its decisions reach the other ranks at scheduled steps).
+
         Raises:
             MonitorUsageError: called after `close()`.
         """
         self._check_open("step")
+        agree = self._agreement.due(step)
+        if not self.follows:
+            self._advance(step, model)
+        return self._control(agree)
+
+    def _advance(self, step: int, model: nn.Module | None) -> None:
         self._mark_start(step)
         self.poll()
-        self._optimizer_stepped |= self._step_announced or (
+        attempt = self._attempt
+        attempt.optimizer_stepped |= attempt.step_announced or (
             self.last_step is not None and step > self.last_step
         )
         if self._release_deferred():
             self.poll()
-        if self._saved_pending is not None:  # saved while a probe ran: probe what it holds
-            self._saved_pending = None
+        if attempt.redo_step is not None:  # saved while a probe ran: probe what it holds
+            attempt.redo_step = None
             if (self.last_step is None or step >= self.last_step) and step not in self.probed_steps:
                 self.last_step = step
                 self._launch(step, model)
@@ -392,42 +507,83 @@ class RedundancyMonitor:
         if self.last_step is not None and step <= self.last_step:
             return
         self.last_step = step
-        if self.schedule.is_due(step):
-            if self._pending is not None and not self._gather(wait=False):
-                self.n_skipped_busy += 1  # every rank sees the same reduced answer
-                log.info("redundancy probe at step %d skipped: a rank is still probing", step)
-                return
+        if not self.schedule.is_due(step):
+            return
+        if self._ungathered is not None and not self._gather(wait=False):
+            self._skip(step, "a rank is still probing")  # every rank sees the same answer
+            return
+        if self._paced(step):
             self._launch(step, model)
             self.poll()  # an inline probe is done already
 
     def before_weights_change(self) -> None:
         """Call before the optimizer step; on CUDA the step then waits for the last copy."""
-        self._step_announced = True
+        self._attempt.step_announced = True
         self._shadow.fence()
 
-    def train_end(self, step: int, model: nn.Module) -> None:
+    def train_end(self, step: int, model: nn.Module | None) -> MonitorControl:
         """Probe the final weights (if scheduled and not probed yet), wait, flush.
+
+        The seconds training waited here for the running and final probes are logged
+        (INFO).
+
+        Returns:
+            What the alerts ask of the training loop, agreed by every rank.
 
         Raises:
             MonitorUsageError: `step` is behind the last step seen, or called after `close()`.
         """
         self._check_open("train_end")
+        if self.follows:
+            return self._control(agree=True)
         if self.last_step is not None and step < self.last_step:
             raise MonitorUsageError(
                 f"train_end({step}) after step({self.last_step}): the final weights cannot be "
                 "from an earlier step than weights already seen; pass the number of optimizer "
                 "steps done (the last step() value or later)"
             )
-        self._mark_start(step)
-        self._optimizer_stepped = True  # training is over: the device is the probe's
+        owed = self.final_probe_owed and step == self.last_step
+        self._mark_start(step, redo=step if owed else None)
+        started = time.perf_counter()
+        self._attempt.optimizer_stepped = True  # training is over: the device is the probe's
         self._release_deferred()
         self.poll()
         self.drain()
-        if self.schedule.at_train_end and step not in self.probed_steps:
+        final = self.schedule.at_train_end and step not in self.probed_steps
+        if final:
             self.last_step = max(step, self.last_step if self.last_step is not None else step)
             self._launch(step, model)
         self.drain()
+        if self.recorder.writer:
+            log.info(
+                "redundancy monitor: training waited %.2f s at train end for the probes%s",
+                time.perf_counter() - started,
+                f" (the final weights, step {step}, probed)" if final else "",
+            )
         self.recorder.flush()
+        return self._control(agree=True)
+
+    # ----- stop and checkpoint requests ------------------------------------------------
+
+    def _control(self, agree: bool) -> MonitorControl:
+        """The control to hand out now. Alone, or when the ranks share each probe (every
+        rank then reaches the same decisions), it is this rank's own; when rank 0 probes
+        alone, rank 0's at the steps where ranks agree, and an agreed stop between."""
+        if self._agreement.group is None:
+            return self._own_control()
+        return self._agreement.agree(self._own_control) if agree else self._agreement.held()
+
+    def _own_control(self) -> MonitorControl:
+        recorder = self.recorder
+        stop, save = recorder.stop_requested, recorder.checkpoint_requested
+        if not (stop or save):
+            return CONTINUE
+        recorder.checkpoint_requested = False  # a checkpoint request is handed out once
+        rules = recorder.stop_rules | recorder.checkpoint_rules
+        why = next((a for a in reversed(recorder.alerts) if a.rule in rules), None)
+        return MonitorControl(stop, save, None if why is None else f"[{why.rule}] {why.message}")
+
+    # ----- finished probes -------------------------------------------------------------
 
     def poll(self) -> None:
         """Log probes that finished since the last call (never waits).
@@ -438,50 +594,60 @@ class RedundancyMonitor:
         if self._ranks is not None:
             return
         for record in self._executor.poll():
-            self.recorder.record(record)
+            self._record(record)
 
     def drain(self) -> None:
         """Wait for the running probe, if any, and log it (a collective with several ranks)."""
         if self._ranks is not None:
-            if self._pending is not None:
+            if self._ungathered is not None:
                 self._gather(wait=True)
             return
         for record in self._executor.drain():
-            self.recorder.record(record)
+            self._record(record)
+
+    def _record(self, record: ProbeRecord) -> None:
+        """Hand a finished probe to the recorder, with the skips before it."""
+        self._pacer.finished(record)
+        skipped = self._skips.by_step.pop(record.step, 0)
+        self.recorder.record(replace(record, skipped=skipped))
 
     def _gather(self, wait: bool) -> bool:
-        """Merge every rank's share of the pending probe and log it on every rank.
+        """Merge every rank's share of the ungathered probe and log it on every rank.
 
         A collective at a schedule-determined step. Without `wait` it first asks whether
         every rank has finished, and gathers nothing (returns False) if one has not.
         """
-        step, failure, snap = self._pending
-        if failure is None and self._deferred is not None:
+        assert self._ranks is not None and self._ungathered is not None
+        pending = self._ungathered
+        if pending.failure is None and self._deferred is not None:
             return False  # not started yet; deferred alike on every rank, so no collective
-        if not wait and not self._ranks.all_true(failure is not None or not self._executor.busy()):
+        finished = pending.failure is not None or not self._executor.busy()
+        if not wait and not self._ranks.all_true(finished):
             return False
         local = self._executor.drain()
-        record = failure or (local[0] if local else None)
+        record = pending.failure or (local[0] if local else None)
         if record is None:
-            record = ProbeRecord(step, None, "the probe produced no outcome on this rank", 0.0, 0.0)
-        self._pending = None
-        memory = snap.memory if snap is not None else None
-        self.recorder.record(self._ranks.merge(record, memory))
+            record = ProbeRecord(
+                pending.step, None, "the probe produced no outcome on this rank", 0.0, 0.0
+            )
+        self._ungathered = None
+        memory = pending.snapshot.memory if pending.snapshot is not None else None
+        self._record(self._ranks.merge(record, memory))
         return True
 
     def close(self, timeout: float | None = None) -> None:
         """Shut down within a bound: wait up to `timeout` seconds (default
         `close_timeout`) for a running probe and log it; otherwise cancel it, and abandon
         it if it does not stop within a second more. Then close the sinks. Never hangs."""
-        if self._closed:
+        if self._attempt.closed:
             return
-        self._closed = True
+        self._attempt.closed = True
         timeout = self.close_timeout if timeout is None else timeout
         records = self._executor.close(timeout)
         # With several ranks a share not gathered yet is dropped: close() may run on one
         # rank only (after an exception), so it must not enter a collective.
         for record in records if self._ranks is None else ():
-            self.recorder.record(record)
+            self._record(record)
         self._deferred = None  # a probe that never started is dropped
         if getattr(self._executor, "n_abandoned", 0):
             # The abandoned thread may still read the old copy.
@@ -490,12 +656,66 @@ class RedundancyMonitor:
 
     # ----- probing -----------------------------------------------------------------------
 
-    def _launch(self, step: int, model: nn.Module) -> None:
+    def _skip(self, step: int, why: str) -> None:
+        """A due probe not taken because the previous one still runs: counted (the next
+        probe record carries the count); the first one is a warning that says what fits."""
+        skips = self._skips
+        skips.total += 1
+        skips.since_last += 1
+        if skips.warned or not self.recorder.writer:
+            log.info("redundancy probe at step %d skipped: %s", step, why)
+            return
+        skips.warned = True
+        log.warning(
+            "redundancy probe at step %d skipped: %s. %s", step, why, self._fit_advice(step)
+        )
+
+    def _fit_advice(self, step: int) -> str:
+        """What the measured probe and step times say would fit (for the first skip)."""
+        later = (
+            "Later skips are counted (monitor.n_skipped_busy, the `skipped` field of the next "
+            "probe record, TensorBoard redundancy_probe/skipped)."
+        )
+        running = self._running
+        if running is None or step <= running.step:
+            return later
+        elapsed = time.perf_counter() - running.started
+        per_step = elapsed / (step - running.step)
+        probe_seconds = max(elapsed, self._pacer.last_cost or 0.0)
+        fits = max(1, math.ceil(1.25 * probe_seconds / per_step))  # a quarter to spare
+        return (
+            f"The probe started at step {running.step} has run {elapsed:.1f} s so far "
+            f"(the last finished one took {self._pacer.last_cost or 0.0:.1f} s) while training "
+            f"took {per_step:.3f} s per step: a probe every {fits} steps or more would fit "
+            f"(ProbeSchedule(every_n_steps={fits})), or ProbeSchedule(max_overhead=0.1) "
+            f"spaces probes by their measured cost. {later}"
+        )
+
+    def _paced(self, step: int) -> bool:
+        """Whether a `max_overhead` schedule lets the probe at `step` start (rank 0 decides
+        for every rank that shares the probe: the measured times differ between ranks)."""
+        if self._pacer.max_overhead is None:
+            return True
+        allowed = self._pacer.allows(time.perf_counter())
+        if self._ranks is not None:
+            allowed = self._ranks.broadcast(allowed)
+        if not allowed:
+            self._pacer.held(step, self.recorder.writer)
+        return allowed
+
+    def _started(self, step: int) -> None:
+        """Book-keeping of a probe that has started (or will, after the first step)."""
+        self.probed_steps.append(step)
+        if self._skips.since_last:
+            self._skips.by_step[step] = self._skips.since_last
+            self._skips.since_last = 0
+        now = time.perf_counter()
+        self._running = RunningProbe(step, now)
+        self._pacer.started(now)
+
+    def _launch(self, step: int, model: nn.Module | None) -> None:
         if self._executor.busy() or self._deferred is not None:
-            self.n_skipped_busy += 1
-            log.info(
-                "redundancy probe at step %d skipped: the previous probe is still running", step
-            )
+            self._skip(step, "the previous probe is still running")
             return
         started = time.perf_counter()
         snap, error = None, None
@@ -504,24 +724,27 @@ class RedundancyMonitor:
                 raise InvalidConfigError(
                     "no probe batch: pass probe_batch=, texts= + tokenizer=, or dataloader="
                 )
+            if model is None:
+                raise InvalidConfigError("no model to probe: pass the model to step()")
             snap = self._shadow.capture(model, self._ranks)
         except Exception as exc:  # a snapshot failure must not stop training either
             error = f"{type(exc).__name__}: {exc}"
         # Every rank learns whether every snapshot worked before any goes on, so no rank
         # waits in a probe's collective for one that is not coming.
         if self._ranks is not None and not self._ranks.all_true(error is None):
-            self.probed_steps.append(step)  # logged when gathered, alike on every rank
-            self._pending = (step, ProbeRecord(step, None, error, 0.0, 0.0), None)
+            self._started(step)  # logged when gathered, alike on every rank
+            failure = ProbeRecord(step, None, error, 0.0, 0.0)  # no error: another rank's
+            self._ungathered = UngatheredProbe(step, failure, None)
             return
-        if error is not None:
-            self.recorder.record(ProbeRecord(step, None, error, 0.0, 0.0))
+        if error is not None or snap is None:
+            self._record(ProbeRecord(step, None, error, 0.0, 0.0))
             return
-        self.probed_steps.append(step)
+        self._started(step)
         kwargs = self.probe_config.probe_kwargs()
         if self._ranks is not None:
             if not snap.rank0_only:
                 kwargs["shard"] = (self._ranks.rank, self._ranks.world_size)
-            self._pending = (step, None, snap)
+            self._ungathered = UngatheredProbe(step, None, snap)
         ids, mask, context = self._ids, self._mask, self._shadow.probe_context()
         budget = self.device_budget
         group = None if self._ranks is None else self._ranks.transfer_group
@@ -530,19 +753,19 @@ class RedundancyMonitor:
             return probe_snapshot(probe, snap, ids, mask, kwargs, budget, context, group)
 
         blocked = time.perf_counter() - started
-        if not self._optimizer_stepped and (snap.streamed or snap.device.type == "cuda"):
+        if not self._attempt.optimizer_stepped and (snap.streamed or snap.device.type == "cuda"):
             # started after the first optimizer step
-            self._deferred = (step, job, blocked, snap.device)
+            self._deferred = DeferredProbe(step, job, blocked, snap.device)
             return
         self._submit(step, job, blocked, snap.device)
 
     def _release_deferred(self) -> bool:
         """Start a probe that waited for the first optimizer step, once one has run."""
-        if self._deferred is None or not self._optimizer_stepped:
+        deferred = self._deferred
+        if deferred is None or not self._attempt.optimizer_stepped:
             return False
-        step, job, blocked, device = self._deferred
         self._deferred = None
-        self._submit(step, job, blocked, device)
+        self._submit(deferred.step, deferred.job, deferred.blocked, deferred.device)
         return True
 
     def _submit(self, step: int, job: Callable, blocked: float, device: torch.device) -> None:
@@ -551,10 +774,10 @@ class RedundancyMonitor:
             self._executor.submit(step, job, blocked, device)
         except Exception as exc:  # e.g. no thread can be started: training goes on
             failure = ProbeRecord(step, None, f"{type(exc).__name__}: {exc}", 0.0, 0.0)
-            if self._ranks is None:
-                self.recorder.record(failure)
+            if self._ungathered is None:
+                self._record(failure)
             else:  # logged when gathered, so that every rank logs the same thing
-                self._pending = (step, failure, self._pending[2])
+                self._ungathered = replace(self._ungathered, failure=failure)
 
     # ----- resume ------------------------------------------------------------------------
 
@@ -573,15 +796,15 @@ class RedundancyMonitor:
             "last_step": self.last_step,
             "pending_step": pending,
             "probed_steps": [s for s in self.probed_steps if s != pending],
-            "n_skipped_busy": self.n_skipped_busy,
+            "n_skipped_busy": self._skips.total,
         }
 
     def _pending_step(self) -> int | None:
         """The step of a probe started but not logged yet (its result is not in the state)."""
         if self._ranks is not None:
-            return None if self._pending is None else self._pending[0]
+            return None if self._ungathered is None else self._ungathered.step
         if self._deferred is not None:  # snapshotted, waiting for an optimizer step
-            return self._deferred[0]
+            return self._deferred.step
         return self._executor.running_step
 
     def _saved_batch(self) -> dict[str, Any] | None:
@@ -613,10 +836,11 @@ class RedundancyMonitor:
         self.recorder.load_state_dict(state, strict)
         self.last_step = state.get("last_step")
         self.probed_steps = list(state.get("probed_steps", []))
-        self.n_skipped_busy = state.get("n_skipped_busy", 0)
-        self._start_marked = False  # a restored state is a new attempt: mark where it starts
-        self._saved_world_size = state.get("world_size")
-        self._saved_pending = state.get("pending_step")
+        self._skips.total = state.get("n_skipped_busy", 0)
+        # A restored state is a new attempt: mark where it starts.
+        self._attempt.start_marked = False
+        self._attempt.saved_world_size = state.get("world_size")
+        self._attempt.redo_step = state.get("pending_step")
 
     def _restore_batch(self, saved: dict[str, Any] | None, sha256: str | None) -> None:
         """Probe the checkpoint's batch unless the user gave one (ids or texts)."""

@@ -26,6 +26,8 @@ class ProbeRecord:
         probe_seconds: how long the probe ran (None when not known).
         blocked_seconds: how long the training thread waited for it (snapshot, start).
         wall_time: when it was recorded, in seconds since the epoch.
+        skipped: scheduled probes skipped since the previous probe started, because it
+            was still running (None: not known, e.g. offline probes and older files).
     """
 
     step: int
@@ -34,6 +36,7 @@ class ProbeRecord:
     probe_seconds: float | None = None
     blocked_seconds: float | None = None
     wall_time: float | None = None
+    skipped: int | None = None
 
     @property
     def failed(self) -> bool:
@@ -60,6 +63,7 @@ class ProbeRecord:
             "wall_time": self.wall_time,
             "probe_seconds": self.probe_seconds,
             "blocked_seconds": self.blocked_seconds,
+            "skipped": self.skipped,
             "result": self.result.to_dict(),
         }
 
@@ -74,4 +78,5 @@ class ProbeRecord:
             probe_seconds=data.get("probe_seconds"),
             blocked_seconds=data.get("blocked_seconds"),
             wall_time=data.get("wall_time"),
+            skipped=data.get("skipped"),
         )

@@ -3,8 +3,8 @@
 The sidecar probes the run's checkpoints in another process and appends its alerts to
 ``LOG_DIR/redundancy.jsonl``. `SidecarAlerts` reads the alerts appended since training
 started, at scheduled optimizer steps only, and turns them into the stop / checkpoint
-requests that `stop_on_alert` / `checkpoint_on_alert` ask for. With several ranks,
-rank 0 reads and its decision is broadcast, so every rank acts at the same step.
+`MonitorControl` that `stop_on_alert` / `checkpoint_on_alert` ask for. With several
+ranks, rank 0 reads and its control is broadcast, so every rank acts at the same step.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from typing import Any
 
 from redundancy_monitor.errors import InvalidConfigError
 from redundancy_monitor.monitoring.alerts import Alert
+from redundancy_monitor.monitoring.control import CONTINUE, MonitorControl, RankAgreement
 from redundancy_monitor.monitoring.recorder import _rule_set
 from redundancy_monitor.monitoring.schedule import ProbeSchedule
 
@@ -27,7 +28,9 @@ _ALERT_ARGS = ("stop_on_alert", "checkpoint_on_alert", "on_alert")
 
 
 class SidecarAlerts:
-    """The alerts a `watch` sidecar writes, read at scheduled steps.
+    """The alerts a `watch` sidecar writes, read at scheduled steps: the callbacks' stand-in
+    for a `RedundancyMonitor` when another process probes (the same hooks, each
+    returning a `MonitorControl`; nothing is probed here).
 
     Alerts already in the file when `start()` runs belong to an earlier attempt and are
     not acted on; each alert appended after is acted on at the next scheduled step.
@@ -41,6 +44,11 @@ class SidecarAlerts:
 
     Raises:
         InvalidConfigError: an unknown rule name.
+
+    Example:
+        >>> reader = SidecarAlerts("runs/watch", ProbeSchedule(50), stop_on_alert=True)
+        >>> reader.start()
+        >>> if reader.step(global_step).stop: ...
     """
 
     def __init__(
@@ -58,35 +66,47 @@ class SidecarAlerts:
         self.checkpoint_rules = _rule_set(checkpoint_on_alert, "checkpoint_on_alert")
         self.on_alert = [on_alert] if callable(on_alert) else list(on_alert)
         self.alerts: list[Alert] = []
-        self.stop_requested = False
-        self.checkpoint_requested = False
         self._offset = 0
-        self._ranks = None
+        self._agreement = RankAgreement(None, schedule)
+        self._stop = self._save = False  # asked by alerts read on this rank
+        self._reason: str | None = None
 
     def start(self) -> None:
         """Call once when training starts, on every rank (a collective with several)."""
         from redundancy_monitor.monitoring.ranks import RankGroup, is_distributed
 
-        if self._ranks is None and is_distributed() and RankGroup.world() > 1:
-            self._ranks = RankGroup()
+        if self._agreement.group is None and is_distributed() and RankGroup.world() > 1:
+            self._agreement = RankAgreement(RankGroup(), self.schedule)
         self._offset = self._size()
 
-    def step(self, step: int) -> bool:
-        """At a scheduled `step`, read new alerts and update the requests (every rank
-        gets rank 0's). Returns whether the file was read."""
-        if not self.schedule.is_due(step):
-            return False
-        stop, save = False, False
-        if self._ranks is None or self._ranks.rank == 0:
-            for alert in self._read_new():
-                self._deliver(alert)
-                stop |= alert.rule in self.stop_rules
-                save |= alert.rule in self.checkpoint_rules
-        if self._ranks is not None:
-            stop, save = self._ranks.broadcast((stop, save))
-        self.stop_requested |= stop
-        self.checkpoint_requested |= save
-        return True
+    def step(self, step: int, model: object = None) -> MonitorControl:
+        """At a scheduled `step`, read new alerts; every rank gets rank 0's control."""
+        if not self._agreement.due(step):
+            return self._agreement.held()
+        return self._agreement.agree(self._read)
+
+    def train_end(self, step: int, model: object = None) -> MonitorControl:
+        """A last read when training ends (every rank gets rank 0's control)."""
+        return self._agreement.agree(self._read)
+
+    def before_weights_change(self) -> None:
+        """Nothing to fence: no snapshot is taken in this process."""
+
+    def close(self) -> None:
+        """Nothing to close: the file is opened only while read."""
+
+    def _read(self) -> MonitorControl:
+        for alert in self._read_new():
+            self._deliver(alert)
+            stop, save = alert.rule in self.stop_rules, alert.rule in self.checkpoint_rules
+            if stop or save:
+                self._stop, self._save = self._stop or stop, self._save or save
+                self._reason = f"[{alert.rule}] {alert.message}"
+        if not (self._stop or self._save):
+            return CONTINUE
+        control = MonitorControl(self._stop, self._save, self._reason)
+        self._save = False  # a checkpoint request is handed out once
+        return control
 
     def _deliver(self, alert: Alert) -> None:
         self.alerts.append(alert)

@@ -28,6 +28,19 @@ class CrashAt(transformers.TrainerCallback):
             raise SystemExit(0)  # the process dies; the checkpoint at step 4 remains
 
 
+REBUILDS: list[str] = []  # restore tokens the Trainer rebuilt the callback from
+_real_new = RedundancyMonitorTrainerCallback.__new__
+
+
+def _counting_new(cls, *args, **kwargs):
+    if "restore_token" in kwargs:
+        REBUILDS.append(kwargs["restore_token"])
+    return _real_new(cls, *args, **kwargs)
+
+
+RedundancyMonitorTrainerCallback.__new__ = staticmethod(_counting_new)
+
+
 def main() -> None:
     folder, phase, flag = Path(sys.argv[1]), sys.argv[2], bool(int(sys.argv[3]))
     torch.set_num_threads(1)
@@ -73,7 +86,8 @@ def main() -> None:
             {
                 "probed_steps": used.monitor.probed_steps,
                 "history": [r.to_dict() for r in used.monitor.history],
-                "rebuilt": used is not callback,
+                "rebuilt": bool(REBUILDS),
+                "same_object": used is callback,
             }
         )
     )

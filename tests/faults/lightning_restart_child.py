@@ -5,8 +5,9 @@ SIGKILL at a chosen moment (for test_lightning_restarts.py).
 
 HOOK is where the kill lands once ``global_step`` reaches KILL_STEP: ``batch_end``
 (after the monitor's hook of that step), ``before_optimizer_step`` (inside the next
-step, before the weights change) or ``mid_record`` (halfway through writing the next
-probe record, leaving a cut line).
+step, before the weights change), ``mid_record`` (halfway through writing the next
+probe record, leaving a cut line) or ``train_end_probe`` (inside the probe of the final
+weights that the monitor takes when training ends).
 """
 
 from __future__ import annotations
@@ -49,6 +50,15 @@ class Killer(Callback):
         if self.hook == "batch_end" and trainer.global_step >= self.step:
             die()
 
+    def on_train_end(self, trainer, *args):  # runs before the monitor's (listed first)
+        if self.hook == "train_end_probe" and trainer.global_step >= self.step:
+            import redundancy_monitor.monitoring.monitor as monitor_module
+
+            def dying_probe(*args, **kwargs):
+                die()
+
+            monitor_module.probe = dying_probe
+
 
 def arm_mid_record_kill() -> None:
     """The next probe record gets half written, then the process dies."""
@@ -63,21 +73,27 @@ def arm_mid_record_kill() -> None:
     os.write = dying
 
 
-def callback() -> RedundancyMonitorCallback:
+def callback(every: int = 2) -> RedundancyMonitorCallback:
     return RedundancyMonitorCallback(
         probe_ids(),
-        schedule=ProbeSchedule(2, log_spaced=False),
+        schedule=ProbeSchedule(every, log_spaced=False),
         executor="inline",
         alerts=AlertConfig(gap_threshold=0.0, hysteresis=2, growth_factor=1.5),
     )
 
 
-def run(root: str, ckpt: str | None = None, kill: tuple[int, str] | None = None) -> None:
-    """Train (or resume from `ckpt`) under `root` with every path at its default."""
+def run(
+    root: str, ckpt: str | None = None, kill: tuple[int, str] | None = None, every: int = 2
+) -> None:
+    """Train (or resume from `ckpt`) under `root` with every path at its default, probing
+    every `every` steps."""
     from training_fixtures import token_loader
 
     torch.set_num_threads(1)
-    callbacks = [callback()] + ([Killer(*kill)] if kill else [])
+    monitor, killer = callback(every), [Killer(*kill)] if kill else []
+    # The train-end kill arms itself in on_train_end, so it must come before the monitor's.
+    first = kill is not None and kill[1] == "train_end_probe"
+    callbacks = [*killer, monitor] if first else [monitor, *killer]
     trainer = lightning_trainer(root, callbacks, max_steps=-1, max_epochs=EPOCHS)
     trainer.fit(
         lightning_module(), token_loader(n_seq=4 * BATCHES_PER_EPOCH, batch_size=4), ckpt_path=ckpt
