@@ -84,8 +84,9 @@ def test_lightning_rank0_alone_shares_its_stop_and_checkpoint_only_at_scheduled_
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     # probes at steps 0 and 4 (the second fires the alert): every rank stops at step 4
     assert ranks[0]["global_step"] == ranks[1]["global_step"] == 4
-    # two rules x (scheduled steps 0 and 4, then train end); not one per batch
-    assert ranks[0]["reductions"] == ranks[1]["reductions"] == 6
+    # one agreement (both rules at once) at scheduled steps 0 and 4, then at train end;
+    # not one per batch
+    assert ranks[0]["reductions"] == ranks[1]["reductions"] == 3
     assert ranks[0]["alert_dir"] == ranks[1]["alert_dir"] == str(tmp_path / "tb")
     assert (tmp_path / "tb" / "redundancy-alert-step4.ckpt").exists()
 

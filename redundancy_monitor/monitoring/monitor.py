@@ -684,8 +684,8 @@ class RedundancyMonitor:
         probe_seconds = max(elapsed, self._pacer.last_cost or 0.0)
         fits = max(1, math.ceil(1.25 * probe_seconds / per_step))  # a quarter to spare
         return (
-            f"The probe started at step {running.step} has run {elapsed:.1f} s so far "
-            f"(the last finished one took {self._pacer.last_cost or 0.0:.1f} s) while training "
+            f"The probe started at step {running.step} has run {elapsed:.2f} s so far "
+            f"(the last finished one took {self._pacer.last_cost or 0.0:.2f} s) while training "
             f"took {per_step:.3f} s per step: a probe every {fits} steps or more would fit "
             f"(ProbeSchedule(every_n_steps={fits})), or ProbeSchedule(max_overhead=0.1) "
             f"spaces probes by their measured cost. {later}"

@@ -105,7 +105,8 @@ class ProbeSchedule:
 class OverheadPacer:
     """Holds back due probes so that probing takes at most `max_overhead` of the wall
     time: the next probe may start once the time since the previous one started is at
-    least its measured time (probe plus the training thread's wait) / `max_overhead`.
+    least its measured time (the training thread's wait plus the probe's run, each
+    second counted once) / `max_overhead`.
 
     The monitor feeds it start times and finished records; a probe still running (its
     time not known yet) holds the next one back.
@@ -122,7 +123,10 @@ class OverheadPacer:
         self._started, self._finished = now, False
 
     def finished(self, record: ProbeRecord) -> None:
-        self.last_cost = (record.probe_seconds or 0.0) + (record.blocked_seconds or 0.0)
+        probe, blocked = record.probe_seconds or 0.0, record.blocked_seconds or 0.0
+        # An inline probe's wait already holds the probe; a background probe runs after
+        # the training thread's wait (the snapshot).
+        self.last_cost = blocked if blocked >= probe else blocked + probe
         self._finished = True
 
     def allows(self, now: float) -> bool:

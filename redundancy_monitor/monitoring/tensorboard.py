@@ -208,6 +208,8 @@ class TensorBoardSink(Sink):
             w.add_scalar(tag, value, step)
         w.add_scalar(f"{PROBE_INFO}/probe_seconds", record.probe_seconds, step)
         w.add_scalar(f"{PROBE_INFO}/blocked_seconds", record.blocked_seconds, step)
+        if record.skipped is not None:  # scheduled probes skipped since the previous one
+            w.add_scalar(f"{PROBE_INFO}/skipped", record.skipped, step)
         for name in MEMORY_FIELDS:
             if getattr(record.result.meta, name) is not None:
                 w.add_scalar(f"{PROBE_INFO}/{name}", getattr(record.result.meta, name), step)

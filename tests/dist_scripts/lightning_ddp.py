@@ -65,19 +65,27 @@ class SaveAtEnd(L.Callback):
 
 
 class ReportEveryRank(L.Callback):
-    """Counts the trainer's boolean reductions (only the monitor makes any here)."""
+    """Counts the collectives the monitor makes to agree on its decisions (the trainer's
+    boolean reductions and the monitor's own agreements)."""
 
     def __init__(self, out: Path, monitor_callback: RedundancyMonitorCallback):
         self.out, self.monitor_callback, self.reductions = out, monitor_callback, 0
 
     def setup(self, trainer, pl_module, stage):
-        real = trainer.strategy.reduce_boolean_decision
+        from redundancy_monitor.monitoring.control import RankAgreement
+
+        real, real_agree = trainer.strategy.reduce_boolean_decision, RankAgreement.agree
 
         def counted(*args, **kwargs):
             self.reductions += 1
             return real(*args, **kwargs)
 
+        def counted_agree(agreement, local):
+            self.reductions += agreement.group is not None
+            return real_agree(agreement, local)
+
         trainer.strategy.reduce_boolean_decision = counted
+        RankAgreement.agree = counted_agree
 
     def on_train_end(self, trainer, pl_module):
         report = {

@@ -71,3 +71,86 @@ def test_an_hf_run_whose_collator_raises_exits_1_with_the_background_monitor(tmp
     assert "terminate called" not in done.stderr
     # The probe was still running at exit (else this test would prove nothing).
     assert "exiting while the probe of step 0 runs" in done.stderr
+
+
+def two_monitors(callback_class, **kwargs) -> list:
+    from training_fixtures import probe_ids
+
+    from redundancy_monitor import ProbeConfig, ProbeSchedule
+
+    schedule = ProbeSchedule(2, log_spaced=False)
+    return [
+        callback_class(probe_ids(), schedule=schedule, executor="inline", **kwargs),
+        callback_class(
+            probe_ids(),
+            schedule=schedule,
+            executor="inline",
+            probe_config=ProbeConfig(pairs="all"),
+            **kwargs,
+        ),
+    ]
+
+
+def assert_kept_apart(folders: list[Path], root: Path, n_pairs: list[int]) -> None:
+    from redundancy_monitor.errors import RunFolderError
+
+    assert len(set(folders)) == 2
+    for folder, pairs in zip(folders, n_pairs, strict=True):
+        records = [r for r in read_records(folder / "redundancy.jsonl") if r["type"] == "probe"]
+        assert [r["step"] for r in records] == [0, 2, 4]  # each step once
+        assert {len(r["result"]["pairs"]) for r in records} == {pairs}  # one monitor's probes
+    with pytest.raises(RunFolderError, match="several record files"):
+        load_run(root)  # a reader given both must be told which
+
+
+def test_two_lightning_monitors_on_one_trainer_write_a_folder_each(tmp_path):
+    from training_fixtures import lightning_module, lightning_trainer, token_loader
+
+    from redundancy_monitor.integrations.lightning import RedundancyMonitorCallback
+
+    callbacks = two_monitors(RedundancyMonitorCallback)
+    trainer = lightning_trainer(tmp_path, list(callbacks), max_steps=4)
+    trainer.fit(lightning_module(), token_loader())
+    folders = [Path(cb.jsonl_file).parent for cb in callbacks]
+    assert [f.name for f in folders] == [cb._label for cb in callbacks]
+    assert all(list(f.glob("events.out.tfevents.*")) for f in folders)  # a TensorBoard run each
+    assert_kept_apart(folders, tmp_path, [3, 6])
+
+
+def test_two_hf_monitors_on_one_trainer_write_a_folder_each(tmp_path):
+    pytest.importorskip("accelerate", reason="the transformers Trainer needs accelerate")
+    import transformers
+    from conftest import tiny_model
+    from training_fixtures import TokenDataset
+
+    from redundancy_monitor.integrations.hf import RedundancyMonitorTrainerCallback
+
+    callbacks = two_monitors(RedundancyMonitorTrainerCallback)
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=8,
+        report_to=[],
+        use_cpu=True,
+        save_strategy="no",
+        disable_tqdm=True,
+        max_steps=4,
+    )
+    model = tiny_model("llama", 4).train()
+    transformers.Trainer(
+        model=model, args=args, train_dataset=TokenDataset(), callbacks=list(callbacks)
+    ).train()
+    folders = [Path(cb.jsonl_file).parent for cb in callbacks]
+    assert_kept_apart(folders, tmp_path, [3, 6])
+
+
+def test_two_monitors_given_one_record_file_are_refused_with_advice(tmp_path):
+    from training_fixtures import lightning_module, lightning_trainer, token_loader
+
+    from redundancy_monitor.errors import InvalidConfigError
+    from redundancy_monitor.integrations.lightning import RedundancyMonitorCallback
+
+    callbacks = two_monitors(RedundancyMonitorCallback, jsonl_path=tmp_path / "r.jsonl")
+    trainer = lightning_trainer(tmp_path, list(callbacks), max_steps=2)
+    with pytest.raises(InvalidConfigError, match="give each its own jsonl_path"):
+        trainer.fit(lightning_module(), token_loader())
+    assert not (tmp_path / "r.jsonl").exists()
