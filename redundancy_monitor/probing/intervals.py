@@ -54,7 +54,9 @@ class IntervalConfig:
         seed: the resampling seed; the same seed and batch give the same intervals.
         expanded: widen the percentile interval for small n (see the module doc); False
             gives the plain percentile interval.
-        target_halfwidth: the half-width (nats) the sample-size advice aims at.
+        target_halfwidth: the half-width (nats) the sample-size advice of a level aims at.
+        target_change_halfwidth: the half-width (nats) the sample-size advice of a change
+            (between two probes of one batch, docs/intervals.md) aims at.
     """
 
     n_boot: int = 1000
@@ -62,16 +64,16 @@ class IntervalConfig:
     seed: int = 0
     expanded: bool = True
     target_halfwidth: float = 0.02
+    target_change_halfwidth: float = 0.005
 
     def __post_init__(self):
         if not isinstance(self.n_boot, int) or self.n_boot < 20:
             raise InvalidConfigError(f"n_boot must be an int >= 20, got {self.n_boot!r}")
         if not 0 < self.confidence < 1:
             raise InvalidConfigError(f"confidence must be in (0, 1), got {self.confidence}")
-        if not self.target_halfwidth > 0:
-            raise InvalidConfigError(
-                f"target_halfwidth must be > 0 nats, got {self.target_halfwidth}"
-            )
+        for name in ("target_halfwidth", "target_change_halfwidth"):
+            if not getattr(self, name) > 0:
+                raise InvalidConfigError(f"{name} must be > 0 nats, got {getattr(self, name)}")
 
     @classmethod
     def of(cls, intervals: bool | IntervalConfig | None) -> IntervalConfig | None:
