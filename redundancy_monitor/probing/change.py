@@ -91,7 +91,7 @@ class Change:
     """The change of a probe against an earlier probe of the same trajectory.
 
     Attributes:
-        step: the earlier probe's step.
+        step: the earlier probe's step (None when unknown: two checkpoints without one).
         values: ``name -> later - earlier`` of each summary scalar (None if undefined).
         intervals: ``name -> (low, high)``: the paired bootstrap interval of the change.
         pairs: the change of each pair finite in both probes.
@@ -99,7 +99,7 @@ class Change:
         skipped: why the change has no intervals (None when it has them).
     """
 
-    step: int
+    step: int | None
     values: dict[str, float | None]
     intervals: dict[str, tuple[float | None, float | None]] = field(default_factory=dict)
     pairs: list[PairChange] = field(default_factory=list)
@@ -150,7 +150,7 @@ class Change:
             if low is not None or high is not None:
                 intervals[key] = (low, high)
         return cls(
-            int(data["step"]),
+            None if data.get("step") is None else int(data["step"]),
             values,
             intervals,
             [PairChange.from_dict(p) for p in data.get("pairs", [])],
@@ -200,7 +200,7 @@ class ProbeChange:
 def paired_change(
     earlier: ProbeResult,
     later: ProbeResult,
-    step: int,
+    step: int | None,
     config: IntervalConfig | bool | None = None,
     thresholds: Thresholds | None = None,
     names: tuple[str, ...] = CHANGE_SCALARS,
@@ -211,7 +211,7 @@ def paired_change(
 
     Args:
         earlier, later: two probes of one probe batch and pair set.
-        step: the earlier probe's step (recorded in the change).
+        step: the earlier probe's step (recorded in the change; None when unknown).
         config: the bootstrap (seed, replicates, confidence); False: point values only.
         thresholds: regime thresholds for the summaries (default: the results').
         names: the summary scalars to report.
