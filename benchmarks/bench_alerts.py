@@ -47,7 +47,11 @@ from redundancy_monitor.monitoring.record import ProbeRecord
 from redundancy_monitor.monitoring.recorder import Recorder
 from redundancy_monitor.monitoring.schedule import ProbeSchedule
 from redundancy_monitor.probing.change import CHANGE_SCALARS, PAIR_FIELDS, paired_change
-from redundancy_monitor.probing.intervals import from_per_sequence, predicted_halfwidth
+from redundancy_monitor.probing.intervals import (
+    SampleSizeAdvice,
+    from_per_sequence,
+    predicted_halfwidth,
+)
 
 GOAL_COVERAGE = 0.90
 
@@ -202,6 +206,10 @@ def detection(steps, small, truth, groups, n_small: int) -> None:
             f"  {step:>5} {rec.result.summary.gap_median:>12.4f} {band:>46} "
             f"{truth_change[k].value('gap_median'):>+13.4f}"
         )
+    for advice in (small_rec.sample_size, small_rec.change_sample_size):
+        if advice is not None:
+            fields = {k: v for k, v in advice.items() if k not in ("type", "step")}
+            print(f"  advice at step {advice['step']}: {SampleSizeAdvice(**fields).sentence()}")
     cases = [
         ("default gap_growth (factor 3.0)", AlertConfig()),
         ("gap_growth, growth_amount 0.01", AlertConfig(growth_factor=None, growth_amount=0.01)),

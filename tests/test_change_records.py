@@ -188,3 +188,29 @@ def test_a_new_baseline_starts_change_afresh():
     assert now[1].change.baseline.step == 10 and now[1].change.previous.step == 10
     assert recorder.baseline_state["step"] == 10
     assert recorder.state_dict()["change_baseline"]["step"] == 10
+
+
+def test_definitions_section_6_lists_every_rule_with_the_defaults_of_alert_config():
+    """docs/definitions.md §6's rule table states AlertConfig()'s defaults exactly."""
+    import ast
+    import re
+    from pathlib import Path
+
+    from redundancy_monitor.monitoring.alerts import RULES
+
+    text = (Path(__file__).parents[1] / "docs" / "definitions.md").read_text()
+    section = text[text.index("## 6.") : text.index("## 7.")]
+    rows = [line for line in section.splitlines() if re.match(r"\| `\w+` \|", line)]
+    config, stated, on = AlertConfig(), {}, {}
+    for row in rows:
+        rule, _, default, settings = (c.strip() for c in row.strip("|").split(" | "))
+        on[rule.strip("`")] = default == "on"
+        for name, value in re.findall(r"`(\w+)=([^`]+)`", settings):
+            stated[name] = ast.literal_eval(value)
+    shared = re.search(r"Shared settings: (.*?)\.\s", section, re.S).group(1)
+    stated.update({k: ast.literal_eval(v) for k, v in re.findall(r"`(\w+)=([^`]+)`", shared)})
+    assert set(on) == set(RULES)
+    assert stated == {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
+    assert on["gap_growth"] == config.growth_on and on["gap_decline"] == config.decline_on
+    assert on["gap_threshold"] == (config.gap_threshold is not None)
+    assert on["removal_overlap"] == (config.overlap_threshold is not None)
