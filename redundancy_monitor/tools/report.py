@@ -336,8 +336,9 @@ def render_html(run: RunRecords, figures: dict[str, bytes | None], summary: list
     items = "".join(f"<li>{html.escape(s)}</li>" for s in summary)
     sections = []
     for name in ("gap_trajectory", "change_trajectory", "ir_by_separation"):
-        if figures.get(name) is not None:
-            sections.append(f"<h2>{FIGURE_TITLES[name]}</h2>{_img(name, figures[name])}")
+        png = figures.get(name)
+        if png is not None:  # no change figure for records without change
+            sections.append(f"<h2>{FIGURE_TITLES[name]}</h2>{_img(name, png)}")
     for name in ("heatmaps", "gap_vs_depth"):
         sections.append(f"<h2>{FIGURE_TITLES[name]}</h2>{_img(name, figures[name])}")
     removal = _removal_section(run, figures.get("removal_cost"))
