@@ -214,3 +214,19 @@ def test_definitions_section_6_lists_every_rule_with_the_defaults_of_alert_confi
     assert on["gap_growth"] == config.growth_on and on["gap_decline"] == config.decline_on
     assert on["gap_threshold"] == (config.gap_threshold is not None)
     assert on["removal_overlap"] == (config.overlap_threshold is not None)
+
+
+def test_a_state_without_change_tables_loads_and_the_next_probe_becomes_the_baseline():
+    first = Recorder(probe_config=ProbeConfig())
+    for step, seed in ((0, 0), (5, 1)):
+        first.record(ProbeRecord(step, _result(seed, "a" * 64)))
+    state = first.state_dict()
+    for key in ("change_baseline", "change_previous", "change_sample_size", "baseline_state"):
+        del state[key]  # what an earlier version saved
+    resumed = Recorder(probe_config=ProbeConfig())
+    resumed.load_state_dict(state)
+    for step, seed in ((10, 2), (15, 3)):
+        resumed.record(ProbeRecord(step, _result(seed, "a" * 64)))
+    assert [h.step for h in resumed.history] == [0, 5, 10, 15]
+    assert resumed.history[2].change is None
+    assert resumed.history[3].change.baseline.step == 10
