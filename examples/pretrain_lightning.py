@@ -75,7 +75,7 @@ def main(argv=None):
         data.probe_ids,
         schedule=ProbeSchedule(every_n_steps=args.every),
         probe_config=ProbeConfig(pairs="window:2"),
-        alerts=AlertConfig(gap_threshold=0.5, hysteresis=2),
+        alerts=AlertConfig(),  # the defaults: alerts on change since the first probe
     )
     trainer = L.Trainer(
         max_steps=args.steps,

@@ -17,6 +17,7 @@ from redundancy_monitor.monitoring.monitor import RedundancyMonitor
 from redundancy_monitor.monitoring.record import ProbeRecord
 from redundancy_monitor.monitoring.schedule import ProbeSchedule
 from redundancy_monitor.monitoring.tensorboard import TensorBoardSink
+from redundancy_monitor.probing.change import Change
 from redundancy_monitor.probing.result import PairRecord, ProbeResult, summarize
 
 ONLY_GAP = dict(growth_factor=None, overlap_threshold=None, regime_change=False, hysteresis=2)
@@ -51,23 +52,49 @@ def test_threshold_fires_when_the_lower_bound_is_above_not_the_point():
     assert "[0.1100, 0.1900]" in alert.message and "lower bound" in alert.message
 
 
-def test_growth_compares_the_lower_bound_with_factor_times_the_baseline_upper_bound():
-    baseline = gap_result(0.05, low=0.03, high=0.07)
-    grown = gap_result(0.2, low=0.15, high=0.25)  # point 4x, lower bound 2.1x the upper
-    far = gap_result(0.3, low=0.22, high=0.38)  # lower bound 3.1x
+def change_of(delta, low=None, high=None, step=0):
+    """A hand-made change since the baseline of the gap metric."""
+    intervals = {} if low is None else {"gap_median": (low, high)}
+    return Change(step, {"gap_median": delta}, intervals)
+
+
+def test_growth_judges_the_lower_end_of_the_paired_change_interval():
+    baseline = gap_result(0.005)  # limit: (3 - 1) x the 0.01 floor = 0.02
+    noisy = change_of(0.03, low=0.015, high=0.045)  # point above 0.02, interval straddles
+    clear = change_of(0.03, low=0.022, high=0.038)
     on = AlertEngine(AlertConfig(growth_factor=3.0, **ONLY_GROWTH))
     off = AlertEngine(AlertConfig(growth_factor=3.0, use_intervals=False, **ONLY_GROWTH))
-    assert fired(on, [baseline, grown, far]) == [2]
-    assert fired(off, [baseline, grown, far]) == [1]
-    assert on.baseline_interval == (0.03, 0.07)
+    for engine in (on, off):
+        engine.observe(0, baseline)
+    assert [a.rule for a in on.observe(1, gap_result(0.035), noisy)] == []
+    assert [a.rule for a in off.observe(1, gap_result(0.035), noisy)] == ["gap_growth"]
+    (alert,) = on.observe(2, gap_result(0.035), clear)
+    assert alert.value == 0.022 and alert.threshold == pytest.approx(0.02)
+    assert "[+0.0220, +0.0380]" in alert.message and "lower end" in alert.message
 
 
-def test_growth_alert_states_both_intervals():
+def test_without_a_change_the_growth_rule_uses_the_point_change_since_its_baseline():
     engine = AlertEngine(AlertConfig(growth_factor=3.0, **ONLY_GROWTH))
-    engine.observe(0, gap_result(0.05, low=0.03, high=0.07))
-    (alert,) = engine.observe(1, gap_result(0.3, low=0.22, high=0.38))
-    assert alert.value == pytest.approx(0.22 / 0.07)
-    assert "[0.2200, 0.3800]" in alert.message and "[0.0300, 0.0700]" in alert.message
+    engine.observe(0, gap_result(0.005))
+    assert engine.observe(1, gap_result(0.02)) == []  # +0.015
+    (alert,) = engine.observe(2, gap_result(0.03))  # +0.025 > 0.02
+    assert alert.value == pytest.approx(0.025)
+
+
+def test_change_rule_state_round_trips():
+    config = AlertConfig(growth_factor=3.0, **{**ONLY_GROWTH, "change_hysteresis": 2})
+    engine = AlertEngine(config)
+    engine.observe(0, gap_result(0.05))
+    engine.observe(1, gap_result(0.3), change_of(0.25, 0.2, 0.3))
+    resumed = AlertEngine(config)
+    resumed.load_state_dict(engine.state_dict())
+    assert resumed.baseline == 0.05 and resumed.baseline_at == 0
+    far = gap_result(0.3)
+    assert (
+        [a.rule for a in resumed.observe(2, far, change_of(0.25, 0.2, 0.3))]
+        == [a.rule for a in engine.observe(2, far, change_of(0.25, 0.2, 0.3))]
+        == ["gap_growth"]
+    )
 
 
 def test_a_probe_without_intervals_is_judged_on_its_point_value():
@@ -100,17 +127,6 @@ def test_an_uncertain_first_regime_is_not_the_reference():
     seq += [regime_result("tied", 0.9)] * 3
     engine = AlertEngine(AlertConfig(**ONLY_REGIME))
     assert fired(engine, seq) == [] and engine.regime == "tied"
-
-
-def test_state_with_a_baseline_interval_round_trips():
-    config = AlertConfig(growth_factor=3.0, **ONLY_GROWTH)
-    engine = AlertEngine(config)
-    engine.observe(0, gap_result(0.05, low=0.03, high=0.07))
-    resumed = AlertEngine(config)
-    resumed.load_state_dict(engine.state_dict())
-    assert resumed.baseline_interval == (0.03, 0.07)
-    far = gap_result(0.3, low=0.22, high=0.38)
-    assert [a.rule for a in resumed.observe(1, far)] == [a.rule for a in engine.observe(1, far)]
 
 
 # ----- the null run: weights never change, only the text sample does ----------------------
@@ -180,27 +196,38 @@ def test_per_sequence_histograms_are_opt_in(tmp_path):
     assert h.histogram_value.num == 5
 
 
-def test_monitor_logs_and_records_sample_size_advice_at_its_first_probe(tmp_path, caplog):
+def test_monitor_logs_and_records_sample_size_advice_for_the_level_and_the_change(tmp_path, caplog):
     ids, _ = tiny_batch(n_seq=6)
     model = tiny_model("llama", 4)
     monitor = RedundancyMonitor(
         ids,
-        schedule=ProbeSchedule.explicit([0, 2]),
+        schedule=ProbeSchedule.explicit([0, 2, 4]),
         executor="inline",
         jsonl_path=tmp_path / "r.jsonl",
     )
     with caplog.at_level(logging.INFO, logger="redundancy_monitor"):
         monitor.start()
-        for step in range(3):
+        for step in range(5):
+            if step == 3:  # the weights move only after step 2: no change before
+                with torch.no_grad():
+                    model.model.layers[1].mlp.down_proj.weight.mul_(1.5)
             monitor.step(step, model)
         monitor.close()
     advice = [r for r in read_records(tmp_path / "r.jsonl") if r["type"] == "sample_size"]
-    assert len(advice) == 1 and advice[0]["step"] == 0
+    assert [(a["step"], a["of"]) for a in advice] == [(0, "level"), (4, "change")]
     first = monitor.history[0]
     assert advice[0]["metric"] == "gap_median" and advice[0]["n_seq"] == 6
     assert advice[0]["value"] == first.result.summary.gap_median
     assert advice[0]["n_seq_needed"] >= 2 and advice[0]["target_halfwidth"] == 0.02
-    assert any("probe batch precision" in m for m in caplog.messages)
+    change = monitor.history[2].change.baseline
+    assert advice[1]["since"] == 0 and advice[1]["value"] == change.value("gap_median")
+    assert advice[1]["halfwidth"] == pytest.approx(
+        (change.interval("gap_median")[1] - change.interval("gap_median")[0]) / 2
+    )
+    assert advice[1]["target_halfwidth"] == 0.005
+    assert any("probe batch precision: gap_median" in m for m in caplog.messages)
+    assert any("change of gap_median since step 0" in m for m in caplog.messages)
+    assert any("level at the baseline probe (step 0)" in m for m in caplog.messages)
 
 
 def test_the_model_is_unchanged_by_a_probe_with_intervals():

@@ -10,6 +10,7 @@ from redundancy_monitor.probing.result import PairRecord, ProbeMeta, ProbeResult
 from redundancy_monitor.removal.selection import removal_overlap
 
 ONLY_GAP = dict(growth_factor=None, overlap_threshold=None, regime_change=False)
+ONLY_CHANGE = dict(overlap_threshold=None, regime_change=False, hysteresis=1)
 
 
 def result_from(pairs, n_layers=None):
@@ -73,8 +74,9 @@ def test_growth_is_measured_against_the_baseline_probe():
     assert rules_fired(engine, 0, gap_result(0.5)) == []  # before the baseline step
     assert rules_fired(engine, 10, gap_result(0.05)) == []  # the baseline
     assert rules_fired(engine, 20, gap_result(0.14)) == []  # 2.8x
-    (alert,) = engine.observe(30, gap_result(0.2))
-    assert alert.rule == "gap_growth" and alert.value == pytest.approx(4.0)
+    (alert,) = engine.observe(30, gap_result(0.2))  # 4x: the change 0.15 > (3 - 1) x 0.05
+    assert alert.rule == "gap_growth" and alert.value == pytest.approx(0.15)
+    assert alert.threshold == pytest.approx(0.1)
     assert engine.baseline_at == 10
 
 
@@ -96,7 +98,7 @@ def test_removal_sets_follow_the_spec_rule_and_never_hold_adjacent_layers():
     assert jaccard == 0.0
 
 
-def test_overlap_rule_fires_when_the_protocols_pick_different_layers():
+def test_overlap_rule_fires_when_the_removal_sets_start_to_disagree_not_at_the_baseline():
     config = AlertConfig(
         gap_threshold=None,
         growth_factor=None,
@@ -105,7 +107,7 @@ def test_overlap_rule_fires_when_the_protocols_pick_different_layers():
         overlap_threshold=0.5,
         hysteresis=1,
     )
-    res = result_from(
+    disagree = result_from(
         [
             (0, 1, 0.01, 0.0, 0.4),
             (1, 2, 0.02, 0.0, 0.3),
@@ -113,9 +115,52 @@ def test_overlap_rule_fires_when_the_protocols_pick_different_layers():
             (3, 4, 0.03, 0.0, 0.01),
         ]
     )
-    (alert,) = AlertEngine(config).observe(5, res)
+    agree = result_from([(i, j, a, b, a) for i, j, a, b, _ in [
+        (0, 1, 0.01, 0.0, 0),
+        (1, 2, 0.02, 0.0, 0),
+        (2, 3, 0.5, 0.0, 0),
+        (3, 4, 0.03, 0.0, 0),
+    ]])  # fmt: skip
+    # A checkpoint whose protocols disagree from the start: information, not an alert.
+    engine = AlertEngine(config)
+    assert [rules_fired(engine, s, disagree) for s in range(3)] == [[], [], []]
+    assert engine.overlap_state == "disagree"
+    # Agreeing at the baseline, then disagreeing: the state changed.
+    engine = AlertEngine(config)
+    assert rules_fired(engine, 0, agree) == []
+    (alert,) = engine.observe(5, disagree)
     assert alert.rule == "removal_overlap" and alert.value == 0.0
-    assert "[0, 2]" in alert.message and "[1, 3]" in alert.message
+    assert "[0, 2]" in alert.message and "[1, 3]" in alert.message and "step 0" in alert.message
+    assert engine.overlap_state == "disagree"  # the new reference
+    (back,) = engine.observe(6, agree)  # and back again is news too
+    assert "now agree" in back.message
+
+
+def test_change_rules_amount_factor_and_decline():
+    both = AlertConfig(growth_amount=0.05, growth_factor=2.0, decline_amount=0.03, **ONLY_CHANGE)
+    engine = AlertEngine(both)
+    assert rules_fired(engine, 0, gap_result(0.02)) == []  # baseline 0.02: factor limit 0.02
+    assert rules_fired(engine, 1, gap_result(0.06)) == []  # +0.04: above 0.02, not 0.05
+    (alert,) = engine.observe(2, gap_result(0.08))  # +0.06 > max(0.05, 0.02)
+    assert alert.rule == "gap_growth" and alert.threshold == pytest.approx(0.05)
+    assert "growth_amount 0.05 and growth_factor 2.0" in alert.message
+    engine = AlertEngine(both)
+    engine.observe(0, gap_result(0.2))
+    (alert,) = engine.observe(1, gap_result(0.16))  # -0.04 < -0.03
+    assert alert.rule == "gap_decline" and alert.threshold == pytest.approx(-0.03)
+    assert not AlertConfig(growth_factor=None).growth_on
+    assert AlertConfig(growth_factor=None, growth_amount=0.1).growth_on
+
+
+def test_default_rules_fire_nothing_on_an_unchanging_run_even_when_the_level_is_alarming():
+    """A pretrained checkpoint: large gap, unreliable regime, removal sets disagreeing.
+    Nothing changes, so the defaults raise nothing; the old level rule would have."""
+    bad = result_from([(k, k + 1, 0.9, 0.8, 0.3 + 0.1 * (k % 2)) for k in range(6)])
+    assert bad.summary.regime == "unreliable" and bad.summary.gap_median > 0.1
+    engine = AlertEngine(AlertConfig())
+    assert [a for s in range(6) for a in engine.observe(s, bad)] == []
+    level = AlertEngine(AlertConfig(gap_threshold=0.1))
+    assert [a.rule for s in range(6) for a in level.observe(s, bad)] == ["gap_threshold"]
 
 
 def test_regime_change_needs_the_new_regime_to_persist():
@@ -152,6 +197,9 @@ def test_engine_state_round_trips_mid_streak():
         dict(growth_factor=1.0),
         dict(overlap_threshold=0.0),
         dict(cooldown_steps=-1),
+        dict(decline_factor=0.5),
+        dict(growth_amount=-0.1),
+        dict(change_hysteresis=0),
     ],
 )
 def test_bad_alert_config_is_a_clear_error(kwargs):

@@ -122,6 +122,7 @@ def test_a_given_batch_that_differs_from_the_checkpoint_starts_a_new_trajectory(
         ("new_baseline", 2),
         ("probe", 2),
         ("sample_size", 2),  # the new batch's precision, at the new trajectory's first probe
+        ("baseline_state", 2),  # its level, once, as information
     ]
 
 

@@ -101,7 +101,7 @@ def test_report_builds_from_a_replayed_run(cli_replay, tmp_path):
     out, _ = cli_replay
     report = write_report(out, tmp_path / "report.html")
     assert "3 probe(s) of a 4-layer model from step 4 to step 12" in report.summary[0]
-    assert len(report.images) == 5
+    assert len(report.images) == 6  # with the change since the baseline
 
 
 def test_interrupted_replay_resumes_with_the_alert_state_it_had(hf_run, probe_ids, tmp_path):

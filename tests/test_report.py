@@ -26,7 +26,14 @@ from redundancy_monitor.errors import RunFolderError
 from redundancy_monitor.tools.records import load_run
 from redundancy_monitor.tools.report import write_report
 
-ALWAYS = ("gap_trajectory", "ir_by_separation", "heatmaps", "gap_vs_depth", "alert_timeline")
+ALWAYS = (
+    "gap_trajectory",
+    "change_trajectory",
+    "ir_by_separation",
+    "heatmaps",
+    "gap_vs_depth",
+    "alert_timeline",
+)
 
 
 @pytest.fixture(scope="module")
@@ -69,6 +76,36 @@ def test_summary_of_a_real_run_states_regime_and_change_from_the_records(trained
     assert f"median gap {first['gap_median']:.4f} -> {last['gap_median']:.4f}" in summary
     n_alerts = sum(r["type"] == "alert" for r in records)
     assert f"{n_alerts} alert(s)" in summary
+    change = probes[-1]["change"]["baseline"]
+    assert (
+        f"Change of the median gap since the baseline probe (step {probes[0]['step']}): "
+        f"{change['gap_median']:+.4f} nats, paired interval [{change['gap_median_low']:+.4f}, "
+        f"{change['gap_median_high']:+.4f}]"
+    ) in summary
+
+
+def test_the_change_figure_draws_the_records_and_old_files_without_change_still_load(
+    trained_run, tmp_path
+):
+    run_dir, _ = trained_run
+    lines = [json.loads(x) for x in (run_dir / "redundancy.jsonl").read_text().splitlines()]
+    probes = [r for r in lines if r["type"] == "probe"]
+    run = load_run(run_dir)
+    assert run.change_trajectory("gap_median") == [(probes[0]["step"], 0.0, 0.0, 0.0)] + [
+        (p["step"], *(p["change"]["baseline"][f"gap_median{k}"] for k in ("", "_low", "_high")))
+        for p in probes[1:]
+    ]
+    old = tmp_path / "old" / "redundancy.jsonl"
+    old.parent.mkdir()
+    old.write_text(
+        "".join(json.dumps({k: v for k, v in r.items() if k != "change"}) + "\n" for r in lines)
+    )
+    old_run = load_run(old.parent)
+    assert old_run.steps == run.steps and all(p.change is None for p in old_run.probes)
+    assert old_run.change_trajectory("gap_median") == []
+    report = write_report(old.parent)
+    assert "change_trajectory" not in report.images
+    assert not any("Change of the median gap" in s for s in report.summary)
 
 
 def test_report_states_the_intervals_of_a_real_run(trained_run, tmp_path):

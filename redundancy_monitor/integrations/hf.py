@@ -112,7 +112,7 @@ class TrainerLogSink(Sink):
 
     def write_probe(self, record: ProbeRecord) -> None:
         args, state, control = self.owner._args, self.owner._state, self.owner._control
-        logs = probe_scalars(record.result, self.per_pair)
+        logs = probe_scalars(record.result, self.per_pair, record.change)
         logs[f"{PROBE_INFO}/snapshot_step"] = float(record.step)
         at_snapshot = copy.copy(state)  # logged at the step of the snapshot (§6)
         at_snapshot.global_step = record.step

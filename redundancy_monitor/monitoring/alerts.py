@@ -5,14 +5,19 @@ its condition has held for `hysteresis` consecutive probes, it is not already ac
 and at least `cooldown_steps` optimizer steps have passed since it last fired. An active
 rule re-arms once its condition has been false for `hysteresis` consecutive probes.
 Non-finite distances and probe failures fire at once (no hysteresis), cooldown still
-applies. The regime rule fires when a new regime has persisted for `hysteresis` probes.
+applies.
 
-With `use_intervals` (the default) the gap and regime rules judge a probe by its
-bootstrap intervals (docs/intervals.md), so noise from the probe batch does not fire
-them: a probe counts toward `gap_threshold` when the interval's lower bound is above the
-threshold, toward `gap_growth` when the lower bound is above factor x the baseline's upper
-bound, and toward `regime_change` only when its regime is stable (not `uncertain`). A
-probe without intervals (``probe(intervals=False)``) is judged on its point values.
+The default rules judge **change**, not level: the monitor probes one batch at every
+step, so the change of the gap since the trajectory's baseline probe is measured far more
+precisely than the gap itself (its paired bootstrap interval,
+`redundancy_monitor.probing.change`). `gap_growth` (and the opt-in `gap_decline`) fire
+when the paired interval of the change lies wholly beyond the rule's amount;
+`removal_overlap` and `regime_change` fire when the state they watch (do the protocols'
+removal sets agree; the regime) differs from the state at the baseline, so a checkpoint
+whose protocols already disagree when monitoring starts raises nothing until that
+changes (the state at the baseline is reported once as information, `level_state`). The
+level rule `gap_threshold` is off by default. With the defaults, a run whose weights do
+not change raises no alert.
 """
 
 from __future__ import annotations
@@ -22,12 +27,14 @@ from typing import Any
 
 from redundancy_monitor.errors import InvalidConfigError
 from redundancy_monitor.formatting import fmt, json_safe
+from redundancy_monitor.probing.change import Change
 from redundancy_monitor.probing.result import ProbeResult, ProbeSummary
 from redundancy_monitor.removal.selection import default_budget, removal_overlap
 
 RULES = (
     "gap_threshold",
     "gap_growth",
+    "gap_decline",
     "removal_overlap",
     "regime_change",
     "nonfinite",
@@ -58,16 +65,27 @@ class AlertConfig:
     Args:
         gap_metric: summary scalar the gap rules watch (any key of
             `ProbeSummary.scalars()`, e.g. ``"gap_median"``, ``"gap_max"``, ``"d1/gap_mean"``).
-        gap_threshold: fire when the metric exceeds this many nats.
-        growth_factor: fire when the metric exceeds this multiple of its baseline value.
+        gap_threshold: (level rule, off by default) fire when the metric exceeds this
+            many nats (with intervals: the lower end of its interval).
+        growth_factor: fire when the metric has grown to this multiple of its value at the
+            baseline probe: its change since the baseline exceeds
+            ``(growth_factor - 1) x max(|baseline value|, growth_floor)``.
+        growth_amount: fire when the change since the baseline exceeds this many nats.
+            With both set, the change must exceed both; with neither, the rule is off.
+        decline_factor, decline_amount: (off by default) the same for a decline: fire when
+            the metric has fallen below ``1 / decline_factor`` of its baseline value
+            (a change below ``-(1 - 1/decline_factor) x max(|baseline|, growth_floor)``)
+            and/or by more than `decline_amount` nats.
         baseline_step: the first probe at or after this step is the baseline.
         growth_floor: baseline magnitudes below this count as this (a gap near 0 at
             initialisation would otherwise make any growth look infinite).
         overlap_budget: size of the removal sets compared (None: a quarter of the layers,
             at least 1); the rule is off when `overlap_threshold` is None.
-        overlap_threshold: fire when the Jaccard overlap of the replacement-guided and
-            interchange-guided removal sets is below this.
-        regime_change: fire when the regime (docs/definitions.md §4) changes.
+        overlap_threshold: the protocols' removal sets disagree when their Jaccard overlap
+            is below this; fire when that state (agree or disagree) changes from the
+            baseline's.
+        regime_change: fire when the regime (docs/definitions.md §4) changes from the
+            baseline's (the first stable regime).
         nonfinite: fire when a probe measures a non-finite distance.
         probe_failure: fire when a probe raises.
         sink_failure: fire when a sink (record file, TensorBoard, a logger) that worked
@@ -76,17 +94,21 @@ class AlertConfig:
             number of ranks than its checkpoint (a new trajectory starts); this rule
             never stops or checkpoints the run.
         hysteresis: consecutive probes a condition must hold (and then fail) for.
+        change_hysteresis: the same for `gap_growth` and `gap_decline`, whose paired
+            interval already keeps the probe batch's noise out (1: fire at the first
+            probe whose interval clears the limit).
         cooldown_steps: minimum optimizer steps between two firings of one rule.
-        use_intervals: judge the gap and regime rules on the probes' bootstrap intervals
-            (see the module doc); False: on point estimates alone.
+        use_intervals: judge the gap rules on intervals (the change rules on the paired
+            change interval, `gap_threshold` on the level's) and the regime rule on stable
+            regimes only; False: on point estimates alone.
 
     Raises:
-        InvalidConfigError: a non-positive hysteresis, a negative cooldown, a growth factor
-            not above 1 or an overlap threshold outside (0, 1].
+        InvalidConfigError: a non-positive hysteresis, a negative cooldown or amount, a
+            growth or decline factor not above 1 or an overlap threshold outside (0, 1].
     """
 
     gap_metric: str = "gap_median"
-    gap_threshold: float | None = 0.10
+    gap_threshold: float | None = None
     growth_factor: float | None = 3.0
     baseline_step: int = 0
     growth_floor: float = 0.01
@@ -100,16 +122,26 @@ class AlertConfig:
     hysteresis: int = 2
     cooldown_steps: int = 0
     use_intervals: bool = True
+    growth_amount: float | None = None
+    decline_factor: float | None = None
+    decline_amount: float | None = None
+    change_hysteresis: int = 1
 
     def __post_init__(self):
-        if not isinstance(self.hysteresis, int) or self.hysteresis < 1:
-            raise InvalidConfigError(f"hysteresis must be an int >= 1, got {self.hysteresis!r}")
+        for name in ("hysteresis", "change_hysteresis"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise InvalidConfigError(f"{name} must be an int >= 1, got {value!r}")
         if self.cooldown_steps < 0:
             raise InvalidConfigError(f"cooldown_steps must be >= 0, got {self.cooldown_steps}")
-        if self.growth_factor is not None and self.growth_factor <= 1:
-            raise InvalidConfigError(
-                f"growth_factor must be > 1 (or None: rule off), got {self.growth_factor}"
-            )
+        for name in ("growth_factor", "decline_factor"):
+            value = getattr(self, name)
+            if value is not None and value <= 1:
+                raise InvalidConfigError(f"{name} must be > 1 (or None: off), got {value}")
+        for name in ("growth_amount", "decline_amount"):
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                raise InvalidConfigError(f"{name} must be >= 0 nats (or None: off), got {value}")
         if self.overlap_threshold is not None and not 0 < self.overlap_threshold <= 1:
             raise InvalidConfigError(
                 f"overlap_threshold must be in (0, 1] (or None), got {self.overlap_threshold}"
@@ -118,6 +150,28 @@ class AlertConfig:
             raise InvalidConfigError(f"overlap_budget must be >= 1, got {self.overlap_budget}")
         if self.growth_floor <= 0:
             raise InvalidConfigError(f"growth_floor must be > 0, got {self.growth_floor}")
+
+    @property
+    def growth_on(self) -> bool:
+        return self.growth_factor is not None or self.growth_amount is not None
+
+    @property
+    def decline_on(self) -> bool:
+        return self.decline_factor is not None or self.decline_amount is not None
+
+    def growth_limit(self, baseline: float) -> float:
+        """The change (nats) above which `gap_growth` holds, for a baseline value."""
+        parts = [] if self.growth_amount is None else [self.growth_amount]
+        if self.growth_factor is not None:
+            parts.append((self.growth_factor - 1) * max(abs(baseline), self.growth_floor))
+        return max(parts)
+
+    def decline_limit(self, baseline: float) -> float:
+        """The fall (nats, positive) beyond which `gap_decline` holds."""
+        parts = [] if self.decline_amount is None else [self.decline_amount]
+        if self.decline_factor is not None:
+            parts.append((1 - 1 / self.decline_factor) * max(abs(baseline), self.growth_floor))
+        return max(parts)
 
 
 @dataclass
@@ -130,15 +184,25 @@ class RuleState:
 
 @dataclass
 class AlertEngine:
-    """Evaluates the rules probe after probe; its state round-trips through `state_dict()`."""
+    """Evaluates the rules probe after probe; its state round-trips through `state_dict()`.
+
+    Attributes:
+        baseline, baseline_at: the gap metric's value at the baseline probe, and its step.
+        regime: the reference regime (the first stable one, then each new regime once it
+            has persisted).
+        overlap_state: the reference state of the removal sets: ``"agree"`` or
+            ``"disagree"`` (Jaccard overlap at or above / below `overlap_threshold`).
+    """
 
     config: AlertConfig = field(default_factory=AlertConfig)
     rules: dict[str, RuleState] = field(default_factory=lambda: {r: RuleState() for r in RULES})
     baseline: float | None = None
     baseline_at: int | None = None
-    baseline_interval: tuple[float, float] | None = None
     regime: str | None = None
     regime_candidate: str | None = None
+    overlap_state: str | None = None
+    overlap_candidate: str | None = None
+    overlap_at: int | None = None
 
     def _cooled(self, rule: str, step: int) -> bool:
         last = self.rules[rule].last_fired
@@ -162,16 +226,25 @@ class AlertEngine:
         state.last_fired = step
         return Alert(step, rule, value, threshold, message)
 
-    def observe(self, step: int, result: ProbeResult) -> list[Alert]:
-        """Evaluate every enabled rule on one probe result."""
+    def observe(self, step: int, result: ProbeResult, change: Change | None = None) -> list[Alert]:
+        """Evaluate every enabled rule on one probe result.
+
+        Args:
+            step: the probe's step.
+            result: what it measured.
+            change: its paired change since the trajectory's baseline probe (the
+                `Recorder` passes it); None: the change rules use the point change of the
+                gap metric since the engine's own baseline probe.
+        """
         c, alerts = self.config, []
         scalars = result.summary.scalars()
         value = scalars.get(c.gap_metric)
-        interval = self._interval(result.summary)
+        if self.baseline is None and step >= c.baseline_step and value is not None:
+            self.baseline, self.baseline_at = value, step
         if c.gap_threshold is not None:
-            alerts.append(self._threshold(step, value, interval))
-        if c.growth_factor is not None:
-            alerts.append(self._growth(step, value, interval))
+            alerts.append(self._threshold(step, value, self._interval(result.summary)))
+        if c.growth_on or c.decline_on:
+            alerts.extend(self._change_rules(step, value, change))
         if c.overlap_threshold is not None:
             alerts.append(self._overlap(step, result))
         if c.regime_change:
@@ -277,54 +350,114 @@ class AlertEngine:
             "are redundant",
         )
 
-    def _growth(self, step: int, value: float | None, interval=None) -> Alert | None:
+    def _change_since_baseline(self, value, change):
+        """The gap metric's change since the baseline: ``(point, interval or None)``."""
         c = self.config
-        if self.baseline is None and step >= c.baseline_step and value is not None:
-            self.baseline, self.baseline_at = value, step
-            self.baseline_interval = None if interval is None else tuple(interval)
+        if change is not None and change.value(c.gap_metric) is not None:
+            low, high = change.interval(c.gap_metric)
+            interval = (low, high) if c.use_intervals and None not in (low, high) else None
+            return change.value(c.gap_metric), interval
         if self.baseline is None or value is None:
-            return self._update("gap_growth", step, False, None, None, "")
-        if interval is not None and self.baseline_interval is not None:
-            ratio, message = self._growth_of_interval(step, value, interval)
-        else:
-            ratio = value / max(abs(self.baseline), c.growth_floor)
-            message = (
-                f"step {step}: {c.gap_metric} = {fmt(value)} nats is {ratio:.1f}x its value "
-                f"{fmt(self.baseline)} at the baseline probe (step {self.baseline_at}); "
-                f"the protocols are diverging"
-            )
-        return self._update(
-            "gap_growth", step, ratio > c.growth_factor, ratio, c.growth_factor, message
-        )
+            return None, None
+        return value - self.baseline, None
 
-    def _growth_of_interval(self, step, value, interval) -> tuple[float, str]:
-        """Lower bound now against factor x the baseline's upper bound (its magnitude):
-        the ratio and the alert's sentence."""
+    def _change_rules(self, step: int, value, change: Change | None) -> list[Alert | None]:
         c = self.config
-        reference = max(abs(self.baseline_interval[0]), abs(self.baseline_interval[1]))
-        ratio = interval[0] / max(reference, c.growth_floor)
-        return ratio, (
-            f"step {step}: {c.gap_metric} = {fmt(value)} nats, interval "
-            f"{_interval_text(interval)}: its lower bound is {ratio:.1f}x the upper bound "
-            f"{fmt(reference)} of the interval {_interval_text(self.baseline_interval)} at the "
-            f"baseline probe (step {self.baseline_at}); the protocols are diverging"
-        )
+        delta, interval = self._change_since_baseline(value, change)
+        out: list[Alert | None] = []
+        baseline = self.baseline if self.baseline is not None else 0.0
+        defined = delta is not None and self.baseline is not None
+        since = f"since the baseline probe (step {self.baseline_at})"
+        if c.growth_on:
+            if not defined:
+                out.append(
+                    self._update("gap_growth", step, False, None, None, "", c.change_hysteresis)
+                )
+            else:
+                limit = c.growth_limit(baseline)
+                how = _limit_text(c.growth_amount, c.growth_factor, baseline, c.growth_floor)
+                compared = delta if interval is None else interval[0]
+                out.append(
+                    self._update(
+                        "gap_growth",
+                        step,
+                        compared > limit,
+                        compared,
+                        limit,
+                        f"step {step}: {c.gap_metric} rose by {delta:+.4f} nats {since}"
+                        f"{_paired_text(interval, 'lower')} above the rule's limit "
+                        f"{limit:.4f} nats ({how}); "
+                        "the protocols are diverging",
+                        c.change_hysteresis,
+                    )
+                )
+        if c.decline_on:
+            if not defined:
+                out.append(
+                    self._update("gap_decline", step, False, None, None, "", c.change_hysteresis)
+                )
+            else:
+                limit = c.decline_limit(baseline)
+                how = _limit_text(
+                    c.decline_amount, c.decline_factor, baseline, c.growth_floor, decline=True
+                )
+                compared = delta if interval is None else interval[1]
+                out.append(
+                    self._update(
+                        "gap_decline",
+                        step,
+                        compared < -limit,
+                        compared,
+                        -limit,
+                        f"step {step}: {c.gap_metric} changed by {delta:+.4f} nats {since}"
+                        f"{_paired_text(interval, 'upper')} below the rule's limit "
+                        f"{-limit:.4f} nats ({how}); "
+                        "the protocols are converging",
+                        c.change_hysteresis,
+                    )
+                )
+        return out
 
     def _overlap(self, step: int, result: ProbeResult) -> Alert | None:
         c = self.config
+        assert c.overlap_threshold is not None  # the rule is on
         budget = c.overlap_budget or default_budget(result.n_layers)
         jaccard, by_repl, by_int = removal_overlap(result, budget)
-        holds = jaccard is not None and jaccard < c.overlap_threshold
-        return self._update(
-            "removal_overlap",
-            step,
-            holds,
-            jaccard,
-            c.overlap_threshold,
-            f"step {step}: at budget {budget} replacement would remove layers "
-            f"{sorted(by_repl)} and interchange layers {sorted(by_int)} (Jaccard "
-            f"{fmt(jaccard, 2)} < {c.overlap_threshold}); measure removal cost before pruning",
+        if jaccard is None:
+            return None
+        state = "disagree" if jaccard < c.overlap_threshold else "agree"
+        if self.overlap_state is None:  # the baseline's state: information, not an alert
+            self.overlap_state, self.overlap_at = state, step
+            return None
+        if state == self.overlap_state:
+            self.overlap_candidate = None
+            self.rules["removal_overlap"].streak = 0
+            return None
+        if state != self.overlap_candidate:
+            self.overlap_candidate = state
+            self.rules["removal_overlap"].streak = 0
+        since = f"step {self.overlap_at}" if self.overlap_at is not None else "the baseline"
+        if state == "disagree":
+            what = (
+                f"the protocols' removal sets now disagree: at budget {budget} replacement "
+                f"would remove layers {sorted(by_repl)} and interchange layers "
+                f"{sorted(by_int)} (Jaccard {fmt(jaccard, 2)} < {c.overlap_threshold}); "
+                f"they agreed since {since}. Measure removal cost before pruning"
+            )
+        else:
+            what = (
+                f"the protocols' removal sets now agree: at budget {budget} both would "
+                f"remove layers close to {sorted(by_repl)} / {sorted(by_int)} (Jaccard "
+                f"{fmt(jaccard, 2)} >= {c.overlap_threshold}); they disagreed since {since}"
+            )
+        alert = self._update(
+            "removal_overlap", step, True, jaccard, c.overlap_threshold, f"step {step}: {what}"
         )
+        if self.rules["removal_overlap"].streak >= c.hysteresis:
+            self.overlap_state, self.overlap_candidate, self.overlap_at = state, None, step
+            self.rules["removal_overlap"].streak = 0
+            self.rules["removal_overlap"].active = False
+        return alert
 
     def _regime(self, step: int, summary: ProbeSummary) -> Alert | None:
         regime = summary.regime
@@ -365,11 +498,11 @@ class AlertEngine:
             "rules": {name: asdict(s) for name, s in self.rules.items()},
             "baseline": self.baseline,
             "baseline_at": self.baseline_at,
-            "baseline_interval": None
-            if self.baseline_interval is None
-            else list(self.baseline_interval),
             "regime": self.regime,
             "regime_candidate": self.regime_candidate,
+            "overlap_state": self.overlap_state,
+            "overlap_candidate": self.overlap_candidate,
+            "overlap_at": self.overlap_at,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -379,11 +512,81 @@ class AlertEngine:
                 self.rules[name] = RuleState(**s)
         self.baseline = state.get("baseline")
         self.baseline_at = state.get("baseline_at")
-        interval = state.get("baseline_interval")
-        self.baseline_interval = None if interval is None else tuple(interval)
         self.regime = state.get("regime")
         self.regime_candidate = state.get("regime_candidate")
+        self.overlap_state = state.get("overlap_state")
+        self.overlap_candidate = state.get("overlap_candidate")
+        self.overlap_at = state.get("overlap_at")
 
 
-def _interval_text(interval: tuple[float, float]) -> str:
+def level_state(step: int, result: ProbeResult, config: AlertConfig) -> dict[str, Any]:
+    """The level state at a trajectory's baseline probe, reported once as information
+    (a ``baseline_state`` record and a log line, never an alert): the gap metric with its
+    interval, the regime with its stability, and the protocols' removal sets. The change
+    rules and the state rules (`removal_overlap`, `regime_change`) judge later probes
+    against it."""
+    summary = result.summary
+    value = summary.scalars().get(config.gap_metric)
+    try:
+        low, high = summary.interval(config.gap_metric)
+    except KeyError:
+        low = high = None
+    out: dict[str, Any] = {
+        "type": "baseline_state",
+        "step": step,
+        "gap_metric": config.gap_metric,
+        "value": value,
+        "low": low,
+        "high": high,
+        "regime": summary.regime,
+        "regime_stability": summary.regime_stability,
+    }
+    parts = [f"{config.gap_metric} = {fmt(value)} nats"]
+    if low is not None and high is not None:
+        parts[0] += f" {_interval_text((low, high))}"
+    if summary.regime is not None:
+        parts.append(f"regime {summary.regime_text()}")
+    if config.overlap_threshold is not None and result.pairs and result.meta.n_layers:
+        budget = config.overlap_budget or default_budget(result.n_layers)
+        jaccard, by_repl, by_int = removal_overlap(result, budget)
+        out["removal_overlap"] = {
+            "budget": budget,
+            "jaccard": jaccard,
+            "replacement": sorted(by_repl),
+            "interchange": sorted(by_int),
+            "threshold": config.overlap_threshold,
+        }
+        if jaccard is not None:
+            verdict = "disagree" if jaccard < config.overlap_threshold else "agree"
+            parts.append(
+                f"removal sets at budget {budget} {verdict} (replacement {sorted(by_repl)}, "
+                f"interchange {sorted(by_int)}, Jaccard {fmt(jaccard, 2)})"
+            )
+    out["reason"] = (
+        f"level at the baseline probe (step {step}), for information: {'; '.join(parts)}. "
+        "Alerts judge the change from here"
+    )
+    return json_safe(out)
+
+
+def _paired_text(interval, end: str) -> str:
+    """`` (paired interval [..]): even its lower end is`` or `` is`` without one."""
+    if interval is None:
+        return ", which is"
+    return f" (paired interval {_interval_text(interval, signed=True)}): even its {end} end is"
+
+
+def _limit_text(amount, factor, baseline, floor, decline: bool = False) -> str:
+    """How a change rule's limit was set, e.g. ``growth_factor 3.0 x baseline 0.0040
+    (floor 0.01)``."""
+    prefix = "decline" if decline else "growth"
+    parts = [] if amount is None else [f"{prefix}_amount {amount}"]
+    if factor is not None:
+        parts.append(f"{prefix}_factor {factor} of the baseline {fmt(baseline)} (floor {floor})")
+    return " and ".join(parts)
+
+
+def _interval_text(interval: tuple[float, float], signed: bool = False) -> str:
+    if signed:
+        return f"[{interval[0]:+.4f}, {interval[1]:+.4f}]"
     return f"[{fmt(interval[0])}, {fmt(interval[1])}]"

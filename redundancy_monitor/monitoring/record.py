@@ -11,6 +11,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+from redundancy_monitor.probing.change import ProbeChange
 from redundancy_monitor.probing.result import ProbeResult
 
 
@@ -28,6 +29,8 @@ class ProbeRecord:
         wall_time: when it was recorded, in seconds since the epoch.
         skipped: scheduled probes skipped since the previous probe started, because it
             was still running (None: not known, e.g. offline probes and older files).
+        change: from the second probe of a trajectory on, its paired change against the
+            trajectory's baseline probe and the previous probe (the `Recorder` adds it).
     """
 
     step: int
@@ -37,6 +40,7 @@ class ProbeRecord:
     blocked_seconds: float | None = None
     wall_time: float | None = None
     skipped: int | None = None
+    change: ProbeChange | None = None
 
     @property
     def failed(self) -> bool:
@@ -44,20 +48,22 @@ class ProbeRecord:
 
     def summary_only(self) -> ProbeRecord:
         """This record without the per-pair lists and per-sequence tables (what a history
-        and a state keep)."""
+        and a state keep); its change keeps the summary scalars only."""
         if self.result is None:
             return self
         lean = dataclasses.replace(
             self.result, pairs=[], skipped=[], deletion=[], per_sequence=None
         )
-        return dataclasses.replace(self, result=lean)
+        change = None if self.change is None else self.change.without_pairs()
+        return dataclasses.replace(self, result=lean, change=change)
 
     def to_dict(self) -> dict[str, Any]:
-        """One JSON-safe line of the record file: ``type`` ``"probe"`` (with timings and
-        the whole result) or ``"failure"`` (step and error)."""
+        """One JSON-safe line of the record file: ``type`` ``"probe"`` (with timings, the
+        whole result and, from a trajectory's second probe on, ``change``) or
+        ``"failure"`` (step and error)."""
         if self.result is None:
             return {"type": "failure", "step": self.step, "error": self.error}
-        return {
+        out = {
             "type": "probe",
             "step": self.step,
             "wall_time": self.wall_time,
@@ -66,6 +72,9 @@ class ProbeRecord:
             "skipped": self.skipped,
             "result": self.result.to_dict(),
         }
+        if self.change is not None:
+            out["change"] = self.change.to_dict()
+        return out
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ProbeRecord:
@@ -79,4 +88,5 @@ class ProbeRecord:
             blocked_seconds=data.get("blocked_seconds"),
             wall_time=data.get("wall_time"),
             skipped=data.get("skipped"),
+            change=ProbeChange.from_dict(data["change"]) if data.get("change") else None,
         )

@@ -17,7 +17,7 @@ from typing import Any
 
 from redundancy_monitor import __version__
 from redundancy_monitor.errors import InvalidConfigError, MonitorStateError
-from redundancy_monitor.monitoring.alerts import RULES, Alert, AlertConfig, AlertEngine
+from redundancy_monitor.monitoring.alerts import RULES, Alert, AlertConfig, AlertEngine, level_state
 from redundancy_monitor.monitoring.guard import (
     TrajectoryGuard,
     check_policy,
@@ -27,7 +27,18 @@ from redundancy_monitor.monitoring.guard import (
 from redundancy_monitor.monitoring.probe_config import ProbeConfig, pairs_spec
 from redundancy_monitor.monitoring.record import ProbeRecord
 from redundancy_monitor.monitoring.sinks import Sink, SinkHealth
-from redundancy_monitor.probing.intervals import sample_size_advice
+from redundancy_monitor.probing.change import (
+    CHANGE_SCALARS,
+    ChangeReference,
+    ProbeChange,
+    change_sample_size_advice,
+    paired_change,
+)
+from redundancy_monitor.probing.intervals import (
+    IntervalConfig,
+    bootstrap_replicates,
+    sample_size_advice,
+)
 from redundancy_monitor.probing.result import GapStats, ProbeResult, ProbeSummary
 
 log = logging.getLogger("redundancy_monitor")
@@ -68,6 +79,11 @@ class Recorder:
             per-pair lists (the sinks got those): summary, meta and timings.
         earlier_trajectories: histories ended by a new baseline.
         alerts: every alert so far.
+        sample_size: the sample-size advice of the alerts' gap metric at the trajectory's
+            first probe (its level), and `change_sample_size` at its first change since
+            the baseline (docs/intervals.md).
+        baseline_state: the level state at the baseline probe (`alerts.level_state`),
+            reported once as information.
         stop_requested, checkpoint_requested: an alert of a `stop_on_alert` /
             `checkpoint_on_alert` rule fired (the adapter clears a checkpoint request
             once it saved).
@@ -105,6 +121,12 @@ class Recorder:
         self.n_probes = self.n_failures = 0
         self.stop_requested = self.checkpoint_requested = False
         self.sample_size: dict[str, Any] | None = None  # advice from a first probe
+        self.change_sample_size: dict[str, Any] | None = None  # from its first change
+        self.baseline_state: dict[str, Any] | None = None
+        # The probes later ones are compared with (docs/intervals.md, "Change"): the
+        # trajectory's baseline and the previous recorded probe, with their tables.
+        self._change_baseline: ChangeReference | None = None
+        self._change_previous: ChangeReference | None = None
         self._latest: int | None = None  # the step of the latest record
         self._batch_sha: str | None = None  # the probe batch in use
         self._restored_sha: str | None = None  # the probe batch of a restored state
@@ -181,6 +203,8 @@ class Recorder:
             self.earlier_trajectories.append(self.history)
         self.history = []
         self.alert_engine = AlertEngine(self.alert_engine.config)
+        self._change_baseline = self._change_previous = None  # change starts afresh
+        self.change_sample_size = None
         marker = {
             "type": "new_baseline",
             "step": record.step,
@@ -196,18 +220,92 @@ class Recorder:
     def _record(self, record: ProbeRecord) -> None:
         if record.wall_time is None:
             record = dataclasses.replace(record, wall_time=time.time())
+        had_baseline = self._change_baseline is not None
+        record = self._with_change(record)
         self.n_probes += 1
         self.history.append(record.summary_only())
         self._emit("write_probe", record)
+        result = record.result
+        assert result is not None  # a failure never gets here
         if len(self.history) == 1:
-            self._advise_sample_size(record.step, record.result)
-        self._deliver(self.alert_engine.observe(record.step, record.result))
+            self._advise_sample_size(record.step, result)
+        if not had_baseline and self._change_baseline is not None:
+            self._report_level_state(record.step, result)
+        since_baseline = record.change.baseline if record.change is not None else None
+        if since_baseline is not None and self.change_sample_size is None:
+            self._advise_change_sample_size(record.step, since_baseline)
+        self._deliver(self.alert_engine.observe(record.step, result, since_baseline))
+
+    def _with_change(self, record: ProbeRecord) -> ProbeRecord:
+        """`record` with its paired change against the trajectory's baseline probe and the
+        previous probe (none at the first probe); this probe becomes the previous one."""
+        result = record.result
+        assert result is not None  # failures are not recorded here
+        config = self._interval_config()
+        names: tuple[str, ...] = CHANGE_SCALARS
+        if self.alert_engine.config.gap_metric not in names:
+            names = (*names, self.alert_engine.config.gap_metric)
+        boot = bootstrap_replicates(result, config) if config else None
+        change = None
+        base, prev = self._change_baseline, self._change_previous
+        if prev is not None:
+
+            def against(ref: ChangeReference):
+                ref_boot = ref.replicates(config, None) if config else None
+                return paired_change(
+                    ref.result, result, ref.step, config, None, names, ref_boot, boot
+                )
+
+            since_previous = against(prev)
+            since_baseline = None
+            if base is not None:
+                since_baseline = since_previous if base is prev else against(base)
+            change = ProbeChange(since_baseline, since_previous)
+        ref = ChangeReference.of(record.step, result)
+        if config:
+            ref._replicates, ref._replicates_of = boot, (config, None)
+        if base is None and record.step >= self.alert_engine.config.baseline_step:
+            self._change_baseline = ref
+        self._change_previous = ref
+        return record if change is None else dataclasses.replace(record, change=change)
+
+    def _interval_config(self) -> IntervalConfig | None:
+        config = self.probe_config.intervals
+        return config if isinstance(config, IntervalConfig) else None
+
+    def _report_level_state(self, step: int, result: ProbeResult) -> None:
+        """The level at the baseline probe, once, as information (never an alert)."""
+        self.baseline_state = level_state(step, result, self.alert_engine.config)
+        if self.writer:
+            log.info("redundancy monitor: %s", self.baseline_state["reason"])
+        self._emit("write_marker", self.baseline_state)
+
+    def _advise_change_sample_size(self, step: int, change) -> None:
+        """At the first probe whose change since the baseline has an interval of non-zero
+        width (the weights moved): how precise that change of the alerts' gap metric is,
+        and how many sequences would reach the target."""
+        config = self._interval_config()
+        if config is None:
+            return
+        advice = change_sample_size_advice(
+            change,
+            self.alert_engine.config.gap_metric,
+            config.target_change_halfwidth,
+            config.confidence,
+            config.expanded,
+        )
+        if not advice.halfwidth:  # nothing changed yet: no precision to speak of
+            return
+        self.change_sample_size = {"type": "sample_size", "step": step, **advice.to_dict()}
+        if self.writer:
+            log.info("redundancy monitor: probe batch precision: %s", advice.sentence())
+        self._emit("write_marker", self.change_sample_size)
 
     def _advise_sample_size(self, step: int, result: ProbeResult) -> None:
         """At the first probe of a trajectory: how precise the alerts' gap metric is with
         this probe batch, and how many sequences would reach the target half-width."""
-        config = self.probe_config.intervals
-        if not config:
+        config = self._interval_config()
+        if config is None:
             return
         advice = sample_size_advice(
             result, self.alert_engine.config.gap_metric, config.target_halfwidth
@@ -307,6 +405,10 @@ class Recorder:
             "history": [r.to_dict() for r in self.history],
             "alerts": [a.to_dict() for a in self.alerts],
             "alert_engine": self.alert_engine.state_dict(),
+            "change_baseline": _ref_dict(self._change_baseline),
+            "change_previous": _ref_dict(self._change_previous),
+            "change_sample_size": self.change_sample_size,
+            "baseline_state": self.baseline_state,
         }
 
     def check_version(self, state: dict[str, Any], strict: bool = True) -> bool:
@@ -361,6 +463,10 @@ class Recorder:
         self.history = [read(h) for h in state.get("history", [])]
         self.alerts = [Alert(**a) for a in state.get("alerts", [])]
         self.alert_engine.load_state_dict(state.get("alert_engine", {}))
+        self._change_baseline = _ref_from(state.get("change_baseline"))
+        self._change_previous = _ref_from(state.get("change_previous"))
+        self.change_sample_size = state.get("change_sample_size")
+        self.baseline_state = state.get("baseline_state")
 
     def _check_pairs(self, saved, n_layers: int | None) -> None:
         """Refuse another pair set; specs naming the same pairs ("adjacent", "window:1",
@@ -395,6 +501,14 @@ class Recorder:
             self.note_resume_change(change)
         elif self.on_mismatch == "refuse":
             raise MonitorStateError(refusal)
+
+
+def _ref_dict(ref: ChangeReference | None) -> dict[str, Any] | None:
+    return None if ref is None else ref.to_dict()
+
+
+def _ref_from(data: dict[str, Any] | None) -> ChangeReference | None:
+    return None if data is None else ChangeReference.from_dict(data)
 
 
 def _rule_set(value: bool | Collection[str], name: str) -> frozenset[str]:

@@ -10,6 +10,7 @@ from collections.abc import Callable
 
 from redundancy_monitor.monitoring.alerts import Alert
 from redundancy_monitor.monitoring.record import ProbeRecord
+from redundancy_monitor.probing.change import ProbeChange
 from redundancy_monitor.probing.result import ProbeResult
 
 PREFIX = "redundancy"
@@ -27,6 +28,11 @@ BY_SEPARATION, DETAIL, PAIRS, PROBE_INFO = (
 MEMORY_FIELDS = ("shadow_host_bytes", "shadow_device_bytes", "probe_device_peak_bytes")
 #: Summary scalars whose interval bounds are logged as ``<name>_low`` / ``<name>_high``.
 BANDS = ("gap_median",)
+#: The change of these scalars since the trajectory's baseline probe is logged as
+#: ``redundancy_change/<name>`` (since the previous probe: ``redundancy_change_previous/``),
+#: each with its paired interval as ``<name>_low`` / ``<name>_high``.
+CHANGE, CHANGE_PREVIOUS = f"{PREFIX}_change", f"{PREFIX}_change_previous"
+CHANGE_HEADLINE = ("gap_mean", "gap_median", "ir_median", "d_repl_mean", "d_int_mean")
 
 
 def scalar_tag(name: str) -> str:
@@ -41,10 +47,13 @@ def scalar_tag(name: str) -> str:
     return f"{DETAIL}/{name}"
 
 
-def probe_scalars(result: ProbeResult, per_pair: bool = False) -> dict[str, float]:
+def probe_scalars(
+    result: ProbeResult, per_pair: bool = False, change: ProbeChange | None = None
+) -> dict[str, float]:
     """Every summary scalar under its `scalar_tag`, the interval bounds of the `BANDS`
     scalars (``redundancy/gap_median_low`` / ``_high``) and the regime's stability when
-    the probe computed intervals, and optionally ``redundancy_pairs/i-j/<field>``.
+    the probe computed intervals, the `change_scalars` of `change`, and optionally
+    ``redundancy_pairs/i-j/<field>``.
 
     Undefined values (None) are left out rather than logged as NaN.
     """
@@ -56,12 +65,34 @@ def probe_scalars(result: ProbeResult, per_pair: bool = False) -> dict[str, floa
             out[f"{scalar_tag(name)}_low"], out[f"{scalar_tag(name)}_high"] = low, high
     if summary.regime_stability is not None:
         out[f"{DETAIL}/regime_stability"] = summary.regime_stability
+    out.update(change_scalars(change))
     if per_pair:
         for r in result.pairs:
             for name in ("d_repl", "d_int", "gap", "ir"):
                 v = getattr(r, name)
                 if v is not None:
                     out[f"{PAIRS}/{r.i}-{r.j}/{name}"] = v
+    return out
+
+
+def change_scalars(change: ProbeChange | None) -> dict[str, float]:
+    """``redundancy_change/<name>`` (since the baseline probe) and
+    ``redundancy_change_previous/<name>`` (since the previous probe) of each
+    `CHANGE_HEADLINE` scalar, with ``_low`` / ``_high`` where the change has an interval;
+    empty at a trajectory's first probe."""
+    out: dict[str, float] = {}
+    if change is None:
+        return out
+    for section, c in ((CHANGE, change.baseline), (CHANGE_PREVIOUS, change.previous)):
+        if c is None:
+            continue
+        for name in CHANGE_HEADLINE:
+            value, (low, high) = c.value(name), c.interval(name)
+            if value is None:
+                continue
+            out[f"{section}/{name}"] = value
+            if low is not None and high is not None:
+                out[f"{section}/{name}_low"], out[f"{section}/{name}_high"] = low, high
     return out
 
 
@@ -128,6 +159,6 @@ class MetricsSink(Sink):
         self.per_pair = per_pair
 
     def write_probe(self, record: ProbeRecord) -> None:
-        metrics = probe_scalars(record.result, self.per_pair)
+        metrics = probe_scalars(record.result, self.per_pair, record.change)
         metrics[f"{PROBE_INFO}/snapshot_step"] = float(record.step)
         self.log_metrics(metrics, record.step)

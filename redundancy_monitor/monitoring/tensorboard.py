@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,8 @@ from redundancy_monitor.monitoring.record import ProbeRecord
 from redundancy_monitor.monitoring.sinks import (
     BANDS,
     BY_SEPARATION,
+    CHANGE,
+    CHANGE_HEADLINE,
     GAP_CHART,
     MEMORY_FIELDS,
     PREFIX,
@@ -80,22 +83,48 @@ def heatmap_image(
     return rgb.round().astype(np.uint8)
 
 
+def exact(tag: str) -> str:
+    """A custom-scalars Multiline pattern (a regular expression searched in each tag)
+    that matches `tag` and nothing else: unanchored, ``redundancy/gap_median`` would
+    also pull in ``redundancy/gap_median_low`` and ``_high``."""
+    return f"^{re.escape(tag)}$"
+
+
 def custom_scalars_layout() -> dict:
     """One chart with the gap mean/median/p75/max, one with ir, one with both distances,
-    one with the mean gap per pair separation, and per `BANDS` scalar a margin chart: the
-    point estimate with its interval as a band (TensorBoard's custom-scalars ``Margin``
-    chart takes the tags [value, lower, upper])."""
+    one with the mean gap per pair separation, per `BANDS` scalar a margin chart (the
+    point estimate with its interval as a band: TensorBoard's custom-scalars ``Margin``
+    chart takes the tags [value, lower, upper]), one with the change since the baseline
+    probe of the headline scalars, and a margin chart of the gap_median change with its
+    paired interval. Multiline patterns are anchored (`exact`), so each chart holds
+    exactly the tags it names."""
     tag = f"{PREFIX}/{{}}".format
+    change = f"{CHANGE}/{{}}".format
     charts = {
-        "protocol gap (nats)": ["Multiline", [tag(k) for k in GAP_CHART]],
-        "interchange / replacement ratio": ["Multiline", [tag("ir_median")]],
-        "distances (nats)": ["Multiline", [tag("d_repl_mean"), tag("d_int_mean")]],
-        "gap by pair separation (nats)": ["Multiline", [rf"{BY_SEPARATION}/d\d+/gap_mean"]],
+        "protocol gap (nats)": ["Multiline", [exact(tag(k)) for k in GAP_CHART]],
+        "interchange / replacement ratio": ["Multiline", [exact(tag("ir_median"))]],
+        "distances (nats)": [
+            "Multiline",
+            [exact(tag("d_repl_mean")), exact(tag("d_int_mean"))],
+        ],
+        "gap by pair separation (nats)": [
+            "Multiline",
+            [rf"^{re.escape(BY_SEPARATION)}/d\d+/gap_mean$"],
+        ],
     }
     for name in BANDS:
         charts[f"{name} with its interval (nats)"] = [
             "Margin",
             [tag(name), tag(f"{name}_low"), tag(f"{name}_high")],
+        ]
+    charts["change since the baseline probe (nats)"] = [
+        "Multiline",
+        [exact(change(k)) for k in CHANGE_HEADLINE if k != "ir_median"],
+    ]
+    for name in BANDS:
+        charts[f"{name} change since the baseline, with its paired interval (nats)"] = [
+            "Margin",
+            [change(name), change(f"{name}_low"), change(f"{name}_high")],
         ]
     return {PREFIX: charts}
 
@@ -204,7 +233,7 @@ class TensorBoardSink(Sink):
 
     def write_probe(self, record: ProbeRecord) -> None:
         w, step = self.writer, record.step
-        for tag, value in probe_scalars(record.result, self.per_pair).items():
+        for tag, value in probe_scalars(record.result, self.per_pair, record.change).items():
             w.add_scalar(tag, value, step)
         w.add_scalar(f"{PROBE_INFO}/probe_seconds", record.probe_seconds, step)
         w.add_scalar(f"{PROBE_INFO}/blocked_seconds", record.blocked_seconds, step)

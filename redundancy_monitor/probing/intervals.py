@@ -54,7 +54,9 @@ class IntervalConfig:
         seed: the resampling seed; the same seed and batch give the same intervals.
         expanded: widen the percentile interval for small n (see the module doc); False
             gives the plain percentile interval.
-        target_halfwidth: the half-width (nats) the sample-size advice aims at.
+        target_halfwidth: the half-width (nats) the sample-size advice of a level aims at.
+        target_change_halfwidth: the half-width (nats) the sample-size advice of a change
+            (between two probes of one batch, docs/intervals.md) aims at.
     """
 
     n_boot: int = 1000
@@ -62,16 +64,16 @@ class IntervalConfig:
     seed: int = 0
     expanded: bool = True
     target_halfwidth: float = 0.02
+    target_change_halfwidth: float = 0.005
 
     def __post_init__(self):
         if not isinstance(self.n_boot, int) or self.n_boot < 20:
             raise InvalidConfigError(f"n_boot must be an int >= 20, got {self.n_boot!r}")
         if not 0 < self.confidence < 1:
             raise InvalidConfigError(f"confidence must be in (0, 1), got {self.confidence}")
-        if not self.target_halfwidth > 0:
-            raise InvalidConfigError(
-                f"target_halfwidth must be > 0 nats, got {self.target_halfwidth}"
-            )
+        for name in ("target_halfwidth", "target_change_halfwidth"):
+            if not getattr(self, name) > 0:
+                raise InvalidConfigError(f"{name} must be > 0 nats, got {getattr(self, name)}")
 
     @classmethod
     def of(cls, intervals: bool | IntervalConfig | None) -> IntervalConfig | None:
@@ -321,6 +323,68 @@ def _num(x: float) -> float | None:
     return float(x) if math.isfinite(x) else None
 
 
+@dataclass(frozen=True)
+class Replicates:
+    """The bootstrap replicates of one probe: what its intervals, and the paired change
+    between two probes of the same batch (`redundancy_monitor.probing.change`), come from.
+
+    Attributes:
+        finite: the finite pairs that were resampled, in row order.
+        pairs: ``name -> [n_boot, len(finite)]`` for d_repl, d_int, gap and ir (None
+            where the protocol did not run).
+        summary: ``name -> [n_boot]`` for every docs/definitions.md §4 scalar.
+        regime_codes: ``[n_boot]`` indices into `REGIMES`.
+        n_seq, levels: the sequences resampled and the quantile levels of the interval.
+    """
+
+    finite: list[PairRecord]
+    pairs: dict[str, np.ndarray | None]
+    summary: dict[str, np.ndarray]
+    regime_codes: np.ndarray
+    n_seq: int
+    levels: tuple[float, float]
+
+    def column(self, i: int, j: int) -> int | None:
+        """The column of pair (i, j) in `pairs`, None when it was not resampled."""
+        for k, r in enumerate(self.finite):
+            if (r.i, r.j) == (i, j):
+                return k
+        return None
+
+
+def bootstrap_replicates(
+    result: ProbeResult, config: IntervalConfig | None = None, thresholds: Thresholds | None = None
+) -> Replicates | None:
+    """Resample `result`'s sequences (the draw is fixed by `config`'s seed, `n_boot` and
+    the number of sequences, so two probes of one batch get the same draw); None without
+    the per-sequence distances of at least 2 sequences."""
+    config = config or IntervalConfig()
+    thresholds = thresholds or result.meta.thresholds or Thresholds()
+    per_seq = result.per_sequence
+    if per_seq is None or per_seq.n_seq < 2:
+        return None
+    n = per_seq.n_seq
+    row_of = {pair: k for k, pair in enumerate(per_seq.pairs)}
+    finite = [r for r in result.pairs if r.is_finite() and (r.i, r.j) in row_of]
+    rows = [row_of[(r.i, r.j)] for r in finite]
+    counts = resample_counts(n, config.n_boot, config.seed)
+    means = {}
+    for name in PerSequence.TABLES:
+        table = per_seq.table(name)
+        means[name] = None if table is None else replicate_means(table[rows], counts)
+    per_pair = pair_replicates(means["repl_ij"], means["repl_ji"], means["d_int"])
+    separations = np.asarray([r.separation for r in finite], dtype=np.int64)
+    reps, codes = summary_replicates(
+        per_pair["d_repl"],
+        per_pair["d_int"],
+        separations,
+        thresholds,
+        n_nonfinite=len(result.pairs) - len(finite),
+    )
+    levels = quantile_levels(n, config.confidence, config.expanded)
+    return Replicates(finite, per_pair, reps, codes, n, levels)
+
+
 def add_intervals(
     result: ProbeResult, config: IntervalConfig | None = None, thresholds: Thresholds | None = None
 ) -> ProbeResult:
@@ -345,24 +409,10 @@ def add_intervals(
     n = per_seq.n_seq
     levels = quantile_levels(n, config.confidence, config.expanded)
     info["n_seq"], info["levels"] = n, [float(levels[0]), float(levels[1])]
-    row_of = {pair: k for k, pair in enumerate(per_seq.pairs)}
-    finite = [r for r in result.pairs if r.is_finite() and (r.i, r.j) in row_of]
-    rows = [row_of[(r.i, r.j)] for r in finite]
-    counts = resample_counts(n, config.n_boot, config.seed)
-    means = {}
-    for name in PerSequence.TABLES:
-        table = per_seq.table(name)
-        means[name] = None if table is None else replicate_means(table[rows], counts)
-    per_pair = pair_replicates(means["repl_ij"], means["repl_ji"], means["d_int"])
-    pairs = _pairs_with_intervals(result.pairs, finite, per_pair, levels)
-    separations = np.asarray([r.separation for r in finite], dtype=np.int64)
-    reps, codes = summary_replicates(
-        per_pair["d_repl"],
-        per_pair["d_int"],
-        separations,
-        thresholds,
-        n_nonfinite=len(result.pairs) - len(finite),
-    )
+    boot = bootstrap_replicates(result, config, thresholds)
+    assert boot is not None  # per_seq checked above
+    pairs = _pairs_with_intervals(result.pairs, boot.finite, boot.pairs, levels)
+    reps, codes = boot.summary, boot.regime_codes
     scalars = result.summary.scalars()
     names = [k for k, v in scalars.items() if v is not None and k in reps]
     low, high = bounds(np.stack([reps[k] for k in names], axis=1), levels)
@@ -440,16 +490,26 @@ class SampleSizeAdvice:
     target_halfwidth: float
     n_seq_needed: int | None
     confidence: float
+    of: str = "level"
+    since: int | None = None
+
+    @property
+    def what(self) -> str:
+        """``gap_median``, or ``change of gap_median since step 0`` for a change."""
+        if self.of == "change":
+            return f"change of {self.metric} since step {self.since}"
+        return self.metric
 
     def sentence(self) -> str:
         if self.halfwidth is None:
             return (
-                f"{self.metric}: no interval at n_seq={self.n_seq} (intervals off, fewer "
+                f"{self.what}: no interval at n_seq={self.n_seq} (intervals off, fewer "
                 "than 2 sequences, or the scalar is undefined), so no sample-size advice"
             )
         pct = f"{100 * self.confidence:.0f}%"
+        kind = "paired interval" if self.of == "change" else "interval"
         head = (
-            f"{self.metric} = {self.value:.4f} nats, {pct} interval [{self.low:.4f}, "
+            f"{self.what} = {self.value:.4f} nats, {pct} {kind} [{self.low:.4f}, "
             f"{self.high:.4f}] (half-width {self.halfwidth:.4f}) from n_seq={self.n_seq}"
         )
         if self.n_seq_needed is None:

@@ -443,12 +443,74 @@ def cmd_report(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# -- compare ------------------------------------------------------------------------
+
+
+def add_compare_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("a", metavar="CKPT_A", help="the earlier checkpoint (folder or .gguf)")
+    p.add_argument("b", metavar="CKPT_B", help="the later checkpoint")
+    p.add_argument(
+        "--text",
+        nargs="+",
+        required=True,
+        metavar="FILE",
+        help="text files for the probe batch ('-' reads stdin)",
+    )
+    _add_batch_options(p, n_seq=32, tokenizer="take the tokenizer from PATH (default: CKPT_A's)")
+    _add_model_options(p)
+    p.add_argument(
+        "--target-halfwidth",
+        type=float,
+        default=0.005,
+        metavar="NATS",
+        help="half-width of the median gap's change that the sample-size advice aims at (0.005)",
+    )
+    p.add_argument("--out", metavar="FILE", help="write the comparison as JSON here")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    """the paired change between two checkpoints on one probe batch
+
+    Probe both checkpoints on the same sequences cut from --text and print the change
+    from CKPT_A to CKPT_B of every summary scalar and pair, each with a paired bootstrap
+    interval (the same sequences resampled together at both), and how many sequences a
+    target precision of the change needs.
+    """
+    from redundancy_monitor.files import write_json_atomic
+    from redundancy_monitor.tools.compare import CompareConfig, compare_checkpoints
+
+    hf_logging = require("transformers.utils.logging", "redundancy-monitor compare")
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    config = CompareConfig(
+        a=args.a,
+        b=args.b,
+        text=tuple(args.text),
+        tokenizer=args.tokenizer,
+        n_seq=args.n_seq,
+        seq_len=args.seq_len,
+        pairs=args.pairs,
+        dtype=args.dtype,
+        device=args.device,
+        target_halfwidth=args.target_halfwidth,
+        progress=not args.no_progress,
+    )
+    comparison = compare_checkpoints(config)
+    print(comparison.text())
+    if args.out:
+        write_json_atomic(args.out, comparison.to_dict())
+        print(f"\nwrote {args.out}")
+    return EXIT_OK
+
+
 #: name -> (function adding the subcommand's arguments, the function running it)
 SUBCOMMANDS: dict[str, tuple[Callable, Callable]] = {
     "score": (add_score_arguments, cmd_score),
     "replay": (add_replay_arguments, cmd_replay),
     "watch": (add_watch_arguments, cmd_watch),
     "report": (add_report_arguments, cmd_report),
+    "compare": (add_compare_arguments, cmd_compare),
 }
 
 

@@ -121,6 +121,39 @@ def gap_trajectory(run: RunRecords):
     return fig
 
 
+def change_trajectory(run: RunRecords, names: tuple[str, ...] = ("gap_median", "gap_mean")):
+    """The change of the gap since the current trajectory's baseline probe, each scalar
+    with its paired interval as a band (docs/intervals.md, "Change"); None when the
+    records carry no change (a single probe, or files of older versions)."""
+    series = {name: run.change_trajectory(name) for name in names}
+    if not any(series.values()):
+        return None
+    fig, axes = new_figure((8, 4))
+    ax = axes[0, 0]
+    for name, points in series.items():
+        finite = [(s, v) for s, v, _, _ in points if v is not None]
+        (line,) = ax.plot(
+            [s for s, _ in finite], [v for _, v in finite], marker="o", markersize=3, label=name
+        )
+        band = [(s, lo, hi) for s, _, lo, hi in points if lo is not None and hi is not None]
+        if band:
+            ax.fill_between(
+                [b[0] for b in band],
+                [b[1] for b in band],
+                [b[2] for b in band],
+                color=line.get_color(),
+                alpha=0.2,
+                linewidth=0,
+            )
+    ax.axhline(0.0, color="black", linewidth=0.6)
+    steps = [s for points in series.values() for s, *_ in points]
+    _step_axis(ax, steps)
+    ax.set_ylabel("change since the baseline probe (nats)")
+    ax.set_title(f"Change of the gap since step {min(steps)}, with paired 95% intervals")
+    ax.legend(loc="best", fontsize=8)
+    return fig
+
+
 def ir_by_separation(run: RunRecords):
     """Median ir = d_int / d_repl over steps, one line per pair separation |i-j|."""
     separations = sorted({d for p in run.probes for d in p.result.summary.by_separation})

@@ -87,6 +87,23 @@ class RunRecords:
         """``(step, value)`` of one summary scalar (a key of `ProbeSummary.scalars()`)."""
         return [(p.step, p.result.summary.scalars().get(name)) for p in self.probes]
 
+    def change_trajectory(
+        self, name: str, since: str = "baseline"
+    ) -> list[tuple[int, float | None, float | None, float | None]]:
+        """``(step, change, low, high)`` of one summary scalar's change since the
+        ``"baseline"`` probe of the current trajectory (or the ``"previous"`` probe), at
+        each of its probes that carries one (records of older versions carry none; the
+        baseline probe itself is ``(step, 0.0, 0.0, 0.0)``)."""
+        out: list[tuple[int, float | None, float | None, float | None]] = []
+        for p in self.current:
+            change = None if p.change is None else getattr(p.change, since)
+            if change is None:
+                if since == "baseline" and not out and p.change is None:
+                    out.append((p.step, 0.0, 0.0, 0.0))
+                continue
+            out.append((p.step, change.value(name), *change.interval(name)))
+        return out if len(out) > 1 or since == "previous" else []
+
 
 def find_record_file(run_dir: str | os.PathLike) -> Path:
     """The record file of a run: `run_dir` itself when it is a file, else the one

@@ -102,6 +102,7 @@ def summary_sentences(run: RunRecords) -> list[str]:
             )
             + " (nats)."
         )
+    out.extend(_change_sentences(run))
     out.extend(_removal_sentences(last))
     out.extend(_measured_sentences(run))
     if run.alerts:
@@ -112,6 +113,21 @@ def summary_sentences(run: RunRecords) -> list[str]:
     else:
         out.append("No alert fired.")
     return out
+
+
+def _change_sentences(run: RunRecords) -> list[str]:
+    """The paired change of the median gap since the baseline, when the records carry it."""
+    change = run.last.change.baseline if run.last.change is not None else None
+    if change is None or change.value("gap_median") is None:
+        return []
+    low, high = change.interval("gap_median")
+    band = "" if low is None or high is None else f", paired interval [{low:+.4f}, {high:+.4f}]"
+    return [
+        f"Change of the median gap since the baseline probe (step {change.step}): "
+        f"{change.value('gap_median'):+.4f} nats{band} (the same sequences at both steps, "
+        "resampled together: far narrower than the level's interval, it says how much "
+        "the change would move with other text of the same kind)."
+    ]
 
 
 def _baseline_sentences(run: RunRecords) -> list[str]:
@@ -199,6 +215,7 @@ window.addEventListener('load', function () {
 CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'; script-src 'unsafe-inline'"
 FIGURE_TITLES = {
     "gap_trajectory": "Protocol gap over steps",
+    "change_trajectory": "Change of the gap since the baseline probe, with paired intervals",
     "ir_by_separation": "ir over steps, by pair separation |i-j|",
     "heatmaps": "Heatmaps at the first and last probe",
     "gap_vs_depth": "Per-pair gap against depth at the last probe",
@@ -318,7 +335,11 @@ def render_html(run: RunRecords, figures: dict[str, bytes | None], summary: list
     """The whole page as a string: summary, figures, tables; no external resource."""
     items = "".join(f"<li>{html.escape(s)}</li>" for s in summary)
     sections = []
-    for name in ("gap_trajectory", "ir_by_separation", "heatmaps", "gap_vs_depth"):
+    for name in ("gap_trajectory", "change_trajectory", "ir_by_separation"):
+        png = figures.get(name)
+        if png is not None:  # no change figure for records without change
+            sections.append(f"<h2>{FIGURE_TITLES[name]}</h2>{_img(name, png)}")
+    for name in ("heatmaps", "gap_vs_depth"):
         sections.append(f"<h2>{FIGURE_TITLES[name]}</h2>{_img(name, figures[name])}")
     removal = _removal_section(run, figures.get("removal_cost"))
     sections.append(f"<h2>{FIGURE_TITLES['removal_cost']}</h2>{removal}")
@@ -368,6 +389,7 @@ def write_report(
     points = [run.first] if len(run.current) == 1 else [run.first, run.last]
     drawn = {
         "gap_trajectory": figs.gap_trajectory(run),
+        "change_trajectory": figs.change_trajectory(run),
         "ir_by_separation": figs.ir_by_separation(run),
         "heatmaps": figs.heatmaps([(f"step {p.step}", p.result) for p in points]),
         "gap_vs_depth": figs.gap_vs_depth(
