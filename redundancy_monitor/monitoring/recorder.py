@@ -17,7 +17,13 @@ from typing import Any
 
 from redundancy_monitor import __version__
 from redundancy_monitor.errors import InvalidConfigError, MonitorStateError
-from redundancy_monitor.monitoring.alerts import RULES, Alert, AlertConfig, AlertEngine
+from redundancy_monitor.monitoring.alerts import (
+    AFTER_FAILURE,
+    RULES,
+    Alert,
+    AlertConfig,
+    AlertEngine,
+)
 from redundancy_monitor.monitoring.guard import (
     TrajectoryGuard,
     check_policy,
@@ -96,6 +102,7 @@ class Recorder:
         self.writer = True
         self.single_rank = True
         self.lenient = False  # set by load_state_dict(strict=False)
+        self.after_failure = AFTER_FAILURE  # what a probe_failure alert says happens next
         self._resume_reasons: list[str] = []  # why the next probe starts a new trajectory
         self.trajectory_guard = TrajectoryGuard()
         self.sink_health = SinkHealth()
@@ -158,7 +165,7 @@ class Recorder:
         if self.writer:
             log.error("redundancy probe at step %d failed: %s", step, error)
         self._emit("write_failure", step, error)
-        self._deliver(self.alert_engine.observe_failure(step, error))
+        self._deliver(self.alert_engine.observe_failure(step, error, self.after_failure))
 
     def _mismatched(self, record: ProbeRecord, change: str) -> None:
         """A probe not comparable with the trajectory: refuse it, or start a new one."""

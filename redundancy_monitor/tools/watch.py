@@ -33,7 +33,6 @@ from torch import nn
 from redundancy_monitor.errors import CheckpointError, CheckpointVanished
 from redundancy_monitor.monitoring.alerts import AlertConfig
 from redundancy_monitor.monitoring.probe_config import ProbeConfig
-from redundancy_monitor.probing.engine import DEFAULT_BATCH_TOKENS
 from redundancy_monitor.probing.result import Thresholds
 from redundancy_monitor.tools.replay import (
     CheckpointRef,
@@ -41,6 +40,8 @@ from redundancy_monitor.tools.replay import (
     ReplayRun,
     checkpoint_step,
     checkpoints_in,
+    make_run_folder,
+    probe_config_of,
 )
 
 log = logging.getLogger("redundancy_monitor")
@@ -55,8 +56,9 @@ Batch = tuple[torch.Tensor, "torch.Tensor | None"]
 
 def default_log_dir(ckpt_dir: str | os.PathLike) -> Path:
     """Where the in-process callbacks write for this layout: beside a Lightning
-    ``checkpoints`` folder (``<logger version folder>/redundancy``), else in a Trainer
-    output folder (``<output_dir>/runs/redundancy``)."""
+    ``checkpoints`` folder (``<logger version folder>/redundancy``) or a torchtitan
+    ``checkpoint`` folder of DCP saves (``outputs/redundancy``), else in a Trainer output
+    folder (``<output_dir>/runs/redundancy``)."""
     ckpt_dir = Path(ckpt_dir)
     if ckpt_dir.name in ("checkpoints", "checkpoint"):
         return ckpt_dir.parent / "redundancy"
@@ -278,16 +280,17 @@ def watch(
     probe_batch: Batch | Callable[[Sequence[CheckpointRef]], Batch],
     *,
     log_dir: str | os.PathLike | None = None,
-    pairs: str = "adjacent",
-    protocols: Sequence[str] = ("replacement", "interchange"),
-    thresholds: Thresholds | None = None,
+    config: ProbeConfig | None = None,
     alerts: AlertConfig | None = None,
-    batch_tokens: int = DEFAULT_BATCH_TOKENS,
     settle_seconds: float = DEFAULT_SETTLE_SECONDS,
     poll_seconds: float = DEFAULT_POLL_SECONDS,
     exit_when_idle: float | None = None,
     until_step: int | None = None,
     notice: Callable[[str], None] = log.info,
+    pairs: str | None = None,
+    protocols: Sequence[str] | None = None,
+    thresholds: Thresholds | None = None,
+    batch_tokens: int | None = None,
 ) -> WatchOutcome:
     """Follow `ckpt_dir` and probe each checkpoint once it is completely written.
 
@@ -298,7 +301,7 @@ def watch(
         probe_batch: ``(ids, mask)``, or a function that makes it from the complete
             checkpoints found first (to take the tokenizer from one of them).
         log_dir: the run folder to write (default `default_log_dir(ckpt_dir)`).
-        pairs, protocols, thresholds, batch_tokens: passed to `probe()`.
+        config: what each probe measures, as for the monitor (None: the defaults).
         alerts: the alert rules, evaluated over the checkpoints as during training.
         settle_seconds: how long a checkpoint must stay unchanged to count as written.
         poll_seconds: pause between two looks at the folder.
@@ -307,11 +310,14 @@ def watch(
             never). Waiting for the first checkpoint has no time limit.
         until_step: return once a checkpoint at or after this step is probed.
         notice: receives one line of progress at a time.
+        pairs, protocols, thresholds, batch_tokens: the older spelling of `config`
+            (kept working); not together with `config`.
 
     Raises:
         CheckpointError: `ckpt_dir` is a file, the folder holds a run with other
             settings, or a checkpoint cannot be loaded for a reason every other one
-            shares (no model config, no tokenizer).
+            shares (no model config, no tokenizer); the log folder is a file.
+        InvalidConfigError: `config` together with its older keywords.
         MonitorStateError: resuming with another probe batch.
     """
     root = Path(ckpt_dir)
@@ -320,7 +326,8 @@ def watch(
             f"{root} is a file; pass the folder the run saves its checkpoints into"
         )
     outcome = WatchOutcome(Path(log_dir) if log_dir is not None else default_log_dir(root))
-    config = ProbeConfig(pairs, tuple(protocols), thresholds, batch_tokens=batch_tokens)
+    config = probe_config_of(config, pairs, protocols, thresholds, batch_tokens)
+    make_run_folder(outcome.log_dir)  # a file there fails now, not at the first checkpoint
     run_kwargs = dict(config=config, alerts=alerts, state_file=STATE_FILE)
     folder = CheckpointFolder(root, settle_seconds)
     sidecar = _Sidecar(folder, load_model, probe_batch, run_kwargs, outcome, notice)
