@@ -10,6 +10,7 @@ import numpy as np
 
 from redundancy_monitor.errors import InvalidConfigError
 from redundancy_monitor.monitoring.alerts import Alert
+from redundancy_monitor.monitoring.heatmap_axes import framed, number
 from redundancy_monitor.monitoring.record import ProbeRecord
 from redundancy_monitor.monitoring.sinks import (
     BANDS,
@@ -68,8 +69,7 @@ def heatmap_image(
     0 and scaled by its largest magnitude, so its sign is visible.
     """
     finite = np.isfinite(matrix)
-    scale = float(np.abs(matrix[finite]).max()) if finite.any() else 0.0
-    scale = scale if scale > 0 else 1.0
+    scale = color_scale(matrix)
     if diverging:
         rgb = _colorize(np.where(finite, matrix / scale * 0.5 + 0.5, 0.5), DIVERGING)
     else:
@@ -78,6 +78,29 @@ def heatmap_image(
     cell = cell or max(4, 256 // max(1, matrix.shape[0]))
     rgb = np.repeat(np.repeat(rgb, cell, axis=0), cell, axis=1)
     return rgb.round().astype(np.uint8)
+
+
+def color_scale(matrix: np.ndarray) -> float:
+    """The value the colour scale ends at: the largest finite magnitude (1 when none)."""
+    finite = np.isfinite(matrix)
+    scale = float(np.abs(matrix[finite]).max()) if finite.any() else 0.0
+    return scale if scale > 0 else 1.0
+
+
+def heatmap_with_axes(matrix: np.ndarray, diverging: bool = False) -> np.ndarray:
+    """`heatmap_image` with its axes: slot numbers (row: slot i, column: block j), axis
+    titles and a colour bar labelled with its scale (0 to the max; a gap from -max
+    through 0 to +max)."""
+    scale = color_scale(matrix)
+    top_to_bottom = np.linspace(1.0, 0.0, 65)
+    if diverging:
+        bar = _colorize(top_to_bottom, DIVERGING)
+        labels = [(0.0, number(scale)), (0.5, "0"), (1.0, number(-scale))]
+    else:
+        bar = _colorize(top_to_bottom, VIRIDIS)
+        labels = [(0.0, number(scale)), (1.0, "0")]
+    cells = heatmap_image(matrix, diverging)
+    return framed(cells, matrix.shape[0], bar.round().astype(np.uint8), labels)
 
 
 def custom_scalars_layout() -> dict:
@@ -208,6 +231,7 @@ class TensorBoardSink(Sink):
             w.add_scalar(tag, value, step)
         w.add_scalar(f"{PROBE_INFO}/probe_seconds", record.probe_seconds, step)
         w.add_scalar(f"{PROBE_INFO}/blocked_seconds", record.blocked_seconds, step)
+        w.add_scalar(f"{PROBE_INFO}/snapshot_step", record.step, step)
         for name in MEMORY_FIELDS:
             if getattr(record.result.meta, name) is not None:
                 w.add_scalar(f"{PROBE_INFO}/{name}", getattr(record.result.meta, name), step)
@@ -222,7 +246,8 @@ class TensorBoardSink(Sink):
                         w.add_histogram(f"{PREFIX}_per_sequence/{i}-{j}/{name}", finite, step)
         if self.images:
             for name in HEATMAPS:
-                image = heatmap_image(pair_matrix(record.result, name), diverging=name == "gap")
+                matrix = pair_matrix(record.result, name)
+                image = heatmap_with_axes(matrix, diverging=name == "gap")
                 w.add_image(f"{PREFIX}/heatmap/{name}", image, step, dataformats="HWC")
 
     def write_alert(self, alert: Alert) -> None:
