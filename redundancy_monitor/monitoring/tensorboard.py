@@ -164,7 +164,8 @@ def _existing_layout(log_dir: str | os.PathLike):
 
 
 class TensorBoardSink(Sink):
-    """Writes to a `SummaryWriter` (Lightning's, when it has one) or its own in `log_dir`.
+    """Writes to a `SummaryWriter` of its own in `log_dir`, or to a given one. The
+    callbacks use `beside` a framework's writer: sharing one is unsafe (see there).
 
     Headline scalars go to ``redundancy/``, the rest to sections of their own (see
     `redundancy_monitor.monitoring.sinks.scalar_tag`); a custom-scalars layout already in
@@ -206,6 +207,23 @@ class TensorBoardSink(Sink):
         self.per_sequence = per_sequence
         self._layout_written = False
         self._last_writer = None
+
+    @classmethod
+    def beside(
+        cls, writer, subfolder: str = "redundancy", purge_step: int | None = None, **kwargs
+    ) -> TensorBoardSink:
+        """A sink with a writer of its own, in a run beside a framework's writer (in
+        ``<its log dir>/<subfolder>``), rather than writing into that writer.
+
+        A writer's background thread dies at its first failed write (a full disk, a file
+        size limit) and every later call on it raises, the framework's own shutdown
+        included: a sink sharing it would change how training ends. A run of its own
+        keeps our failures ours (counted and alerted); TensorBoard shows both runs, and
+        merges their custom-scalars layouts. `writer` may be a function returning it.
+        """
+        current = writer() if callable(writer) else writer
+        log_dir = os.path.join(current.get_logdir(), subfolder)
+        return cls(log_dir=log_dir, purge_step=purge_step, **kwargs)
 
     @property
     def writer(self):
