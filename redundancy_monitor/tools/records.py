@@ -176,14 +176,14 @@ def load_run(run_dir: str | os.PathLike, removal: str | os.PathLike | None = Non
     by_step: dict[int, ProbeRecord] = {}
     segment_of: dict[int, int] = {}
     alerts, failures, baselines = [], [], []
-    model = None  # the model of the current trajectory's probes
+    model: dict[str, Any] | None = None  # the model of the current trajectory's probes
     for n, line in read_numbered_records(source):
         kind = line.get("type")
         try:
             if kind == "probe":
                 record = _probe_record(line)
-                now = model_identity(record.result)
-                if None not in (model, now) and now != model:
+                now = model_identity(record.result) if record.result is not None else None
+                if model is not None and now is not None and now != model:
                     reason = f"another model, {describe_model(now)} (was {describe_model(model)})"
                     baselines.append(Baseline(record.step, reason))
                 model = now if now is not None else model

@@ -60,6 +60,10 @@ log = logging.getLogger("redundancy_monitor")
 STATE_FILE = "replay_state.json"
 #: What a replay's `probe_failure` alert says happens next (no training runs here).
 REPLAY_AFTER_FAILURE = "the checkpoint is recorded as failed and the next one is probed"
+#: What a replay's refusal of a checkpoint of another model (or depth) advises.
+REPLAY_MISMATCH_HINT = (
+    "Replay the checkpoints of each model into a folder of its own (replay --out, watch --log-dir)."
+)
 RECORD_FILE = "redundancy.jsonl"
 HF_WEIGHTS = (
     "model.safetensors",
@@ -564,6 +568,7 @@ class ReplayRun:
             probe_config=self.config,
         )
         self.recorder.after_failure = REPLAY_AFTER_FAILURE
+        self.recorder.mismatch_hint = REPLAY_MISMATCH_HINT
         if state:
             self.recorder.load_state_dict(state)
         try:

@@ -124,3 +124,5 @@ def test_replay_of_a_folder_mixing_llama_and_gpt2_of_equal_depth_keeps_them_apar
     failure = next(r for r in records if r["type"] == "failure")
     assert failure["step"] == 8 and "GPT2LMHeadModel" in failure["error"]
     assert "LlamaForCausalLM" in failure["error"]
+    # The advice is for the command line: another folder, not a Python argument.
+    assert "replay --out" in failure["error"] and "on_mismatch" not in failure["error"]
