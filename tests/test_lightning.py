@@ -43,7 +43,7 @@ def test_tensorboard_events_match_the_jsonl_records(tmp_path):
         "gap_p75": "redundancy/gap_p75",
         "gap_max": "redundancy/gap_max",
         "ir_median": "redundancy/ir_median",
-        "d1/gap_mean": "redundancy_by_separation/d1/gap_mean",
+        "d1/gap_mean": "redundancy_separation/d1/gap_mean",
         "d_repl_mean": "redundancy/d_repl_mean",
         "d_int_mean": "redundancy/d_int_mean",
         "spearman": "redundancy_detail/spearman",

@@ -114,7 +114,7 @@ def test_the_headline_section_holds_only_the_headline_scalars(tmp_path):
     sections = {tag.split("/", 1)[0] for tag in scalars if tag.startswith("redundancy")}
     assert sections == {
         "redundancy",
-        "redundancy_by_separation",
+        "redundancy_separation",
         "redundancy_change",  # since the baseline probe, with paired intervals
         "redundancy_change_previous",
         "redundancy_detail",

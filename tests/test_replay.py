@@ -244,7 +244,7 @@ def test_command_line_errors_say_what_to_pass(hf_run, tmp_path, capsys):
     cases = [
         ([str(tmp_path / "absent")], "does not exist"),
         ([str(tmp_path / "step=3.ckpt")], "pass --model-config"),
-        ([str(root), "--seq-len", "100000"], "too few for one sequence"),
+        ([str(root), "--seq-len", "100000"], "pass --seq-len 64 or less"),  # checked up front
     ]
     for args, message in cases:
         out = ["--text", str(text), "--out", str(tmp_path / "out"), "--no-progress"]

@@ -182,7 +182,10 @@ def test_an_interrupted_save_that_a_later_checkpoint_overtakes_is_skipped(
 ):
     root, _ = hf_run
     ckpts = tmp_path / "ckpts"
-    copy_checkpoint(root / "checkpoint-4", ckpts / "checkpoint-4", skip=("trainer_state.json",))
+    torn = ckpts / "checkpoint-4"  # killed mid-save: half the weights, no trainer state
+    copy_checkpoint(root / "checkpoint-4", torn, skip=("trainer_state.json", "model.safetensors"))
+    weights = (root / "checkpoint-4" / "model.safetensors").read_bytes()
+    (torn / "model.safetensors").write_bytes(weights[: len(weights) // 2])
     copy_checkpoint(root / "checkpoint-8", ckpts / "checkpoint-8")
     done = watch(
         ckpts, safe_loader(), (probe_ids, None), log_dir=tmp_path / "w", exit_when_idle=0.6, **FAST

@@ -95,7 +95,7 @@ class TrainerLogSink(Sink):
     of the other callbacks (every ``report_to`` integration: W&B, MLflow, ...; and the
     user's), and ``state.log_history``, at the step of the probe's snapshot.
 
-    TensorBoard is written separately, into the Trainer's own writer, so that the tags
+    TensorBoard is written separately, beside the Trainer's own run, so that the tags
     keep their sections (its ``on_log`` would file them all under ``train/``).
     """
 
@@ -281,8 +281,8 @@ class RedundancyMonitorTrainerCallback(TrainerCallback, ExportableState):
                 None,
             )
         if tensorboard is not None and own is None:
-            sink = TensorBoardSink(
-                writer=_tensorboard_writer(tensorboard, args),
+            sink = TensorBoardSink.beside(  # never into the Trainer's writer: see beside()
+                _tensorboard_writer(tensorboard, args),
                 per_pair=self.per_pair,
                 images=self.images,
             )

@@ -64,22 +64,24 @@ def add_default_sinks(
     Args:
         log_dir: the TensorBoard folder (of `writer` when one is given).
         jsonl_path: the record file (default ``<log_dir>/redundancy.jsonl``; False: none).
-        writer: a framework's own ``SummaryWriter`` to share. Without one a writer is
-            created in `log_dir`; after a resume it hides the interrupted run's events
-            past the last probed step.
+        writer: a framework's own ``SummaryWriter``: our events then go to a run of our
+            own beside it (``<its log dir>/redundancy``), never into it, so that a failed
+            write of ours (a full disk) cannot break the framework's writer and its
+            shutdown. Without one a writer is created in `log_dir`. After a resume our
+            writer hides the interrupted run's events past the last probed step.
 
     Returns:
-        The TensorBoard folder and the record file (None without one).
+        The TensorBoard folder (ours) and the record file (None without one).
     """
-    if writer is not None:
-        sink = TensorBoardSink(writer=writer, per_pair=per_pair, images=images)
+    resumed = monitor.last_step
+    purge_step = None if resumed is None else resumed + 1
+    if writer is not None:  # a run of our own beside theirs: our write errors stay ours
+        sink = TensorBoardSink.beside(
+            writer, per_pair=per_pair, images=images, purge_step=purge_step
+        )
     else:
-        resumed = monitor.last_step
         sink = TensorBoardSink(
-            log_dir=log_dir,
-            per_pair=per_pair,
-            images=images,
-            purge_step=None if resumed is None else resumed + 1,
+            log_dir=log_dir, per_pair=per_pair, images=images, purge_step=purge_step
         )
     monitor.sinks.append(sink)
     if jsonl_path is False:

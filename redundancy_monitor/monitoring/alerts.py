@@ -44,6 +44,10 @@ RULES = (
 )
 
 
+#: What a `probe_failure` alert says happens next during training (replay says its own).
+AFTER_FAILURE = "training continues and the next scheduled probe will be tried"
+
+
 @dataclass(frozen=True)
 class Alert:
     """One alert: which rule, at which step, the value against the threshold, and why."""
@@ -265,7 +269,8 @@ class AlertEngine:
             )
         return [a for a in alerts if a is not None]
 
-    def observe_failure(self, step: int, error: str) -> list[Alert]:
+    def observe_failure(self, step: int, error: str, after: str = AFTER_FAILURE) -> list[Alert]:
+        """A failed probe (`after`: what happens next, said in the alert)."""
         if not self.config.probe_failure:
             return []
         first_line = error.strip().splitlines()[0] if error.strip() else "unknown error"
@@ -275,8 +280,7 @@ class AlertEngine:
             True,
             None,
             None,
-            f"step {step}: the probe failed ({first_line}); training continues and the "
-            "next scheduled probe will be tried",
+            f"step {step}: the probe failed ({first_line}); {after}",
             hysteresis=1,
         )
         # A failure is an event, not a level: re-arm at once so the next one reports too.

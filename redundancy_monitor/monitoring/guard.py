@@ -1,6 +1,7 @@
 """Keeping one trajectory one trajectory: a probe is comparable with the earlier ones only
-if it measured the same probe batch, the same model depth, the same pairs (as expanded
-for that depth, however the set was spelled) and the same protocols.
+if it measured the same probe batch, the same model (architecture, sizes and depth), the
+same pairs (as expanded for that depth, however the set was spelled) and the same
+protocols.
 
 A resumed run, a model that grew or shrank, or a changed pair set would otherwise mix two
 trajectories in one series without a trace. `TrajectoryGuard` remembers what the first
@@ -37,17 +38,34 @@ def protocols_identity(protocols: Iterable[str]) -> list[str]:
 
 
 def trajectory_identity(result: ProbeResult) -> dict[str, Any]:
-    """What makes two probes comparable: batch hash, number of blocks, the requested pairs
-    (expanded), the protocols."""
+    """What makes two probes comparable: batch hash, the model (class and sizes), number
+    of blocks, the requested pairs (expanded), the protocols."""
     pairs = [[r.i, r.j] for r in result.pairs] + [[s.i, s.j] for s in result.skipped]
-    identity = {
+    identity: dict[str, Any] = {
         "batch_sha256": result.meta.batch_sha256,
         "n_layers": result.n_layers,
         "pairs": sorted(pairs),
     }
     if result.meta.protocols is not None:
         identity["protocols"] = protocols_identity(result.meta.protocols)
+    model = model_identity(result)
+    if model is not None:
+        identity["model"] = model
     return identity
+
+
+def model_identity(result: ProbeResult) -> dict[str, Any] | None:
+    """The architecture a probe measured: its class and sizes (None when unknown: records
+    of older versions, hand-made results)."""
+    meta = result.meta
+    if meta.model_class is None:
+        return None
+    return {"class": meta.model_class, **(meta.model_sizes or {})}
+
+
+def describe_model(model: dict[str, Any]) -> str:
+    sizes = ", ".join(f"{k} {v}" for k, v in model.items() if k != "class")
+    return f"{model.get('class')}" + (f" ({sizes})" if sizes else "")
 
 
 def same_pair_set(a, b, n_layers: int | None) -> bool:
@@ -75,6 +93,11 @@ def _canonical_name(spec) -> str | None:
 def describe_change(old: dict[str, Any], new: dict[str, Any]) -> str | None:
     """A sentence naming what differs between two identities (keys both have), or None."""
     changes = []
+    if old.get("model") is not None and new.get("model") not in (None, old["model"]):
+        changes.append(
+            f"another model, {describe_model(new['model'])} (the trajectory has "
+            f"{describe_model(old['model'])})"
+        )
     if old.get("n_layers") not in (None, new.get("n_layers")):
         changes.append(f"a {new['n_layers']}-block model (the trajectory has {old['n_layers']})")
     sha_old, sha_new = old.get("batch_sha256"), new.get("batch_sha256")

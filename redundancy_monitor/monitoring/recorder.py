@@ -17,7 +17,14 @@ from typing import Any
 
 from redundancy_monitor import __version__
 from redundancy_monitor.errors import InvalidConfigError, MonitorStateError
-from redundancy_monitor.monitoring.alerts import RULES, Alert, AlertConfig, AlertEngine, level_state
+from redundancy_monitor.monitoring.alerts import (
+    AFTER_FAILURE,
+    RULES,
+    Alert,
+    AlertConfig,
+    AlertEngine,
+    level_state,
+)
 from redundancy_monitor.monitoring.guard import (
     TrajectoryGuard,
     check_policy,
@@ -42,6 +49,11 @@ from redundancy_monitor.probing.intervals import (
 from redundancy_monitor.probing.result import GapStats, ProbeResult, ProbeSummary
 
 log = logging.getLogger("redundancy_monitor")
+#: What a refusal of a probe that does not continue the trajectory advises (replay: its own).
+MISMATCH_HINT = (
+    "Probe the same model with the same batch and pairs, or pass "
+    "on_mismatch='new_baseline' to start a new trajectory from such a probe."
+)
 #: 2: history entries are `ProbeRecord.to_dict()` without the per-pair lists (1: a dict of
 #: step, regime, summary scalars and timings; still read).
 STATE_VERSION = 2
@@ -112,6 +124,8 @@ class Recorder:
         self.writer = True
         self.single_rank = True
         self.lenient = False  # set by load_state_dict(strict=False)
+        self.after_failure = AFTER_FAILURE  # what a probe_failure alert says happens next
+        self.mismatch_hint = MISMATCH_HINT  # what to do about a refused, mismatched probe
         self._resume_reasons: list[str] = []  # why the next probe starts a new trajectory
         self.trajectory_guard = TrajectoryGuard()
         self.sink_health = SinkHealth()
@@ -180,7 +194,7 @@ class Recorder:
         if self.writer:
             log.error("redundancy probe at step %d failed: %s", step, error)
         self._emit("write_failure", step, error)
-        self._deliver(self.alert_engine.observe_failure(step, error))
+        self._deliver(self.alert_engine.observe_failure(step, error, self.after_failure))
 
     def _mismatched(self, record: ProbeRecord, change: str) -> None:
         """A probe not comparable with the trajectory: refuse it, or start a new one."""
@@ -188,9 +202,7 @@ class Recorder:
             self._failed(
                 record.step,
                 f"MonitorStateError: the probe at step {record.step} measured {change}; it "
-                "is not comparable with the earlier probes and was not recorded. Probe the "
-                "same model depth with the same batch and pairs, or pass "
-                "on_mismatch='new_baseline' to start a new trajectory from such a probe.",
+                f"is not comparable with the earlier probes and was not recorded. {self.mismatch_hint}",
             )
             return
         self._new_trajectory(record, change)

@@ -18,8 +18,11 @@ GAP_CHART = ("gap_mean", "gap_median", "gap_p75", "gap_max")
 #: The summary scalars kept in the ``redundancy/`` section, the first screen of a
 #: dashboard; the others go to sections of their own (`scalar_tag`).
 HEADLINE = (*GAP_CHART, "ir_median", "d_repl_mean", "d_int_mean")
+#: Section names. TensorBoard's SCALARS tab orders sections by their first tag, comparing
+#: "/", "_" and digits as equal: a section name must not sort before the headline tags
+#: (``redundancy/d_int_mean`` first), so per-separation scalars are not "_by_separation".
 BY_SEPARATION, DETAIL, PAIRS, PROBE_INFO = (
-    f"{PREFIX}_by_separation",
+    f"{PREFIX}_separation",
     f"{PREFIX}_detail",
     f"{PREFIX}_pairs",
     f"{PREFIX}_probe",
@@ -37,7 +40,7 @@ CHANGE_HEADLINE = ("gap_mean", "gap_median", "ir_median", "d_repl_mean", "d_int_
 
 def scalar_tag(name: str) -> str:
     """The logged name of a summary scalar: ``redundancy/<name>`` for the headline ones,
-    ``redundancy_by_separation/d<k>/<name>`` per pair separation, else
+    ``redundancy_separation/d<k>/<name>`` per pair separation, else
     ``redundancy_detail/<name>``. Dashboards group tags by the part before the first
     slash, so the headline section stays one screen."""
     if name in HEADLINE:

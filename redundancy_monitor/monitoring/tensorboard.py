@@ -11,6 +11,7 @@ import numpy as np
 
 from redundancy_monitor.errors import InvalidConfigError
 from redundancy_monitor.monitoring.alerts import Alert
+from redundancy_monitor.monitoring.heatmap_axes import framed, number
 from redundancy_monitor.monitoring.record import ProbeRecord
 from redundancy_monitor.monitoring.sinks import (
     BANDS,
@@ -71,8 +72,7 @@ def heatmap_image(
     0 and scaled by its largest magnitude, so its sign is visible.
     """
     finite = np.isfinite(matrix)
-    scale = float(np.abs(matrix[finite]).max()) if finite.any() else 0.0
-    scale = scale if scale > 0 else 1.0
+    scale = color_scale(matrix)
     if diverging:
         rgb = _colorize(np.where(finite, matrix / scale * 0.5 + 0.5, 0.5), DIVERGING)
     else:
@@ -88,6 +88,27 @@ def exact(tag: str) -> str:
     that matches `tag` and nothing else: unanchored, ``redundancy/gap_median`` would
     also pull in ``redundancy/gap_median_low`` and ``_high``."""
     return f"^{re.escape(tag)}$"
+def color_scale(matrix: np.ndarray) -> float:
+    """The value the colour scale ends at: the largest finite magnitude (1 when none)."""
+    finite = np.isfinite(matrix)
+    scale = float(np.abs(matrix[finite]).max()) if finite.any() else 0.0
+    return scale if scale > 0 else 1.0
+
+
+def heatmap_with_axes(matrix: np.ndarray, diverging: bool = False) -> np.ndarray:
+    """`heatmap_image` with its axes: slot numbers (row: slot i, column: block j), axis
+    titles and a colour bar labelled with its scale (0 to the max; a gap from -max
+    through 0 to +max)."""
+    scale = color_scale(matrix)
+    top_to_bottom = np.linspace(1.0, 0.0, 65)
+    if diverging:
+        bar = _colorize(top_to_bottom, DIVERGING)
+        labels = [(0.0, number(scale)), (0.5, "0"), (1.0, number(-scale))]
+    else:
+        bar = _colorize(top_to_bottom, VIRIDIS)
+        labels = [(0.0, number(scale)), (1.0, "0")]
+    cells = heatmap_image(matrix, diverging)
+    return framed(cells, matrix.shape[0], bar.round().astype(np.uint8), labels)
 
 
 def custom_scalars_layout() -> dict:
@@ -170,7 +191,8 @@ def _existing_layout(log_dir: str | os.PathLike):
 
 
 class TensorBoardSink(Sink):
-    """Writes to a `SummaryWriter` (Lightning's, when it has one) or its own in `log_dir`.
+    """Writes to a `SummaryWriter` of its own in `log_dir`, or to a given one. The
+    callbacks use `beside` a framework's writer: sharing one is unsafe (see there).
 
     Headline scalars go to ``redundancy/``, the rest to sections of their own (see
     `redundancy_monitor.monitoring.sinks.scalar_tag`); a custom-scalars layout already in
@@ -213,6 +235,23 @@ class TensorBoardSink(Sink):
         self._layout_written = False
         self._last_writer = None
 
+    @classmethod
+    def beside(
+        cls, writer, subfolder: str = "redundancy", purge_step: int | None = None, **kwargs
+    ) -> TensorBoardSink:
+        """A sink with a writer of its own, in a run beside a framework's writer (in
+        ``<its log dir>/<subfolder>``), rather than writing into that writer.
+
+        A writer's background thread dies at its first failed write (a full disk, a file
+        size limit) and every later call on it raises, the framework's own shutdown
+        included: a sink sharing it would change how training ends. A run of its own
+        keeps our failures ours (counted and alerted); TensorBoard shows both runs, and
+        merges their custom-scalars layouts. `writer` may be a function returning it.
+        """
+        current = writer() if callable(writer) else writer
+        log_dir = os.path.join(current.get_logdir(), subfolder)
+        return cls(log_dir=log_dir, purge_step=purge_step, **kwargs)
+
     @property
     def writer(self):
         if self._writer is None:
@@ -239,6 +278,7 @@ class TensorBoardSink(Sink):
         w.add_scalar(f"{PROBE_INFO}/blocked_seconds", record.blocked_seconds, step)
         if record.skipped is not None:  # scheduled probes skipped since the previous one
             w.add_scalar(f"{PROBE_INFO}/skipped", record.skipped, step)
+        w.add_scalar(f"{PROBE_INFO}/snapshot_step", record.step, step)
         for name in MEMORY_FIELDS:
             if getattr(record.result.meta, name) is not None:
                 w.add_scalar(f"{PROBE_INFO}/{name}", getattr(record.result.meta, name), step)
@@ -253,7 +293,8 @@ class TensorBoardSink(Sink):
                         w.add_histogram(f"{PREFIX}_per_sequence/{i}-{j}/{name}", finite, step)
         if self.images:
             for name in HEATMAPS:
-                image = heatmap_image(pair_matrix(record.result, name), diverging=name == "gap")
+                matrix = pair_matrix(record.result, name)
+                image = heatmap_with_axes(matrix, diverging=name == "gap")
                 w.add_image(f"{PREFIX}/heatmap/{name}", image, step, dataformats="HWC")
 
     def write_alert(self, alert: Alert) -> None:

@@ -75,6 +75,41 @@ def prepare(
     return root, block_list, head_module, batch.to(device or model_device(root))
 
 
+#: Config fields that, beside the class and the depth, tell one architecture from another.
+SIZE_FIELDS = (
+    "hidden_size",
+    "intermediate_size",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "vocab_size",
+)
+
+
+def model_class_name(root: nn.Module) -> str:
+    """The model's class name, the same for a model sharded by FSDP2 (whose
+    ``fully_shard`` puts a generated ``FSDP<Class>`` in front of it)."""
+    for cls in type(root).__mro__:
+        if not cls.__name__.startswith("FSDP"):
+            return cls.__name__
+    return type(root).__name__
+
+
+def model_sizes(root: nn.Module, head: nn.Module) -> dict[str, int] | None:
+    """The sizes of the model's architecture: the integer `SIZE_FIELDS` of its config,
+    else the output head's ``[vocab, hidden]`` shape (None when neither is known). Read
+    from the config and the head, never the blocks, whose weights may be elsewhere."""
+    config = getattr(root, "config", None)
+    sizes = {}
+    for name in SIZE_FIELDS:
+        value = getattr(config, name, None) if config is not None else None
+        if isinstance(value, int) and not isinstance(value, bool):
+            sizes[name] = value
+    weight = getattr(head, "weight", None)
+    if not sizes and isinstance(weight, torch.Tensor) and weight.dim() == 2:
+        sizes = {"vocab_size": int(weight.shape[0]), "hidden_size": int(weight.shape[1])}
+    return sizes or None
+
+
 def _check_positions(root: nn.Module, batch: ProbeBatch) -> None:
     """Refuse, before any forward, sequences longer than the model's position limit
     (GPT-2's learned position table would otherwise fail deep inside with an IndexError)."""
@@ -349,7 +384,8 @@ def probe(
             deletion.append(DeletionRecord(s, d.mean, d.last))
     meta = ProbeMeta(
         version=__version__,
-        model_class=type(root).__name__,
+        model_class=model_class_name(root),
+        model_sizes=model_sizes(root, head_module),
         dtype=str(next(root.parameters()).dtype).replace("torch.", ""),
         device=str(batch.input_ids.device),
         n_layers=n_layers,

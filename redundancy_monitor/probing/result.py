@@ -486,6 +486,8 @@ class ProbeMeta:
         world_size: how many shares a merged result was made of.
         shadow_host_bytes_by_rank: each rank's host snapshot bytes (merged results).
         oom_retries: how often the probe ran out of memory and retried smaller.
+        model_sizes: the sizes that, with `model_class` and `n_layers`, identify the
+            model's architecture (hidden size, vocabulary, ...; see `model_identity`).
     """
 
     version: str | None = None
@@ -511,6 +513,7 @@ class ProbeMeta:
     probe_device_peak_bytes: int | None = None
     world_size: int | None = None
     shadow_host_bytes_by_rank: tuple[int, ...] | None = None
+    model_sizes: dict[str, int] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {}

@@ -83,6 +83,16 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (cpu)")
 
 
+def _add_trust_module(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--trust-module",
+        action="append",
+        default=[],
+        metavar="MODULE",
+        help="also allow --model-config classes from MODULE (imported: trust its code)",
+    )
+
+
 # -- score --------------------------------------------------------------------------
 
 
@@ -202,13 +212,7 @@ def add_replay_arguments(p: argparse.ArgumentParser) -> None:
         '{"class": "pkg.module:Class", "kwargs": {...}} naming an nn.Module class from '
         "transformers, torch or a --trust-module",
     )
-    p.add_argument(
-        "--trust-module",
-        action="append",
-        default=[],
-        metavar="MODULE",
-        help="also allow --model-config classes from MODULE (imported: trust its code)",
-    )
+    _add_trust_module(p)
     p.add_argument(
         "--trust-checkpoints",
         action="store_true",
@@ -228,14 +232,24 @@ def cmd_replay(args: argparse.Namespace) -> int:
     gets what the training monitor writes (JSONL, TensorBoard, alerts). Run it again to
     resume an interrupted replay.
     """
-    from redundancy_monitor.tools.loading import load_tokenizer, probe_batch_from_text, read_text
+    from redundancy_monitor.monitoring.probe_config import ProbeConfig
+    from redundancy_monitor.tools.loading import (
+        check_output_folder,
+        load_tokenizer,
+        probe_batch_from_text,
+        read_text,
+        resolve_device,
+    )
     from redundancy_monitor.tools.replay import (
         ModelLoader,
+        check_positions,
         find_checkpoints,
         find_tokenizer,
         replay,
     )
 
+    check_output_folder(args.out, "--out")  # before any work, not after it
+    resolve_device(args.device)  # a missing GPU fails here, not every checkpoint
     checkpoints = find_checkpoints(args.checkpoints, trust=args.trust_checkpoints)
     loader = ModelLoader(
         args.model_config,
@@ -246,19 +260,33 @@ def cmd_replay(args: argparse.Namespace) -> int:
     )
     if any(c.kind == "lightning" for c in checkpoints):
         loader.template()  # a missing or refused --model-config fails here, before any work
+    check_positions(checkpoints, loader, args.seq_len)
     tokenizer = load_tokenizer(args.tokenizer or find_tokenizer(checkpoints))
     ids = probe_batch_from_text(tokenizer, read_text([args.text]), args.n_seq, args.seq_len)
     if not args.no_progress:
         hf_logging = require("transformers.utils.logging", "redundancy-monitor replay")
         hf_logging.disable_progress_bar()  # one bar, ours with the ETA, is enough
     done = replay(
-        checkpoints, ids, args.out, loader, pairs=args.pairs, progress=not args.no_progress
+        checkpoints,
+        ids,
+        args.out,
+        loader,
+        config=ProbeConfig(pairs=args.pairs),
+        progress=not args.no_progress,
     )
     print(
         f"replayed {len(done.probed)} checkpoint(s) into {done.out_dir} "
         f"({len(done.already_done)} already done, {len(done.failed)} failed, "
         f"{done.n_alerts} new alert(s)); see it with: redundancy-monitor report {done.out_dir}"
     )
+    if done.failed and not done.probed and not done.already_done:
+        print(
+            f"redundancy-monitor replay: error: none of the {len(done.failed)} checkpoint(s) "
+            f"could be probed (the reason of each is above; step {done.failed[0]}: "
+            f"{done.errors[done.failed[0]]})",
+            file=sys.stderr,
+        )
+        return EXIT_BAD_INPUT
     return EXIT_OK
 
 
@@ -326,8 +354,10 @@ def add_watch_arguments(p: argparse.ArgumentParser) -> None:
         "--model-config",
         metavar="PATH",
         help="for .ckpt files and DCP folders without a config.json: a HF config.json (or its "
-        'folder), or a JSON {"class": "pkg.module:Class", "kwargs": {...}}',
+        'folder), or a JSON {"class": "pkg.module:Class", "kwargs": {...}} naming an nn.Module '
+        "class from transformers, torch or a --trust-module",
     )
+    _add_trust_module(p)
     p.add_argument(
         "--alerts",
         type=_alert_config,
@@ -355,7 +385,9 @@ def cmd_watch(args: argparse.Namespace) -> int:
     """
     import signal
 
+    from redundancy_monitor.monitoring.probe_config import ProbeConfig
     from redundancy_monitor.tools.loading import (
+        check_output_folder,
         load_probe_batch,
         load_tokenizer,
         probe_batch_from_text,
@@ -369,7 +401,14 @@ def cmd_watch(args: argparse.Namespace) -> int:
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
     resolve_device(args.device)
-    loader = ModelLoader(args.model_config, device=args.device, trust_checkpoints=False)
+    if args.log_dir is not None:
+        check_output_folder(args.log_dir, "--log-dir")
+    loader = ModelLoader(
+        args.model_config,
+        device=args.device,
+        trust_checkpoints=False,
+        trusted_modules=tuple(args.trust_module),
+    )
     if args.model_config is not None:
         loader.template()  # a bad config fails now, not at the first checkpoint
     if args.probe_batch is not None:
@@ -397,7 +436,7 @@ def cmd_watch(args: argparse.Namespace) -> int:
             loader,
             batch,
             log_dir=args.log_dir,
-            pairs=args.pairs,
+            config=ProbeConfig(pairs=args.pairs),
             alerts=args.alerts,
             settle_seconds=args.settle,
             exit_when_idle=args.exit_when_idle,

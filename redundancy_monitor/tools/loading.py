@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import stat
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -182,17 +183,48 @@ def _first_line(e: BaseException) -> str:
 
 
 def read_text(sources: list[str]) -> str:
-    """Concatenate text files (``-`` = stdin), separated by blank lines."""
+    """Concatenate text files (``-`` = stdin), separated by blank lines.
+
+    Raises:
+        CheckpointError: a file cannot be read, is not UTF-8, or is binary (holds NUL
+            bytes). Decoding leniently would probe on replacement characters without a word.
+    """
     parts = []
     for source in sources:
-        if source == "-":
-            parts.append(sys.stdin.read())
-            continue
+        name = "standard input" if source == "-" else f"text file {source!r}"
         try:
-            parts.append(Path(source).read_text(encoding="utf-8", errors="replace"))
+            if source != "-" and stat.S_ISCHR(os.stat(source).st_mode):
+                raise CheckpointError(f"{name} is a device, not a text file; pass a text file")
+            data = _read_stdin() if source == "-" else Path(source).read_bytes()
         except OSError as e:
-            raise CheckpointError(f"cannot read text file {source!r}: {e.strerror}") from None
+            raise CheckpointError(f"cannot read {name}: {e.strerror}") from None
+        parts.append(decode_text(data, name))
     return "\n\n".join(parts)
+
+
+def _read_stdin() -> bytes:
+    buffer = getattr(sys.stdin, "buffer", None)  # None when replaced by a text stream
+    return buffer.read() if buffer is not None else sys.stdin.read().encode("utf-8")
+
+
+def decode_text(data: bytes, name: str) -> str:
+    """`data` as UTF-8 text (a leading byte-order mark dropped).
+
+    Raises:
+        CheckpointError: not UTF-8, or binary (NUL bytes), naming where.
+    """
+    nul = data.find(b"\0")
+    if nul >= 0:
+        raise CheckpointError(
+            f"{name} is binary, not text (a NUL byte at offset {nul}); pass a plain UTF-8 text file"
+        )
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise CheckpointError(
+            f"{name} is not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start}); "
+            "convert it to UTF-8 (e.g. iconv -f latin1 -t utf-8) or pass another file"
+        ) from None
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,9 @@ A run folder holds one JSON Lines record file (`redundancy.jsonl`, written by
 `JsonlSink`) and, where `redundancy-monitor score` ran, a `result.json` with a removal
 table. `load_run` turns them into typed objects that the report draws from. A
 ``new_baseline`` marker (the model, batch, pairs or protocols changed) starts a new
-trajectory: probes are numbered by the trajectory they belong to.
+trajectory: probes are numbered by the trajectory they belong to. So does a probe of
+another model (architecture or sizes, from its record's meta) in a file written
+without such a marker (by a version that did not compare models).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from typing import Any
 
 from redundancy_monitor.errors import RunFolderError
 from redundancy_monitor.monitoring.alerts import Alert
+from redundancy_monitor.monitoring.guard import describe_model, model_identity
 from redundancy_monitor.monitoring.jsonl import RecordFileError, read_numbered_records
 from redundancy_monitor.monitoring.record import ProbeRecord
 
@@ -190,11 +193,17 @@ def load_run(run_dir: str | os.PathLike, removal: str | os.PathLike | None = Non
     by_step: dict[int, ProbeRecord] = {}
     segment_of: dict[int, int] = {}
     alerts, failures, baselines = [], [], []
+    model: dict[str, Any] | None = None  # the model of the current trajectory's probes
     for n, line in read_numbered_records(source):
         kind = line.get("type")
         try:
             if kind == "probe":
                 record = _probe_record(line)
+                now = model_identity(record.result) if record.result is not None else None
+                if model is not None and now is not None and now != model:
+                    reason = f"another model, {describe_model(now)} (was {describe_model(model)})"
+                    baselines.append(Baseline(record.step, reason))
+                model = now if now is not None else model
                 by_step[record.step] = record
                 segment_of[record.step] = len(baselines)
             elif kind == "alert":
@@ -203,6 +212,7 @@ def load_run(run_dir: str | os.PathLike, removal: str | os.PathLike | None = Non
                 failures.append(ProbeRecord.from_dict(line))
             elif kind == "new_baseline":
                 baselines.append(Baseline(int(line["step"]), str(line.get("reason", ""))))
+                model = None  # the next probe starts the new trajectory's model
         except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
             detail = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
             raise RecordFileError(

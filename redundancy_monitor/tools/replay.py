@@ -35,9 +35,12 @@ from torch import nn
 from redundancy_monitor.errors import (
     CheckpointError,
     CheckpointVanished,
+    InvalidConfigError,
     InvalidPairsError,
     InvalidProtocolError,
     MissingModelConfig,
+    MonitorStateError,
+    RedundancyMonitorError,
 )
 from redundancy_monitor.files import write_json_atomic
 from redundancy_monitor.monitoring.alerts import AlertConfig
@@ -48,7 +51,6 @@ from redundancy_monitor.monitoring.record import ProbeRecord
 from redundancy_monitor.monitoring.recorder import Recorder
 from redundancy_monitor.monitoring.tensorboard import TensorBoardSink
 from redundancy_monitor.probing.batch import make_batch
-from redundancy_monitor.probing.engine import DEFAULT_BATCH_TOKENS
 from redundancy_monitor.probing.probe import probe
 from redundancy_monitor.probing.result import Thresholds
 from redundancy_monitor.tools import dcp
@@ -56,6 +58,12 @@ from redundancy_monitor.tools import dcp
 log = logging.getLogger("redundancy_monitor")
 
 STATE_FILE = "replay_state.json"
+#: What a replay's `probe_failure` alert says happens next (no training runs here).
+REPLAY_AFTER_FAILURE = "the checkpoint is recorded as failed and the next one is probed"
+#: What a replay's refusal of a checkpoint of another model (or depth) advises.
+REPLAY_MISMATCH_HINT = (
+    "Replay the checkpoints of each model into a folder of its own (replay --out, watch --log-dir)."
+)
 RECORD_FILE = "redundancy.jsonl"
 HF_WEIGHTS = (
     "model.safetensors",
@@ -427,6 +435,44 @@ def state_dict_prefix(module: nn.Module, state: dict[str, Any]) -> str:
 # ----- the probe batch -----------------------------------------------------------------
 
 
+def max_positions(ref: CheckpointRef, load_model: Callable) -> int | None:
+    """The most positions the model of `ref` takes (``max_position_embeddings``), read
+    from its config without loading weights; None when unknown (no such limit)."""
+    config = None
+    if ref.kind == "hf":
+        from transformers import AutoConfig
+
+        try:
+            config = AutoConfig.from_pretrained(ref.path, local_files_only=True)
+        except Exception:  # a damaged config fails that checkpoint's probe, with its reason
+            return None
+    elif isinstance(load_model, ModelLoader):
+        try:
+            config = getattr(load_model.template(load_model.model_config_for(ref)), "config", None)
+        except CheckpointError:
+            return None
+    limit = getattr(config, "max_position_embeddings", None)
+    return limit if isinstance(limit, int) and not isinstance(limit, bool) else None
+
+
+def check_positions(
+    checkpoints: Sequence[CheckpointRef], load_model: Callable, seq_len: int
+) -> None:
+    """Refuse, before any work, a probe batch longer than a checkpoint's model takes
+    (every probe of it would fail).
+
+    Raises:
+        CheckpointError: naming the checkpoint and the longest usable ``--seq-len``.
+    """
+    for ref in checkpoints:
+        limit = max_positions(ref, load_model)
+        if limit is not None and seq_len > limit:
+            raise CheckpointError(
+                f"--seq-len {seq_len} exceeds the {limit} positions the model of {ref.path} "
+                f"takes (max_position_embeddings); pass --seq-len {limit} or less"
+            )
+
+
 def find_tokenizer(checkpoints: Sequence[CheckpointRef]) -> Path:
     for ref in checkpoints:
         if ref.kind == "hf" and any((ref.path / f).is_file() for f in TOKENIZER_FILES):
@@ -499,7 +545,7 @@ class ReplayRun:
         self.config = config
         batch = make_batch(input_ids.detach().cpu(), _cpu(attention_mask))
         self.out_dir = Path(out_dir)
-        self.out_dir.mkdir(parents=True, exist_ok=True)
+        make_run_folder(self.out_dir)
         self.state_path = self.out_dir / state_file
         self.settings = {"pairs": config.pairs, "protocols": list(config.protocols)}
         saved = {}
@@ -521,9 +567,19 @@ class ReplayRun:
             alerts=alerts,
             probe_config=self.config,
         )
+        self.recorder.after_failure = REPLAY_AFTER_FAILURE
+        self.recorder.mismatch_hint = REPLAY_MISMATCH_HINT
         if state:
             self.recorder.load_state_dict(state)
-        self.recorder.use_batch(batch.sha256)
+        try:
+            self.recorder.use_batch(batch.sha256)
+        except MonitorStateError:
+            raise MonitorStateError(
+                f"{self.out_dir} holds a replay of another probe batch; its trajectory "
+                "would not be comparable. Resume with the same probe text and batch shape "
+                "(--text, --n-seq, --seq-len, --tokenizer; watch: or the same --probe-batch), "
+                "or write into another folder (replay --out, watch --log-dir)"
+            ) from None
         self._ids, self._mask = input_ids, attention_mask
         self._started = False
 
@@ -579,6 +635,25 @@ class ReplayRun:
         self.recorder.close()
 
 
+def make_run_folder(out_dir: Path) -> None:
+    """Create the run folder (and its parents).
+
+    Raises:
+        CheckpointError: it, or a folder above it, is a file, or it cannot be created.
+    """
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise CheckpointError(
+            f"run folder {str(out_dir)!r} cannot be created: it or a folder above it is a "
+            "file; pass a folder to write into (replay --out, watch --log-dir)"
+        ) from None
+    except OSError as exc:
+        raise CheckpointError(
+            f"run folder {str(out_dir)!r} cannot be created: {exc.strerror}"
+        ) from None
+
+
 def _cpu(tensor: torch.Tensor | None) -> torch.Tensor | None:
     return None if tensor is None else tensor.detach().cpu()
 
@@ -595,6 +670,8 @@ class ReplayOutcome:
     failed: list[int] = field(default_factory=list)
     already_done: list[int] = field(default_factory=list)
     n_alerts: int = 0
+    #: step -> the first line of why each failed checkpoint failed
+    errors: dict[int, str] = field(default_factory=dict)
 
 
 def replay(
@@ -604,12 +681,13 @@ def replay(
     load_model: Callable[[CheckpointRef], nn.Module],
     *,
     attention_mask: torch.Tensor | None = None,
-    pairs: str = "adjacent",
-    protocols: Sequence[str] = ("replacement", "interchange"),
-    thresholds: Thresholds | None = None,
+    config: ProbeConfig | None = None,
     alerts: AlertConfig | None = None,
-    batch_tokens: int = DEFAULT_BATCH_TOKENS,
     progress: bool = True,
+    pairs: str | None = None,
+    protocols: Sequence[str] | None = None,
+    thresholds: Thresholds | None = None,
+    batch_tokens: int | None = None,
 ) -> ReplayOutcome:
     """Probe `checkpoints` in step order into `out_dir`, resuming a replay already there.
 
@@ -618,20 +696,23 @@ def replay(
         input_ids, attention_mask: the probe batch, the same for every checkpoint.
         out_dir: the run folder (``redundancy.jsonl``, TensorBoard events, replay state).
         load_model: builds the model of one checkpoint (e.g. a `ModelLoader`).
-        pairs, protocols, thresholds, batch_tokens: passed to `probe()`.
+        config: what each probe measures, as for the monitor (None: the defaults).
         alerts: the alert rules, evaluated over the series as during training.
         progress: show a progress bar with an ETA.
+        pairs, protocols, thresholds, batch_tokens: the older spelling of `config`
+            (kept working); not together with `config`.
 
     Raises:
         CheckpointError: resuming with other settings, or a checkpoint earlier than the
-            last one already replayed.
+            last one already replayed; `out_dir` is a file.
         MonitorStateError: resuming with another probe batch.
+        InvalidConfigError: `config` together with its older keywords.
 
     A checkpoint that fails to load or probe is recorded as a failed probe (with its
     alert) and the replay goes on.
     """
     checkpoints = sorted(checkpoints, key=lambda c: c.step)
-    config = ProbeConfig(pairs, tuple(protocols), thresholds, batch_tokens=batch_tokens)
+    config = probe_config_of(config, pairs, protocols, thresholds, batch_tokens)
     run = ReplayRun(out_dir, input_ids, config, attention_mask=attention_mask, alerts=alerts)
     outcome = ReplayOutcome(run.out_dir)
     done = run.probed_steps
@@ -643,13 +724,46 @@ def replay(
         for ref in todo:
             bar.set_postfix_str(f"step {ref.step}")
             record = run.record(ref, load_model)
-            (outcome.failed if record.failed else outcome.probed).append(ref.step)
+            if record.failed:
+                outcome.failed.append(ref.step)
+                outcome.errors[ref.step] = (record.error or "failed").strip().splitlines()[0]
+            else:
+                outcome.probed.append(ref.step)
             bar.update(1)
     finally:
         bar.close()
         run.close()
     outcome.n_alerts = len(run.alerts) - n_alerts
     return outcome
+
+
+def probe_config_of(
+    config: ProbeConfig | None,
+    pairs: str | None = None,
+    protocols: Sequence[str] | None = None,
+    thresholds: Thresholds | None = None,
+    batch_tokens: int | None = None,
+) -> ProbeConfig:
+    """`config`, or one made of the older keywords of `replay()` / `watch()`.
+
+    Raises:
+        InvalidConfigError: both given.
+    """
+    old: dict[str, Any] = {"pairs": pairs, "protocols": protocols, "thresholds": thresholds}
+    old["batch_tokens"] = batch_tokens
+    given = {k: v for k, v in old.items() if v is not None}
+    if config is None:
+        if protocols is not None:
+            given["protocols"] = tuple(protocols)
+        return ProbeConfig(**given)
+    if given:
+        raise InvalidConfigError(
+            f"pass either config=ProbeConfig(...) or {', '.join(given)}, not both; "
+            f"e.g. config=ProbeConfig({', '.join(f'{k}=...' for k in given)})"
+        )
+    if not isinstance(config, ProbeConfig):
+        raise InvalidConfigError(f"config must be a ProbeConfig, got {type(config).__name__}")
+    return config
 
 
 def _progress(total: int, done: int, enabled: bool):
@@ -672,5 +786,7 @@ def _probe_checkpoint(
                 f"{ref.path} was deleted while it was being read ({type(exc).__name__}: {exc})"
             ) from None
         result = None
-        error = f"{type(exc).__name__}: {exc} ({ref.path})\n{traceback.format_exc(limit=6)}"
+        error = f"{type(exc).__name__}: {' '.join(str(exc).split())} ({ref.path})"
+        if not isinstance(exc, RedundancyMonitorError):  # a refusal says it all in one line
+            error += f"\n{traceback.format_exc(limit=6)}"
     return ProbeRecord(ref.step, result, error, time.perf_counter() - started, 0.0)

@@ -9,9 +9,11 @@ file makes it resumable: stopped and started again, it probes nothing twice. A t
 process acts on its alerts with ``sidecar=LOG_DIR`` in the callbacks.
 
 A checkpoint is complete once nothing in it has changed in size or modification time
-for `settle_seconds` and the framework's completion marker is there: a DCP folder is
-only recognised by its ``.metadata`` (renamed into place after the data files), and a
-Trainer ``checkpoint-<step>`` folder needs its ``trainer_state.json`` (written last).
+for `settle_seconds` and its files say it is whole: a DCP folder is only recognised by
+its ``.metadata`` (renamed into place after the data files); a ``save_pretrained``
+folder is whole once the HF Trainer's ``trainer_state.json`` (written last) parses, or,
+without one (a plain loop, accelerate), once its weights are: a safetensors file states
+its data size in its header, a sharded save lists its shards in its index.
 Steps are read from names and ``trainer_state.json`` only: no checkpoint is unpickled
 to find its step, and Lightning files are loaded weights-only.
 """
@@ -23,6 +25,7 @@ import logging
 import os
 import re
 import time
+import zipfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,7 +36,6 @@ from torch import nn
 from redundancy_monitor.errors import CheckpointError, CheckpointVanished
 from redundancy_monitor.monitoring.alerts import AlertConfig
 from redundancy_monitor.monitoring.probe_config import ProbeConfig
-from redundancy_monitor.probing.engine import DEFAULT_BATCH_TOKENS
 from redundancy_monitor.probing.result import Thresholds
 from redundancy_monitor.tools.replay import (
     CheckpointRef,
@@ -41,6 +43,8 @@ from redundancy_monitor.tools.replay import (
     ReplayRun,
     checkpoint_step,
     checkpoints_in,
+    make_run_folder,
+    probe_config_of,
 )
 
 log = logging.getLogger("redundancy_monitor")
@@ -55,8 +59,9 @@ Batch = tuple[torch.Tensor, "torch.Tensor | None"]
 
 def default_log_dir(ckpt_dir: str | os.PathLike) -> Path:
     """Where the in-process callbacks write for this layout: beside a Lightning
-    ``checkpoints`` folder (``<logger version folder>/redundancy``), else in a Trainer
-    output folder (``<output_dir>/runs/redundancy``)."""
+    ``checkpoints`` folder (``<logger version folder>/redundancy``) or a torchtitan
+    ``checkpoint`` folder of DCP saves (``outputs/redundancy``), else in a Trainer output
+    folder (``<output_dir>/runs/redundancy``)."""
     ckpt_dir = Path(ckpt_dir)
     if ckpt_dir.name in ("checkpoints", "checkpoint"):
         return ckpt_dir.parent / "redundancy"
@@ -92,14 +97,96 @@ def _parses(path: Path) -> bool:
 
 
 def has_completion_marker(ref: CheckpointRef) -> bool:
-    """Whether the framework that wrote `ref` has marked it complete (see the module
-    docstring); True for formats that have no marker."""
+    """Whether `ref` is completely written as far as its files tell (see the module
+    docstring); True for formats that have no marker (a Lightning file: settling only)."""
+    if ref.kind == "hf":
+        return hf_folder_complete(ref.path)
     folders = (ref.path, ref.path.parent) if ref.kind == "dcp" else (ref.path,)
     return all(
         _parses(f / "trainer_state.json")
         for f in folders
         if ref.kind != "lightning" and _TRAINER_FOLDER.fullmatch(f.name)
     )
+
+
+def hf_folder_complete(folder: Path) -> bool:
+    """Whether a ``save_pretrained`` folder is completely written.
+
+    The HF Trainer's ``trainer_state.json`` (written last) is enough when it is there; a
+    half-written one means the save goes on. Without it (a plain loop or accelerate
+    calling ``save_pretrained``) the weights say it themselves: a safetensors file states
+    its data size in its header, a sharded save lists its shards in its index (written
+    after them), and a ``torch.save`` zip ends with its central directory.
+    """
+    state = folder / "trainer_state.json"
+    if state.exists():
+        return _parses(state)
+    if not _parses(folder / "config.json"):
+        return False
+    for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        if (folder / index).exists():
+            return _shards_complete(folder, folder / index)
+    if (folder / "model.safetensors").exists():
+        return safetensors_complete(folder / "model.safetensors")
+    return _weights_file_complete(folder / "pytorch_model.bin")
+
+
+#: A safetensors header larger than this is not believed (the format caps it at 100 MB).
+_MAX_HEADER_BYTES = 100_000_000
+
+
+def safetensors_complete(path: Path) -> bool:
+    """Whether a safetensors file holds all the data its header announces: 8 bytes of
+    header length, the JSON header, then tensor data up to the largest ``data_offsets``
+    end. A file cut short, or with a header still being written, is not complete."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+            size = os.fstat(f.fileno()).st_size
+            if len(head) < 8:
+                return False
+            n = int.from_bytes(head, "little")
+            if n > _MAX_HEADER_BYTES or 8 + n > size:
+                return False
+            header = json.loads(f.read(n))
+    except (OSError, ValueError):  # a short or damaged header (UnicodeDecodeError included)
+        return False
+    if not isinstance(header, dict):
+        return False
+    end = 0
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
+        if not (
+            isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)
+        ):
+            return False
+        end = max(end, offsets[1])
+    return size >= 8 + n + end
+
+
+def _weights_file_complete(path: Path) -> bool:
+    if path.suffix == ".safetensors":
+        return safetensors_complete(path)
+    try:  # torch.save's zip format: the central directory at the end is written last
+        return path.is_file() and zipfile.is_zipfile(path)
+    except OSError:
+        return False
+
+
+def _shards_complete(folder: Path, index: Path) -> bool:
+    """Whether the index parses and every shard it lists is there and complete."""
+    try:
+        weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map")
+    except (OSError, ValueError, AttributeError):
+        return False
+    if not isinstance(weight_map, dict) or not weight_map:
+        return False
+    shards = set(weight_map.values())
+    if not all(isinstance(s, str) and s == Path(s).name for s in shards):
+        return False  # a shard outside the folder is not this checkpoint's
+    return all(_weights_file_complete(folder / s) for s in shards)
 
 
 @dataclass(frozen=True)
@@ -278,16 +365,17 @@ def watch(
     probe_batch: Batch | Callable[[Sequence[CheckpointRef]], Batch],
     *,
     log_dir: str | os.PathLike | None = None,
-    pairs: str = "adjacent",
-    protocols: Sequence[str] = ("replacement", "interchange"),
-    thresholds: Thresholds | None = None,
+    config: ProbeConfig | None = None,
     alerts: AlertConfig | None = None,
-    batch_tokens: int = DEFAULT_BATCH_TOKENS,
     settle_seconds: float = DEFAULT_SETTLE_SECONDS,
     poll_seconds: float = DEFAULT_POLL_SECONDS,
     exit_when_idle: float | None = None,
     until_step: int | None = None,
     notice: Callable[[str], None] = log.info,
+    pairs: str | None = None,
+    protocols: Sequence[str] | None = None,
+    thresholds: Thresholds | None = None,
+    batch_tokens: int | None = None,
 ) -> WatchOutcome:
     """Follow `ckpt_dir` and probe each checkpoint once it is completely written.
 
@@ -298,7 +386,7 @@ def watch(
         probe_batch: ``(ids, mask)``, or a function that makes it from the complete
             checkpoints found first (to take the tokenizer from one of them).
         log_dir: the run folder to write (default `default_log_dir(ckpt_dir)`).
-        pairs, protocols, thresholds, batch_tokens: passed to `probe()`.
+        config: what each probe measures, as for the monitor (None: the defaults).
         alerts: the alert rules, evaluated over the checkpoints as during training.
         settle_seconds: how long a checkpoint must stay unchanged to count as written.
         poll_seconds: pause between two looks at the folder.
@@ -307,11 +395,14 @@ def watch(
             never). Waiting for the first checkpoint has no time limit.
         until_step: return once a checkpoint at or after this step is probed.
         notice: receives one line of progress at a time.
+        pairs, protocols, thresholds, batch_tokens: the older spelling of `config`
+            (kept working); not together with `config`.
 
     Raises:
         CheckpointError: `ckpt_dir` is a file, the folder holds a run with other
             settings, or a checkpoint cannot be loaded for a reason every other one
-            shares (no model config, no tokenizer).
+            shares (no model config, no tokenizer); the log folder is a file.
+        InvalidConfigError: `config` together with its older keywords.
         MonitorStateError: resuming with another probe batch.
     """
     root = Path(ckpt_dir)
@@ -320,7 +411,8 @@ def watch(
             f"{root} is a file; pass the folder the run saves its checkpoints into"
         )
     outcome = WatchOutcome(Path(log_dir) if log_dir is not None else default_log_dir(root))
-    config = ProbeConfig(pairs, tuple(protocols), thresholds, batch_tokens=batch_tokens)
+    config = probe_config_of(config, pairs, protocols, thresholds, batch_tokens)
+    make_run_folder(outcome.log_dir)  # a file there fails now, not at the first checkpoint
     run_kwargs = dict(config=config, alerts=alerts, state_file=STATE_FILE)
     folder = CheckpointFolder(root, settle_seconds)
     sidecar = _Sidecar(folder, load_model, probe_batch, run_kwargs, outcome, notice)
