@@ -15,6 +15,7 @@ from typing import Any
 
 from redundancy_monitor.errors import InvalidConfigError
 from redundancy_monitor.extras import require
+from redundancy_monitor.files import RECORD_FILE
 from redundancy_monitor.monitoring.adapters import (
     monitor_or_sidecar,
     probes_here,
@@ -302,7 +303,7 @@ class RedundancyMonitorTrainerCallback(TrainerCallback, ExportableState):
             from redundancy_monitor.monitoring.jsonl import JsonlSink
 
             folder = self.log_dir or os.path.join(args.output_dir, "redundancy")
-            self.jsonl_file = str(self.jsonl_path or os.path.join(folder, "redundancy.jsonl"))
+            self.jsonl_file = str(self.jsonl_path or os.path.join(folder, RECORD_FILE))
             self.monitor.sinks.append(JsonlSink(self.jsonl_file))
 
     def _fallback_batch(self, kwargs) -> None:

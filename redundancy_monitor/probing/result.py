@@ -556,8 +556,17 @@ class ProbeResult:
 
     @property
     def n_layers(self) -> int:
+        """The probed model's depth, from `meta.n_layers`.
+
+        Raises:
+            NotInResultError: the meta does not hold it (a result built by hand).
+        """
         if self.meta.n_layers is None:
-            raise KeyError("the result's meta does not say how many layers the model has")
+            raise NotInResultError(
+                "this result does not say how many layers the model has (its meta has no "
+                "n_layers); build it with ProbeMeta(n_layers=...), e.g. "
+                "dataclasses.replace(result, meta=dataclasses.replace(result.meta, n_layers=L))"
+            )
         return int(self.meta.n_layers)
 
     def pair(self, i: int, j: int) -> PairRecord:

@@ -39,7 +39,7 @@ from redundancy_monitor.errors import (
     InvalidProtocolError,
     MissingModelConfig,
 )
-from redundancy_monitor.files import write_json_atomic
+from redundancy_monitor.files import RECORD_FILE, write_json_atomic
 from redundancy_monitor.monitoring.alerts import AlertConfig
 from redundancy_monitor.monitoring.guard import protocols_identity, same_pair_set
 from redundancy_monitor.monitoring.jsonl import JsonlSink
@@ -56,7 +56,6 @@ from redundancy_monitor.tools import dcp
 log = logging.getLogger("redundancy_monitor")
 
 STATE_FILE = "replay_state.json"
-RECORD_FILE = "redundancy.jsonl"
 HF_WEIGHTS = (
     "model.safetensors",
     "model.safetensors.index.json",
