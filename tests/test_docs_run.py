@@ -134,9 +134,8 @@ def _tokenizer():
 
 
 def _model(tokenizer, seed: int = 0):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
         vocab_size=len(tokenizer),
@@ -348,7 +347,7 @@ def _run_python(block: Block, folder: Path) -> str | None:
     os.chdir(folder)
     try:
         exec(tree, namespace)
-    except BaseException as exc:  # noqa: BLE001 - every failure is the block's
+    except BaseException as exc:  # every failure is the block's
         if isinstance(exc, KeyboardInterrupt):
             raise
         import traceback
@@ -396,7 +395,7 @@ def _run_shell(block: Block, folder: Path, shim: Path) -> str | None:
 def test_docs_block_runs(block: Block, request):
     if block.excerpt:
         pytest.skip(f"excerpt: {block.code.strip().splitlines()[0]}")
-    key = (block.lang in SHELL and "shell" or "python", block.code)
+    key = ("shell" if block.lang in SHELL else "python", block.code)
     if key not in _OUTCOMES:
         folder = request.getfixturevalue("workdir")
         if block.lang in PYTHON:
@@ -425,6 +424,6 @@ def test_blocks_are_found():
     # The runner is only as good as its parser: it must see the blocks we know of.
     wheres = {b.where.split(":")[0] for b in RUNNABLE}
     assert {"README.md", "docs/engine.md", "docs/cli.md", "docs/monitor.md"} <= wheres
-    engine = [b for b in RUNNABLE if b.where.startswith("docs/engine.md")][0]
+    engine = next(b for b in RUNNABLE if b.where.startswith("docs/engine.md"))
     assert engine.code.startswith("import torch") and not engine.excerpt
     assert Block(ROOT, 1, "bash", "\n# excerpt: inside a loop\nx\n").excerpt
