@@ -427,3 +427,24 @@ def test_blocks_are_found():
     engine = next(b for b in RUNNABLE if b.where.startswith("docs/engine.md"))
     assert engine.code.startswith("import torch") and not engine.excerpt
     assert Block(ROOT, 1, "bash", "\n# excerpt: inside a loop\nx\n").excerpt
+
+
+def test_every_command_line_option_is_in_its_cli_md_section():
+    import argparse
+
+    from redundancy_monitor.tools.cli import build_parser
+
+    text = (ROOT / "docs" / "cli.md").read_text(encoding="utf-8")
+    subparsers = next(
+        a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)
+    )
+    missing = []
+    for name, parser in subparsers.choices.items():
+        start = text.index(f"\n## {name}\n")
+        end = text.find("\n## ", start + 1)
+        section = text[start : end if end >= 0 else len(text)]
+        for action in parser._actions:
+            for option in action.option_strings:
+                if option.startswith("--") and option != "--help" and option not in section:
+                    missing.append(f"{name} {option}")
+    assert not missing, "options missing from their section of docs/cli.md: " + ", ".join(missing)
