@@ -384,9 +384,12 @@ def _run_shell(block: Block, folder: Path, shim: Path) -> str | None:
         "TOKENIZERS_PARALLELISM": "false",
         "MPLBACKEND": "Agg",
     }
+    # Trace each command to stderr, named by its line in the page (bash takes no PS4 from
+    # the environment when run as root, so the script sets it; the code starts on line 2).
+    trace = f"PS4='+ {block.page.relative_to(ROOT)}:$((LINENO + {block.line - 2})): '; set -x\n"
     try:
         done = subprocess.run(
-            ["bash", "-euo", "pipefail", "-c", block.code],
+            ["bash", "-euo", "pipefail", "-c", trace + block.code],
             cwd=folder,
             env=env,
             capture_output=True,
@@ -418,8 +421,8 @@ def test_docs_block_runs(block: Block, request):
     if failure is not None:
         pytest.fail(
             f"{block.where}: this {block.lang} block fails as written (mark a fragment with a "
-            f"first line '# excerpt: ...', or see the names a block may assume at the top of "
-            f"tests/test_docs_run.py)\n{block.head()}\n{failure}",
+            f"first line '# excerpt: ...', or see the names a block may assume in docs/layout.md "
+            f"and tests/test_docs_run.py)\n{block.head()}\n{failure}",
             pytrace=False,
         )
 
