@@ -435,6 +435,17 @@ def test_every_fence_names_its_language():
     )
 
 
+def test_json_blocks_parse():
+    broken = []
+    for block in ALL_BLOCKS:
+        if block.lang == "json":
+            try:
+                json.loads(block.code)
+            except ValueError as exc:
+                broken.append(f"{block.where}: {exc}")
+    assert not broken, "json blocks that do not parse: " + "; ".join(broken)
+
+
 def test_blocks_are_found():
     # The runner is only as good as its parser: it must see the blocks we know of.
     wheres = {b.where.split(":")[0] for b in RUNNABLE}
