@@ -5,7 +5,8 @@ A fenced block tagged ``python`` runs with `exec` in a fresh namespace; one tagg
 runs on its own (blocks of a page do not build on each other), in a fresh copy of a
 working folder that holds what the docs call "your ...". A block whose first line is a
 comment starting with ``# excerpt`` (``# excerpt: inside your training_step``) is a
-fragment shown for reading; it is reported as skipped. Every other fence must name its
+fragment shown for reading; it is reported as skipped. In a ``console`` block only
+the lines after a ``$ `` prompt (and their continuations) run; the rest is output. Every other fence must name its
 language (``text`` for output, ``json``, ...), so a command cannot hide in a bare fence.
 
 What a block may assume (the docs' "your model", "your checkpoint", ...):
@@ -373,7 +374,24 @@ def _run_python(block: Block, folder: Path) -> str | None:
     return None
 
 
+def console_commands(code: str) -> str:
+    """The commands of a ``console`` block: lines after a ``$ `` prompt and their
+    backslash continuations (the other lines are output). Line numbers are kept."""
+    out, continued = [], False
+    for line in code.splitlines():
+        if line.startswith("$ "):
+            out.append(line[2:])
+            continued = line.endswith("\\")
+        elif continued:
+            out.append(line)
+            continued = line.endswith("\\")
+        else:
+            out.append("")
+    return "\n".join(out) + "\n"
+
+
 def _run_shell(block: Block, folder: Path, shim: Path) -> str | None:
+    code = console_commands(block.code) if block.lang == "console" else block.code
     env = {
         **os.environ,
         "PATH": f"{shim}{os.pathsep}{os.environ.get('PATH', '')}",
@@ -389,7 +407,7 @@ def _run_shell(block: Block, folder: Path, shim: Path) -> str | None:
     trace = f"PS4='+ {block.page.relative_to(ROOT)}:$((LINENO + {block.line - 2})): '; set -x\n"
     try:
         done = subprocess.run(
-            ["bash", "-euo", "pipefail", "-c", trace + block.code],
+            ["bash", "-euo", "pipefail", "-c", trace + code],
             cwd=folder,
             env=env,
             capture_output=True,
@@ -453,6 +471,8 @@ def test_blocks_are_found():
     engine = next(b for b in RUNNABLE if b.where.startswith("docs/engine.md"))
     assert engine.code.startswith("import torch") and not engine.excerpt
     assert Block(ROOT, 1, "bash", "\n# excerpt: inside a loop\nx\n").excerpt
+    console = "$ echo a \\\n  b\nwritten output\n$ ls\n"
+    assert console_commands(console) == "echo a \\\n  b\n\nls\n"
 
 
 def test_every_command_line_option_is_in_its_cli_md_section():
