@@ -1,6 +1,7 @@
 """redundancy-monitor: replacement vs interchange layer redundancy, during training and after.
 
-The public API is the names in `__all__`; everything else is importable from its module
+The public API is the names in `__all__` (with every error class a public call raises,
+and `RECORD_FILE`, the record file's name); everything else is importable from its module
 (`redundancy_monitor.probing.engine`, `redundancy_monitor.removal.cost`, ...). Names are
 loaded on first use, so ``import redundancy_monitor`` is cheap and never imports a
 training framework: the Lightning and HF Trainer callbacks need their extras
@@ -13,11 +14,28 @@ import importlib
 
 from redundancy_monitor.errors import (
     BlockDiscoveryError,
+    CheckpointError,
+    CheckpointVanished,
+    DeviceMemoryError,
     InvalidBatchError,
+    InvalidBudgetError,
     InvalidConfigError,
+    InvalidPairsError,
+    InvalidProtocolError,
+    MissingDependencyError,
+    MissingModelConfig,
     MonitorStateError,
+    MonitorUsageError,
+    NotInResultError,
+    ProbeCancelled,
+    RecordFileError,
+    RecordFileLost,
     RedundancyMonitorError,
+    RunFolderError,
+    UnsafePathError,
+    UnsupportedModelError,
 )
+from redundancy_monitor.files import RECORD_FILE
 
 __version__ = "0.1.0"
 
@@ -30,6 +48,8 @@ _LAZY = {
     "ProbeResult": "redundancy_monitor.probing.result",
     "ProbeSummary": "redundancy_monitor.probing.result",
     "Thresholds": "redundancy_monitor.probing.result",
+    "ProbeMeta": "redundancy_monitor.probing.result",
+    "IntervalConfig": "redundancy_monitor.probing.intervals",
     "plan_removal": "redundancy_monitor.removal.selection",
     "removal_cost": "redundancy_monitor.removal.cost",
     "compare_removal": "redundancy_monitor.removal.table",
@@ -38,6 +58,11 @@ _LAZY = {
     "ProbeConfig": "redundancy_monitor.monitoring.probe_config",
     "AlertConfig": "redundancy_monitor.monitoring.alerts",
     "Alert": "redundancy_monitor.monitoring.alerts",
+    "ProbeRecord": "redundancy_monitor.monitoring.record",
+    "Sink": "redundancy_monitor.monitoring.sinks",
+    "MetricsSink": "redundancy_monitor.monitoring.sinks",
+    "JsonlSink": "redundancy_monitor.monitoring.jsonl",
+    "TensorBoardSink": "redundancy_monitor.monitoring.tensorboard",
     "read_records": "redundancy_monitor.monitoring.jsonl",
     "RedundancyMonitorCallback": "redundancy_monitor.integrations.lightning",
     "RedundancyMonitorTrainerCallback": "redundancy_monitor.integrations.hf",
@@ -57,22 +82,46 @@ def __dir__() -> list[str]:
 
 
 __all__ = [
+    "RECORD_FILE",
     "Alert",
     "AlertConfig",
     "BlockDiscoveryError",
+    "CheckpointError",
+    "CheckpointVanished",
+    "DeviceMemoryError",
+    "IntervalConfig",
     "InvalidBatchError",
+    "InvalidBudgetError",
     "InvalidConfigError",
+    "InvalidPairsError",
+    "InvalidProtocolError",
+    "JsonlSink",
+    "MetricsSink",
+    "MissingDependencyError",
+    "MissingModelConfig",
     "MonitorStateError",
+    "MonitorUsageError",
+    "NotInResultError",
     "PairRecord",
+    "ProbeCancelled",
     "ProbeConfig",
+    "ProbeMeta",
+    "ProbeRecord",
     "ProbeResult",
     "ProbeSchedule",
     "ProbeSummary",
+    "RecordFileError",
+    "RecordFileLost",
     "RedundancyMonitor",
     "RedundancyMonitorCallback",
     "RedundancyMonitorError",
     "RedundancyMonitorTrainerCallback",
+    "RunFolderError",
+    "Sink",
+    "TensorBoardSink",
     "Thresholds",
+    "UnsafePathError",
+    "UnsupportedModelError",
     "__version__",
     "compare_removal",
     "find_blocks",

@@ -40,7 +40,7 @@ class InvalidConfigError(RedundancyMonitorError, ValueError):
 
 
 class NotInResultError(RedundancyMonitorError, KeyError):
-    """A result was asked for a pair, budget or selector it does not hold."""
+    """A result was asked for a pair, budget, selector or figure it does not hold."""
 
     def __str__(self) -> str:  # KeyError would show the message in quotes
         return str(self.args[0]) if self.args else ""

@@ -8,6 +8,10 @@ import secrets
 from pathlib import Path
 from typing import Any
 
+#: The name of the JSON Lines record file the monitor, `replay` and `watch` write into a
+#: run folder, and that the readers and the sidecar look for.
+RECORD_FILE = "redundancy.jsonl"
+
 
 def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
     """Write `data` to a temporary file in the same folder, fsync it, rename it over `path`.

@@ -15,8 +15,8 @@ from typing import Any
 
 from redundancy_monitor.errors import InvalidConfigError
 from redundancy_monitor.extras import require
+from redundancy_monitor.files import RECORD_FILE
 from redundancy_monitor.monitoring.adapters import (
-    RECORD_FILE,
     check_distinct_record_files,
     monitor_or_sidecar,
     probes_here,

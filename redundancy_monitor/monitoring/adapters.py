@@ -11,11 +11,10 @@ from pathlib import Path
 from typing import Any
 
 from redundancy_monitor.errors import InvalidConfigError
+from redundancy_monitor.files import RECORD_FILE
 from redundancy_monitor.monitoring.monitor import RedundancyMonitor
 from redundancy_monitor.monitoring.sidecar import SidecarAlerts, sidecar_from_kwargs
 from redundancy_monitor.monitoring.tensorboard import TensorBoardSink
-
-RECORD_FILE = "redundancy.jsonl"
 
 
 def monitor_or_sidecar(

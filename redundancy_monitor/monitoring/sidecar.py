@@ -17,13 +17,13 @@ from pathlib import Path
 from typing import Any
 
 from redundancy_monitor.errors import InvalidConfigError
+from redundancy_monitor.files import RECORD_FILE
 from redundancy_monitor.monitoring.alerts import Alert
 from redundancy_monitor.monitoring.control import CONTINUE, MonitorControl, RankAgreement
 from redundancy_monitor.monitoring.recorder import _rule_set
 from redundancy_monitor.monitoring.schedule import ProbeSchedule
 
 log = logging.getLogger("redundancy_monitor")
-RECORD_FILE = "redundancy.jsonl"
 _ALERT_ARGS = ("stop_on_alert", "checkpoint_on_alert", "on_alert")
 
 

@@ -429,6 +429,10 @@ def summarize(pairs: list[PairRecord], thresholds: Thresholds | None = None) -> 
     d_repl_mean, d_repl_median, _, _ = _stats(repl)
     d_int_mean, d_int_median, _, _ = _stats(inter)
     both = [r for r in finite if r.d_repl is not None and r.d_int is not None]
+    # (d_int, d_repl) of those pairs, typed as floats
+    both_values = [
+        (r.d_int, r.d_repl) for r in both if r.d_int is not None and r.d_repl is not None
+    ]
     x = np.asarray([r.d_repl for r in both], dtype=np.float64)
     y = np.asarray([r.d_int for r in both], dtype=np.float64)
     by_separation: dict[int, list[PairRecord]] = {}
@@ -458,7 +462,9 @@ def summarize(pairs: list[PairRecord], thresholds: Thresholds | None = None) -> 
         int_strong=is_,
         int_conditional=ic,
         int_not_similar=in_,
-        frac_int_le_repl=(sum(r.d_int <= r.d_repl for r in both) / len(both)) if both else None,
+        frac_int_le_repl=(
+            (sum(i <= r for i, r in both_values) / len(both_values)) if both_values else None
+        ),
         regime=regime_of(overall.ir_median, d_repl_median, d_int_median, t),
         by_separation={d: _gap_stats(rs_) for d, rs_ in sorted(by_separation.items())},
     )
@@ -559,8 +565,17 @@ class ProbeResult:
 
     @property
     def n_layers(self) -> int:
+        """The probed model's depth, from `meta.n_layers`.
+
+        Raises:
+            NotInResultError: the meta does not hold it (a result built by hand).
+        """
         if self.meta.n_layers is None:
-            raise KeyError("the result's meta does not say how many layers the model has")
+            raise NotInResultError(
+                "this result does not say how many layers the model has (its meta has no "
+                "n_layers); build it with ProbeMeta(n_layers=...), e.g. "
+                "dataclasses.replace(result, meta=dataclasses.replace(result.meta, n_layers=L))"
+            )
         return int(self.meta.n_layers)
 
     def pair(self, i: int, j: int) -> PairRecord:

@@ -18,12 +18,12 @@ from pathlib import Path
 from typing import Any
 
 from redundancy_monitor.errors import RunFolderError
+from redundancy_monitor.files import RECORD_FILE
 from redundancy_monitor.monitoring.alerts import Alert
 from redundancy_monitor.monitoring.guard import describe_model, model_identity
 from redundancy_monitor.monitoring.jsonl import RecordFileError, read_numbered_records
 from redundancy_monitor.monitoring.record import ProbeRecord
 
-RECORD_FILE = "redundancy.jsonl"
 REMOVAL_FILES = ("result.json", "removal.json")
 
 

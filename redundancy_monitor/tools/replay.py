@@ -42,7 +42,7 @@ from redundancy_monitor.errors import (
     MonitorStateError,
     RedundancyMonitorError,
 )
-from redundancy_monitor.files import write_json_atomic
+from redundancy_monitor.files import RECORD_FILE, write_json_atomic
 from redundancy_monitor.monitoring.alerts import AlertConfig
 from redundancy_monitor.monitoring.guard import protocols_identity, same_pair_set
 from redundancy_monitor.monitoring.jsonl import JsonlSink
@@ -64,7 +64,6 @@ REPLAY_AFTER_FAILURE = "the checkpoint is recorded as failed and the next one is
 REPLAY_MISMATCH_HINT = (
     "Replay the checkpoints of each model into a folder of its own (replay --out, watch --log-dir)."
 )
-RECORD_FILE = "redundancy.jsonl"
 HF_WEIGHTS = (
     "model.safetensors",
     "model.safetensors.index.json",
