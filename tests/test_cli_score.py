@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -20,7 +21,8 @@ from redundancy_monitor.monitoring.sinks import BY_SEPARATION, DETAIL, PAIRS, PR
 from redundancy_monitor.removal.export import prune_model
 from redundancy_monitor.removal.table import compare_removal
 from redundancy_monitor.tools.cli import main
-from redundancy_monitor.tools.loading import load_checkpoint, split_text
+from redundancy_monitor.tools.loading import load_checkpoint
+from redundancy_monitor.tools.score_text import draw_text
 
 ROOT = Path(__file__).parents[1]
 SCRIPT = shutil.which("redundancy-monitor")
@@ -64,14 +66,15 @@ def test_terminal_output_has_regime_top_pairs_and_removal_table(scored):
     assert "most interchangeable pairs under interchange (d_int):" in out
     assert "most interchangeable pairs under replacement (d_repl):" in out
     assert "n=1: recommend remove" in out and "n=2: recommend remove" in out
-    assert "probe variants" in proc.stderr  # the progress bars
-    assert "removal evaluations" in proc.stderr
+    for bar in ("load", "probe variants", "baselines", "greedy", "d_del", "held-out perplexity"):
+        assert bar in proc.stderr  # a progress bar per phase
 
 
 def test_result_json_matches_the_library_on_the_same_batch(scored, workdir):
     _, data = scored
     model, tokenizer = load_checkpoint(workdir / "ckpt")
-    split = split_text(tokenizer, (workdir / "text.txt").read_text(), 3, 16)
+    text = str(workdir / "text.txt")
+    split = draw_text(tokenizer, [(text, (workdir / "text.txt").read_text())], 3, 16)
     result = probe(model, split.probe_ids, pairs="window:2")
     assert data["batch_sha256"] == result.meta.batch_sha256
     assert data["text"] == split.to_dict() and data["text"]["heldout_source"] == "split"
@@ -196,13 +199,19 @@ def test_console_script_reports_bad_input_in_one_line(workdir):
         assert "Traceback" not in proc.stderr
 
 
+#: The line `--no-progress` prints when a phase starts.
+PHASE_LINE = re.compile(r"^\[\s*\d+\.\d+s\] [a-z-]+(: |$)")
+
+
 def score_main(capsys, *args: str) -> tuple[int, str]:
+    """Exit code and stderr without the phase lines (the reason for a failure follows
+    the phases that ran before it)."""
     try:
         code = main(["score", *args, "--no-progress"])
     except SystemExit as e:  # argparse rejects an option value
         code = e.code
     err = capsys.readouterr().err.strip()
-    return code, err
+    return code, "\n".join(x for x in err.splitlines() if not PHASE_LINE.match(x))
 
 
 def bad_inputs(workdir: Path) -> list[tuple[list[str], str]]:

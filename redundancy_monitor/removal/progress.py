@@ -66,15 +66,19 @@ class Phases:
     def _out(self) -> TextIO:
         return self.stream if self.stream is not None else sys.stderr
 
+    def announce(self, name: str, detail: str = "") -> None:
+        """The phase's line in ``"lines"`` mode (for phases that show their own bar)."""
+        if self.mode == "lines":
+            elapsed = time.monotonic() - self.started
+            line = f"[{elapsed:7.1f}s] {name}" + (f": {detail}" if detail else "")
+            print(line, file=self._out(), flush=True)
+
     @contextlib.contextmanager
     def phase(
         self, name: str, detail: str = "", total: int | None = None, unit: str = "it"
     ) -> Iterator[Any]:
         """A bar for the phase (or a stand-in); `total` may be changed inside."""
-        if self.mode == "lines":
-            elapsed = time.monotonic() - self.started
-            line = f"[{elapsed:7.1f}s] {name}" + (f": {detail}" if detail else "")
-            print(line, file=self._out(), flush=True)
+        self.announce(name, detail)
         if self.mode != "bars":
             yield _Quiet(total)
             return
