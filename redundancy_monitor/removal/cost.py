@@ -220,7 +220,7 @@ class CostMeter:
             self.model, self.input_ids, self.attention_mask, self.blocks, self.head
         )
         self.n_layers = len(self.block_list)
-        self.rows = None
+        self.rows: list[torch.Tensor] | None = None
         if self.heldout_ids is not None:
             self.window, self.stride = check_window(self.root, self.window, self.stride)
             pieces = heldout_pieces(self.heldout_ids, vocab_size_of(self.root))
@@ -246,11 +246,22 @@ class CostMeter:
         )
         return [(d.mean, d.last) for d in out]
 
+    def heldout(self) -> tuple[list[torch.Tensor], int, int]:
+        """(pieces, window, stride) of the held-out text.
+
+        Raises:
+            InvalidConfigError: the meter was made without held-out text.
+        """
+        if self.rows is None or self.window is None or self.stride is None:
+            raise InvalidConfigError("no held-out text: pass heldout_ids")
+        return self.rows, self.window, self.stride
+
     def perplexity(self, layers: tuple[int, ...] = ()) -> float | None:
         if self.rows is None:
             return None
+        rows, window, stride = self.heldout()
         with untouched(self.root), slots_skipped(self.root, self.block_list, layers, self.batch):
-            return sliding_perplexity(self.root, self.rows, self.window, self.stride)
+            return sliding_perplexity(self.root, rows, window, stride)
 
     @property
     def base_perplexity(self) -> float | None:
@@ -260,11 +271,11 @@ class CostMeter:
 
     def costs(self, sets: Sequence[Iterable[int]], progress=None) -> list[RemovalCost]:
         """Cost of each removal set; `progress` (a tqdm bar) advances per evaluation."""
-        sets = [self.check_layers(s) for s in sets]
-        distances = self.d_del(sets)
+        checked = [self.check_layers(s) for s in sets]
+        distances = self.d_del(checked)
         base = self.base_perplexity
         out = []
-        for layers, (mean, last) in zip(sets, distances, strict=True):
+        for layers, (mean, last) in zip(checked, distances, strict=True):
             out.append(
                 RemovalCost(
                     layers,

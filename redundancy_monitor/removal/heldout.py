@@ -254,8 +254,9 @@ class SharedHeldout:
         self._captured: list[torch.Tensor] = []
         self._checked = False
         param = next(root.parameters())
-        emb = root.get_input_embeddings() if hasattr(root, "get_input_embeddings") else None
-        self.hidden_size = getattr(emb, "embedding_dim", None)
+        getter: Any = getattr(root, "get_input_embeddings", None)
+        emb = getter() if callable(getter) else None
+        self.hidden_size: int | None = getattr(emb, "embedding_dim", None)
         self.itemsize = param.element_size()
 
     # -- forwards ---------------------------------------------------------------------

@@ -312,13 +312,14 @@ def compare_removal(
         f"{evaluation} evaluation"
     )
     with phases.phase("held-out perplexity", detail, unit="window") as bar:
+        held, held_window, held_stride = meter.heldout()
         scores = measure_heldout(
             meter.root,
             meter.block_list,
             meter.head_module,
-            meter.rows,
-            meter.window,
-            meter.stride,
+            held,
+            held_window,
+            held_stride,
             meter.batch,
             unique,
             contenders,
@@ -356,8 +357,8 @@ def compare_removal(
     }
     return RemovalReport(
         base,
-        meter.window,
-        meter.stride,
+        held_window,
+        held_stride,
         meter.heldout_tokens,
         budgets,
         rows,
