@@ -126,14 +126,15 @@ def part_table(heldout_tokens: int = 8192) -> None:
     split = draw_text(_Tok(), [("stdlib", "")], 16, 128, seed=0)
     model = build()
     result = probe(model, split.probe_ids)
-    reports, times = {}, {}
+    reports, times, cpu = {}, {}, {}
     for evaluation in ("reference", "full", "race"):
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         reports[evaluation] = compare_removal(
             model, result, split.probe_ids, split.heldout_ids, budgets=(1, 2),
             window=256, stride=128, evaluation=evaluation,
         )  # fmt: skip
         times[evaluation] = time.perf_counter() - t
+        cpu[evaluation] = time.process_time() - c
     ref = reports["reference"]
     for evaluation, rep in reports.items():
         for got, want in zip(rep.candidates, ref.candidates, strict=True):
@@ -144,10 +145,21 @@ def part_table(heldout_tokens: int = 8192) -> None:
         print(
             f"removal table, 12 layers, budgets 1,2, {info['candidates']} distinct sets, "
             f"{split.heldout_tokens} held-out tokens (window 256, stride 128): {evaluation} "
-            f"{times[evaluation]:.1f}s, ratio {times['reference'] / times[evaluation]:.2f}x, "
+            f"{times[evaluation]:.1f}s (CPU {cpu[evaluation]:.1f}s), ratio "
+            f"{times['reference'] / times[evaluation]:.2f}x (CPU "
+            f"{cpu['reference'] / cpu[evaluation]:.2f}x), "
             f"{info['stopped_early']} sets stopped early, {info['window_forwards']} window "
             f"evaluations, same recommendation as reference: {same}"
         )
+
+
+def _children_cpu() -> float:
+    """CPU seconds (user + system) of finished child processes: less sensitive than wall
+    time to other work on a shared machine."""
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def part_score_135m(exhaustive: bool) -> None:
@@ -176,17 +188,17 @@ def part_score_135m(exhaustive: bool) -> None:
         args = [sys.executable, "-m", "redundancy_monitor", "score", str(folder / "ckpt"),
                 "--text", str(folder / "text.txt"), "--n-seq", "4", "--seq-len", "64",
                 "--budgets", "1,2", "--no-progress"]  # fmt: skip
-        times, tables = {}, {}
+        times, cpu, tables = {}, {}, {}
         for name, extra in [("default", []), ("--exhaustive", ["--exhaustive"])]:
             if name == "--exhaustive" and not exhaustive:
                 continue
-            t = time.perf_counter()
+            t, c = time.perf_counter(), _children_cpu()
             proc = subprocess.run([*args, *extra], capture_output=True, text=True, env=env)
-            times[name] = time.perf_counter() - t
+            times[name], cpu[name] = time.perf_counter() - t, _children_cpu() - c
             assert proc.returncode == 0, proc.stderr[-2000:]
             tables[name] = [x for x in proc.stdout.splitlines() if x.startswith("n=")]
             print(f"score, {n_params / 1e6:.0f}M params, 30 layers, random weights, 2 threads, "
-                  f"{name}: {times[name]:.0f}s")  # fmt: skip
+                  f"{name}: {times[name]:.0f}s wall, {cpu[name]:.0f}s CPU")  # fmt: skip
             print(proc.stderr.strip())
             print("\n".join(x for x in proc.stdout.splitlines() if "held-out tokens" in x))
             print("\n".join(tables[name]))
@@ -194,8 +206,9 @@ def part_score_135m(exhaustive: bool) -> None:
             same = [x.split("(")[0] for x in tables["default"]] == [
                 x.split("(")[0] for x in tables["--exhaustive"]
             ]
-            print(f"ratio --exhaustive / default: {times['--exhaustive'] / times['default']:.2f}x, "
-                  f"same recommendations: {same}")  # fmt: skip
+            print(f"ratio --exhaustive / default: {times['--exhaustive'] / times['default']:.2f}x "
+                  f"wall, {cpu['--exhaustive'] / cpu['default']:.2f}x CPU, same recommendations: "
+                  f"{same}")  # fmt: skip
 
 
 def main() -> None:
