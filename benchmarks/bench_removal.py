@@ -1,6 +1,7 @@
 """Removal measurement: fast paths against the obvious ones, side by side.
 
     python benchmarks/bench_removal.py            # parts 1-3, ~10 minutes on 2 CPU cores
+    python benchmarks/bench_removal.py --table    # part 3 only
     python benchmarks/bench_removal.py --score-135m [--exhaustive]   # part 4 only
 
 1. Iterative greedy deletion (SLEB-style, budget 3): every candidate of a step in one
@@ -213,6 +214,7 @@ def part_score_135m(exhaustive: bool) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--table", action="store_true", help="part 3 only")
     parser.add_argument("--score-135m", action="store_true", help="part 4 only")
     parser.add_argument("--exhaustive", action="store_true", help="part 4: also --exhaustive")
     args = parser.parse_args()
@@ -220,7 +222,8 @@ def main() -> None:
         part_score_135m(args.exhaustive)
         return
     torch.set_num_threads(1)
-    part_engines()
+    if not args.table:
+        part_engines()
     part_table()
 
 
