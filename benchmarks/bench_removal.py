@@ -1,31 +1,55 @@
 """Removal measurement: fast paths against the obvious ones, side by side.
 
-    python benchmarks/bench_removal.py          # ~3 minutes on 2 CPU cores
+    python benchmarks/bench_removal.py            # parts 1-3, ~10 minutes on 2 CPU cores
+    python benchmarks/bench_removal.py --table    # part 3 only
+    python benchmarks/bench_removal.py --score-135m [--exhaustive]   # part 4 only
 
 1. Iterative greedy deletion (SLEB-style, budget 3): every candidate of a step in one
    engine call, against one full reference forward per candidate. The chosen layers
    must agree.
 2. Sliding-window perplexity: equal-length windows batched (max_tokens=4096) against
    one window per forward. The perplexities must agree.
+3. The removal table's held-out perplexity (`compare_removal`, budgets 1,2, the default
+   selectors) on a 12-layer Llama and real text (the Python standard library's source,
+   a BPE trained on it): today's path (``evaluation="reference"``: one full forward of
+   each pruned model per window batch, what ``score --exhaustive`` runs) against the
+   shared computation alone (``"full"``) and with racing (``"race"``, the default).
+   Same probe batch, budgets and text; the rows measured on all of the text must agree
+   to 1e-6 and the recommendations must be the same.
+4. ``--score-135m``: the whole ``redundancy-monitor score --n-seq 4 --seq-len 64
+   --budgets 1,2`` of a 30-layer, 135M-parameter Llama (SmolLM-135M's shape: hidden 576,
+   MLP 1536, 9 heads, 3 KV heads, vocabulary 49152) with random weights, on 2 threads;
+   with ``--exhaustive`` the same command with ``--exhaustive`` runs after it.
 
-Prints the median of 3 runs of each and the ratio; single thread, so the numbers do not
-depend on what else runs on the machine's other core.
+Parts 1-3 print the median of 3 runs (part 3: 1 run each) and the ratio; single thread,
+so the numbers depend less on what else runs on the machine's other core. The weights
+are random: on a trained checkpoint, far more candidates are clearly worse than the best
+and racing stops more of them.
 """
 
 from __future__ import annotations
 
+import argparse
+import os
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 
-from redundancy_monitor import find_blocks, make_batch
+from redundancy_monitor import find_blocks, make_batch, probe
 from redundancy_monitor.probing.blocks import find_head
 from redundancy_monitor.probing.model_io import untouched
 from redundancy_monitor.probing.reference import reference_distances
 from redundancy_monitor.probing.variants import Variant
 from redundancy_monitor.removal.baselines import greedy_deletion_steps
 from redundancy_monitor.removal.cost import sliding_perplexity
+from redundancy_monitor.removal.table import compare_removal
+
+ROOT = Path(__file__).parents[1]
 
 
 def build(n_layers: int = 12, width: int = 256, vocab: int = 4096):
@@ -58,8 +82,16 @@ def median_time(fn, repeats: int = 3):
     return statistics.median(times), out
 
 
-def main() -> None:
-    torch.set_num_threads(1)
+def real_text(max_bytes: int = 600_000):
+    """(tokenizer, text) : a BPE (vocabulary 4096) trained on standard-library source,
+    and held-out source text it was not trained on."""
+    from redundancy_monitor.demo import stdlib_corpus, train_tokenizer
+
+    train, held = stdlib_corpus(max_bytes)
+    return train_tokenizer(train, 4096), held
+
+
+def part_engines() -> None:
     model = build()
     blocks, head = find_blocks(model), find_head(model)
     ids = torch.randint(0, 4096, (8, 128), generator=torch.Generator().manual_seed(1))
@@ -80,6 +112,119 @@ def main() -> None:
     print(f"sliding perplexity, 8192 tokens, window 256, stride 128: batched {batched_t:.2f}s, "
           f"one window per forward {single_t:.2f}s, ratio {single_t / batched_t:.1f}x "
           f"(ppl {a:.3f})")  # fmt: skip
+
+
+def part_table(heldout_tokens: int = 8192) -> None:
+    from redundancy_monitor.tools.score_text import draw_text
+
+    tokenizer, text = real_text()
+    ids = torch.tensor(tokenizer.encode(text).ids[: heldout_tokens + 2048])
+
+    class _Tok:  # what draw_text calls: tokenizer(text)["input_ids"]
+        def __call__(self, _text, **kwargs):
+            return {"input_ids": ids.tolist()}
+
+    split = draw_text(_Tok(), [("stdlib", "")], 16, 128, seed=0)
+    model = build()
+    result = probe(model, split.probe_ids)
+    reports, times, cpu = {}, {}, {}
+    for evaluation in ("reference", "full", "race"):
+        t, c = time.perf_counter(), time.process_time()
+        reports[evaluation] = compare_removal(
+            model, result, split.probe_ids, split.heldout_ids, budgets=(1, 2),
+            window=256, stride=128, evaluation=evaluation,
+        )  # fmt: skip
+        times[evaluation] = time.perf_counter() - t
+        cpu[evaluation] = time.process_time() - c
+    ref = reports["reference"]
+    for evaluation, rep in reports.items():
+        for got, want in zip(rep.candidates, ref.candidates, strict=True):
+            if not got.stopped_early:
+                assert abs(got.perplexity / want.perplexity - 1) <= 1e-6, (got, want)
+        same = [v.recommended for v in rep.verdicts] == [v.recommended for v in ref.verdicts]
+        info = rep.heldout
+        print(
+            f"removal table, 12 layers, budgets 1,2, {info['candidates']} distinct sets, "
+            f"{split.heldout_tokens} held-out tokens (window 256, stride 128): {evaluation} "
+            f"{times[evaluation]:.1f}s (CPU {cpu[evaluation]:.1f}s), ratio "
+            f"{times['reference'] / times[evaluation]:.2f}x (CPU "
+            f"{cpu['reference'] / cpu[evaluation]:.2f}x), "
+            f"{info['stopped_early']} sets stopped early, {info['window_forwards']} window "
+            f"evaluations, same recommendation as reference: {same}"
+        )
+
+
+def _children_cpu() -> float:
+    """CPU seconds (user + system) of finished child processes: less sensitive than wall
+    time to other work on a shared machine."""
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def part_score_135m(exhaustive: bool) -> None:
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    tokenizer, text = real_text()
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        torch.manual_seed(0)
+        config = LlamaConfig(
+            vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+            num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=2048,
+            tie_word_embeddings=True,
+        )  # fmt: skip
+        model = LlamaForCausalLM(config)
+        n_params = sum(p.numel() for p in model.parameters())
+        model.save_pretrained(folder / "ckpt")
+        del model
+        PreTrainedTokenizerFast(tokenizer_object=tokenizer._tokenizer).save_pretrained(
+            folder / "ckpt"
+        )
+        # About 5k tokens of text: 4 x 64 for the probe batch, the rest held out.
+        ids = tokenizer.encode(text).ids[:5120]
+        (folder / "text.txt").write_text(tokenizer.decode(ids))
+        env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="2", HF_HUB_OFFLINE="1")
+        args = [sys.executable, "-m", "redundancy_monitor", "score", str(folder / "ckpt"),
+                "--text", str(folder / "text.txt"), "--n-seq", "4", "--seq-len", "64",
+                "--budgets", "1,2", "--no-progress"]  # fmt: skip
+        times, cpu, tables = {}, {}, {}
+        for name, extra in [("default", []), ("--exhaustive", ["--exhaustive"])]:
+            if name == "--exhaustive" and not exhaustive:
+                continue
+            t, c = time.perf_counter(), _children_cpu()
+            proc = subprocess.run([*args, *extra], capture_output=True, text=True, env=env)
+            times[name], cpu[name] = time.perf_counter() - t, _children_cpu() - c
+            assert proc.returncode == 0, proc.stderr[-2000:]
+            tables[name] = [x for x in proc.stdout.splitlines() if x.startswith("n=")]
+            print(f"score, {n_params / 1e6:.0f}M params, 30 layers, random weights, 2 threads, "
+                  f"{name}: {times[name]:.0f}s wall, {cpu[name]:.0f}s CPU")  # fmt: skip
+            print(proc.stderr.strip())
+            print("\n".join(x for x in proc.stdout.splitlines() if "held-out tokens" in x))
+            print("\n".join(tables[name]))
+        if len(times) == 2:
+            same = [x.split("(")[0] for x in tables["default"]] == [
+                x.split("(")[0] for x in tables["--exhaustive"]
+            ]
+            print(f"ratio --exhaustive / default: {times['--exhaustive'] / times['default']:.2f}x "
+                  f"wall, {cpu['--exhaustive'] / cpu['default']:.2f}x CPU, same recommendations: "
+                  f"{same}")  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--table", action="store_true", help="part 3 only")
+    parser.add_argument("--score-135m", action="store_true", help="part 4 only")
+    parser.add_argument("--exhaustive", action="store_true", help="part 4: also --exhaustive")
+    args = parser.parse_args()
+    if args.score_135m:
+        part_score_135m(args.exhaustive)
+        return
+    torch.set_num_threads(1)
+    if not args.table:
+        part_engines()
+    part_table()
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -20,12 +21,17 @@ from redundancy_monitor.monitoring.sinks import BY_SEPARATION, DETAIL, PAIRS, PR
 from redundancy_monitor.removal.export import prune_model
 from redundancy_monitor.removal.table import compare_removal
 from redundancy_monitor.tools.cli import main
-from redundancy_monitor.tools.loading import load_checkpoint, split_text
+from redundancy_monitor.tools.loading import load_checkpoint
+from redundancy_monitor.tools.score_text import draw_text
 
 ROOT = Path(__file__).parents[1]
 SCRIPT = shutil.which("redundancy-monitor")
 ARGS = ["--n-seq", "3", "--seq-len", "16", "--budgets", "1,2", "--random-draws", "2",
         "--window", "32", "--stride", "16"]  # fmt: skip
+
+#: The line `--no-progress` prints when a phase starts.
+PHASE_LINE = re.compile(r"^\[\s*\d+\.\d+s\] [a-z_ -]+(: |$)")
+PHASE_NAME = re.compile(r"^\[\s*\d+\.\d+s\] ([a-z_ -]+?)(?:: |$)")
 
 
 def run_script(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
@@ -64,14 +70,15 @@ def test_terminal_output_has_regime_top_pairs_and_removal_table(scored):
     assert "most interchangeable pairs under interchange (d_int):" in out
     assert "most interchangeable pairs under replacement (d_repl):" in out
     assert "n=1: recommend remove" in out and "n=2: recommend remove" in out
-    assert "probe variants" in proc.stderr  # the progress bars
-    assert "removal evaluations" in proc.stderr
+    for bar in ("load", "probe variants", "baselines", "greedy", "d_del", "held-out perplexity"):
+        assert bar in proc.stderr  # a progress bar per phase
 
 
 def test_result_json_matches_the_library_on_the_same_batch(scored, workdir):
     _, data = scored
     model, tokenizer = load_checkpoint(workdir / "ckpt")
-    split = split_text(tokenizer, (workdir / "text.txt").read_text(), 3, 16)
+    text = str(workdir / "text.txt")
+    split = draw_text(tokenizer, [(text, (workdir / "text.txt").read_text())], 3, 16)
     result = probe(model, split.probe_ids, pairs="window:2")
     assert data["batch_sha256"] == result.meta.batch_sha256
     assert data["text"] == split.to_dict() and data["text"]["heldout_source"] == "split"
@@ -163,16 +170,55 @@ def test_exported_pruned_checkpoint_round_trips(scored, workdir):
     assert (workdir / "pruned" / "tokenizer.json").exists()
 
 
-def test_text_from_stdin_gives_the_same_probe_batch(scored, workdir):
+def test_text_from_stdin_gives_the_same_probe_batch_and_exhaustive_the_same_table(scored, workdir):
     _, data = scored
     proc = run_script(
-        "score", str(workdir / "ckpt"), "--text", "-", *ARGS, "--no-progress",
+        "score", str(workdir / "ckpt"), "--text", "-", *ARGS, "--no-progress", "--exhaustive",
         "--pairs", "adjacent", "--out", str(workdir / "stdin"),
         stdin=(workdir / "text.txt").read_text(),
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
     again = json.loads((workdir / "stdin" / "result.json").read_text())
     assert again["batch_sha256"] == data["batch_sha256"]
+    assert again["text"]["sequences"][0]["file"] == "-"
+    # --no-progress: one line per phase, in order.
+    phases = [m.group(1) for m in map(PHASE_NAME.match, proc.stderr.splitlines()) if m]
+    assert phases == ["load", "probe", "baselines", "greedy", "d_del", "held-out perplexity"]
+    # --exhaustive: every set on all the text, the straightforward way; the racing run
+    # agrees on every set it did not stop, and recommends the same.
+    fast, full = data["removal"], again["removal"]
+    assert (fast["heldout"]["evaluation"], full["heldout"]["evaluation"]) == ("race", "reference")
+    assert full["heldout"]["stopped_early"] == 0
+    assert full["base_perplexity"] == pytest.approx(fast["base_perplexity"], rel=1e-6)
+    for got, want in zip(fast["candidates"], full["candidates"], strict=True):
+        assert got["layers"] == want["layers"] and not want["stopped_early"]
+        if not got["stopped_early"]:
+            assert got["perplexity"] == pytest.approx(want["perplexity"], rel=1e-6)
+            assert (got["change_low"], got["change_high"]) == pytest.approx(
+                (want["change_low"], want["change_high"]), rel=1e-6, abs=1e-9
+            )
+    for got, want in zip(fast["verdicts"], full["verdicts"], strict=True):
+        assert got["recommended"] == want["recommended"]
+
+
+def test_result_json_says_where_each_sequence_came_from_and_how_sure_each_cost_is(scored, workdir):
+    proc, data = scored
+    text = data["text"]
+    assert text["sources"] == [str(workdir / "text.txt")] and text["guard_tokens"] == 16
+    spans = [(s["start"], s["end"]) for s in text["sequences"]]
+    assert len(spans) == 3 and all(e - s == 16 for s, e in spans)
+    assert text["heldout_tokens"] == sum(p["end"] - p["start"] for p in text["heldout_pieces"])
+    removal = data["removal"]
+    assert removal["heldout"]["n_boot"] >= 100 and removal["heldout"]["confidence"] == 0.95
+    for c in removal["candidates"]:
+        assert c["change_low"] <= c["perplexity_change"] <= c["change_high"]
+        assert c["heldout_tokens"] <= removal["heldout_tokens"] and c["selectors"]
+    for r in removal["rows"]:
+        assert {"change_low", "change_high", "heldout_tokens", "stopped_early"} <= set(r)
+    for v in removal["verdicts"]:
+        assert isinstance(v["statistically_tied"], bool)
+        assert v["statistically_tied"] == bool(v["tied_with"])
+    assert "95% interval" in proc.stdout and "race evaluation" in proc.stdout
 
 
 # -- bad input: exit code 2 and one line saying why ------------------------------------
@@ -197,12 +243,14 @@ def test_console_script_reports_bad_input_in_one_line(workdir):
 
 
 def score_main(capsys, *args: str) -> tuple[int, str]:
+    """Exit code and stderr without the phase lines (the reason for a failure follows
+    the phases that ran before it)."""
     try:
         code = main(["score", *args, "--no-progress"])
     except SystemExit as e:  # argparse rejects an option value
         code = e.code
     err = capsys.readouterr().err.strip()
-    return code, err
+    return code, "\n".join(x for x in err.splitlines() if not PHASE_LINE.match(x))
 
 
 def bad_inputs(workdir: Path) -> list[tuple[list[str], str]]:

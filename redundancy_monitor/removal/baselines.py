@@ -148,15 +148,15 @@ def hidden_state_scores_on(
     finally:
         for h in handles:
             h.remove()
-    bi = tuple(float((1 - _cosine(inputs[s], outputs[s])).mean()) for s in range(n_layers))
+    ins = [x for x in inputs if x is not None]
+    outs = [x for x in outputs if x is not None]
+    bi = tuple(float((1 - _cosine(ins[s], outs[s])).mean()) for s in range(n_layers))
     angular = {}
     for n in sorted(set(run_lengths)):
         if not 1 <= n < n_layers:
             raise InvalidBudgetError(f"run length must be in 1..{n_layers - 1}, got {n}")
         angular[n] = tuple(
-            float(
-                (torch.arccos(_cosine(inputs[s], outputs[s + n - 1]).clamp(-1, 1)) / math.pi).mean()
-            )
+            float((torch.arccos(_cosine(ins[s], outs[s + n - 1]).clamp(-1, 1)) / math.pi).mean())
             for s in range(n_layers - n + 1)
         )
     return HiddenStateScores(bi, angular)

@@ -15,6 +15,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -39,15 +40,27 @@ DEFAULT_WINDOW = 512
 # -- held-out perplexity of the pruned model -----------------------------------------
 
 
-def _heldout_rows(heldout_ids, vocab_size: int | None) -> torch.Tensor:
-    ids = torch.as_tensor(heldout_ids)
-    if ids.dim() == 1:
-        ids = ids.unsqueeze(0)
-    if ids.shape[-1] < 2:
+def heldout_pieces(heldout_ids, vocab_size: int | None) -> list[torch.Tensor]:
+    """Held-out text as a list of 1-D id tensors (documents, scored separately).
+
+    Accepts one 1-D tensor, a ``[n_docs, n_tokens]`` tensor, or a list of 1-D tensors of
+    any lengths (pieces shorter than 2 tokens have nothing to score and are dropped).
+    """
+    if isinstance(heldout_ids, (list, tuple)):
+        pieces = [torch.as_tensor(x).reshape(-1) for x in heldout_ids]
+    else:
+        ids = torch.as_tensor(heldout_ids)
+        pieces = list(ids.unsqueeze(0) if ids.dim() == 1 else ids)
+    total = sum(int(x.numel()) for x in pieces)
+    pieces = [x for x in pieces if x.numel() >= 2]
+    if not pieces:
         raise InvalidConfigError(
-            f"held-out text has {ids.shape[-1]} token(s); perplexity needs at least 2"
+            f"held-out text has {total} token(s) in pieces of fewer than 2; perplexity "
+            "needs at least 2 consecutive tokens"
         )
-    return make_batch(ids, None, vocab_size).input_ids
+    for x in pieces:
+        make_batch(x.unsqueeze(0), None, vocab_size)  # the id range check
+    return pieces
 
 
 def window_plan(n_tokens: int, window: int, stride: int) -> list[tuple[int, int, int]]:
@@ -87,32 +100,63 @@ def check_window(model: nn.Module, window: int | None, stride: int | None) -> tu
     return window, stride
 
 
+def heldout_windows(
+    rows: Sequence[torch.Tensor], window: int, stride: int
+) -> list[tuple[int, int, int, int]]:
+    """(piece, begin, end, first scored position) of every window, pieces in order."""
+    return [
+        (r, *w)
+        for r, row in enumerate(rows)
+        for w in window_plan(int(row.shape[0]), window, stride)
+    ]
+
+
+def window_nll(
+    model: nn.Module,
+    rows: Sequence[torch.Tensor],
+    window: int,
+    stride: int,
+    max_tokens: int = 1 << 12,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Next-token NLL (sum, float64) and scored-token count of every sliding window.
+
+    The straightforward path: full forwards of the model as it is (call it inside
+    `slots_skipped` for a pruned model), windows of equal length run together, up to
+    `max_tokens` tokens per forward. Windows are in `heldout_windows` order.
+    """
+    windows = heldout_windows(rows, window, stride)
+    nll = np.zeros(len(windows))
+    count = np.array([end - first for _, _, end, first in windows], dtype=np.int64)
+    by_length: dict[int, list[int]] = {}
+    for k, (_, begin, end, _) in enumerate(windows):
+        by_length.setdefault(end - begin, []).append(k)
+    for length, members in by_length.items():
+        per_forward = max(1, max_tokens // length)
+        for a in range(0, len(members), per_forward):
+            part = members[a : a + per_forward]
+            ids = torch.stack([rows[windows[k][0]][windows[k][1] : windows[k][2]] for k in part])
+            logits = logits_of(call_model(model, make_batch(ids)))
+            for n, k in enumerate(part):
+                r, begin, end, first = windows[k]
+                logp = torch.log_softmax(logits[n, first - 1 - begin : end - 1 - begin].float(), -1)
+                targets = rows[r][first:end].to(logp.device)
+                nll[k] = -float(logp.gather(-1, targets.unsqueeze(-1)).double().sum())
+    return nll, count
+
+
 def sliding_perplexity(
-    model: nn.Module, rows: torch.Tensor, window: int, stride: int, max_tokens: int = 1 << 12
+    model: nn.Module,
+    rows: Sequence[torch.Tensor] | torch.Tensor,
+    window: int,
+    stride: int,
+    max_tokens: int = 1 << 12,
 ) -> float:
     """exp(mean next-token NLL) over every row, scored with a sliding window, in fp32.
 
     Windows of equal length run together, up to `max_tokens` tokens per forward.
     """
-    nll, count = 0.0, 0
-    for row in rows:
-        plan = window_plan(int(row.shape[0]), window, stride)
-        by_length: dict[int, list[tuple[int, int, int]]] = {}
-        for w in plan:
-            by_length.setdefault(w[1] - w[0], []).append(w)
-        for length, windows in by_length.items():
-            per_forward = max(1, max_tokens // length)
-            for k in range(0, len(windows), per_forward):
-                part = windows[k : k + per_forward]
-                ids = torch.stack([row[b:e] for b, e, _ in part])
-                logits = logits_of(call_model(model, make_batch(ids)))
-                for n, (begin, end, first) in enumerate(part):
-                    rows_ = logits[n, first - 1 - begin : end - 1 - begin]
-                    logp = torch.log_softmax(rows_.float(), dim=-1)
-                    targets = row[first:end].to(logp.device)
-                    nll -= float(logp.gather(-1, targets.unsqueeze(-1)).double().sum())
-                    count += end - first
-    return math.exp(nll / count)
+    nll, count = window_nll(model, list(rows), window, stride, max_tokens)
+    return math.exp(float(nll.sum()) / int(count.sum()))
 
 
 # -- cost of one removal set ----------------------------------------------------------
@@ -176,15 +220,15 @@ class CostMeter:
             self.model, self.input_ids, self.attention_mask, self.blocks, self.head
         )
         self.n_layers = len(self.block_list)
-        self.rows = None
+        self.rows: list[torch.Tensor] | None = None
         if self.heldout_ids is not None:
             self.window, self.stride = check_window(self.root, self.window, self.stride)
-            rows = _heldout_rows(self.heldout_ids, vocab_size_of(self.root))
-            self.rows = rows.to(self.batch.input_ids.device)
+            pieces = heldout_pieces(self.heldout_ids, vocab_size_of(self.root))
+            self.rows = [x.to(self.batch.input_ids.device) for x in pieces]
 
     @property
     def heldout_tokens(self) -> int:
-        return 0 if self.rows is None else int(self.rows.numel())
+        return 0 if self.rows is None else sum(int(x.numel()) for x in self.rows)
 
     def check_layers(self, layers: Iterable[int]) -> tuple[int, ...]:
         return check_removal_set(layers, self.n_layers)
@@ -202,11 +246,22 @@ class CostMeter:
         )
         return [(d.mean, d.last) for d in out]
 
+    def heldout(self) -> tuple[list[torch.Tensor], int, int]:
+        """(pieces, window, stride) of the held-out text.
+
+        Raises:
+            InvalidConfigError: the meter was made without held-out text.
+        """
+        if self.rows is None or self.window is None or self.stride is None:
+            raise InvalidConfigError("no held-out text: pass heldout_ids")
+        return self.rows, self.window, self.stride
+
     def perplexity(self, layers: tuple[int, ...] = ()) -> float | None:
         if self.rows is None:
             return None
+        rows, window, stride = self.heldout()
         with untouched(self.root), slots_skipped(self.root, self.block_list, layers, self.batch):
-            return sliding_perplexity(self.root, self.rows, self.window, self.stride)
+            return sliding_perplexity(self.root, rows, window, stride)
 
     @property
     def base_perplexity(self) -> float | None:
@@ -216,11 +271,11 @@ class CostMeter:
 
     def costs(self, sets: Sequence[Iterable[int]], progress=None) -> list[RemovalCost]:
         """Cost of each removal set; `progress` (a tqdm bar) advances per evaluation."""
-        sets = [self.check_layers(s) for s in sets]
-        distances = self.d_del(sets)
+        checked = [self.check_layers(s) for s in sets]
+        distances = self.d_del(checked)
         base = self.base_perplexity
         out = []
-        for layers, (mean, last) in zip(sets, distances, strict=True):
+        for layers, (mean, last) in zip(checked, distances, strict=True):
             out.append(
                 RemovalCost(
                     layers,

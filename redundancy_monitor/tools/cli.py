@@ -123,7 +123,18 @@ def add_score_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--window", type=_positive, help="perplexity window (min(512, max positions))")
     p.add_argument("--stride", type=_positive, help="perplexity stride (window // 2)")
     p.add_argument("--random-draws", type=_positive, default=5, help="random baseline draws (5)")
-    p.add_argument("--seed", type=int, default=0, help="random baseline seed (0)")
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="seeds the probe-batch draw, the random baseline, racing and the bootstrap (0)",
+    )
+    p.add_argument(
+        "--exhaustive",
+        action="store_true",
+        help="measure every removal set on all of the held-out text, one full forward of each "
+        "pruned model (slow; default: shared computation, stopping sets once clearly worse)",
+    )
     p.add_argument(
         "--out",
         metavar="DIR",
@@ -142,7 +153,11 @@ def add_score_arguments(p: argparse.ArgumentParser) -> None:
         metavar="NATS",
         help="interval half-width of the median gap that the sample-size advice aims at (0.02)",
     )
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument(
+        "--no-progress",
+        action="store_true",
+        help="one line per phase on stderr instead of progress bars",
+    )
 
 
 def cmd_score(args: argparse.Namespace) -> int:
@@ -182,6 +197,7 @@ def cmd_score(args: argparse.Namespace) -> int:
         protocol=args.protocol,
         progress=not args.no_progress,
         target_halfwidth=args.target_halfwidth,
+        exhaustive=args.exhaustive,
     )
     if args.out:
         check_output_folder(args.out, "--out")  # before the scoring, not after it

@@ -20,15 +20,12 @@ from redundancy_monitor.probing.intervals import SampleSizeAdvice, sample_size_a
 from redundancy_monitor.probing.probe import probe
 from redundancy_monitor.probing.result import ProbeResult
 from redundancy_monitor.probing.variants import parse_pairs
+from redundancy_monitor.removal.progress import Phases
 from redundancy_monitor.removal.selection import GUIDED_PROTOCOLS, check_removal_set, plan_removal
 from redundancy_monitor.removal.table import RemovalReport, compare_removal
-from redundancy_monitor.tools.loading import (
-    TextSplit,
-    check_output_folder,
-    load_checkpoint,
-    read_text,
-    split_text,
-)
+from redundancy_monitor.tools.loading import _location as checkpoint_location
+from redundancy_monitor.tools.loading import check_output_folder, load_checkpoint, read_text
+from redundancy_monitor.tools.score_text import ScoreText, draw_text
 
 FORMAT = "redundancy-monitor/score/1"
 
@@ -48,10 +45,15 @@ class ScoreConfig:
         dtype, device: how to load the model.
         window, stride: the perplexity sliding window (default min(512, max positions)
             and half of it).
-        random_draws, seed: the random baseline.
+        random_draws: the random baseline's draws per budget.
+        seed: seeds the probe-batch draw, the random baseline, the racing order and the
+            bootstrap intervals of the perplexity changes.
         export_pruned: folder for a pruned checkpoint, with `remove` (explicit layers)
             or `budget` and `protocol` (the protocol's removal set at that budget).
-        progress: progress bars on stderr.
+        progress: a progress bar per phase on stderr (else one line per phase).
+        exhaustive: measure every removal set on all of the held-out text with one full
+            forward of each pruned model per window batch (today's reference path), instead
+            of the shared computation with racing.
         target_halfwidth: the interval half-width (nats) of the median gap that the
             sample-size advice computes the number of sequences for.
     """
@@ -76,11 +78,14 @@ class ScoreConfig:
     protocol: str = "interchange"
     progress: bool = True
     target_halfwidth: float = 0.02
+    exhaustive: bool = False
 
     def check(self) -> None:
         """Fail fast, before any model is loaded, on options that cannot work together."""
         if not self.text:
             raise CheckpointError("no text given; pass --text FILE (or - for stdin)")
+        if self.seed < 0:
+            raise CheckpointError(f"need --seed >= 0, got {self.seed}")
         if not self.target_halfwidth > 0:
             raise CheckpointError(
                 f"--target-halfwidth must be a positive number of nats, got {self.target_halfwidth}"
@@ -113,7 +118,7 @@ class ScoreRun:
     """What a scoring run measured, ready to be printed or written."""
 
     config: ScoreConfig
-    split: TextSplit
+    split: ScoreText
     result: ProbeResult
     report: RemovalReport
     export: dict[str, Any] | None
@@ -160,18 +165,30 @@ def score_checkpoint(config: ScoreConfig) -> ScoreRun:
         RedundancyMonitorError: any bad input, with what to pass instead.
     """
     config.check()
-    text = read_text(list(config.text))
-    heldout_text = read_text([config.heldout]) if config.heldout else None
-    model, tokenizer = load_checkpoint(config.path, config.tokenizer, config.dtype, config.device)
-    limit = getattr(model.config, "max_position_embeddings", None)
-    if isinstance(limit, int) and config.seq_len > limit:
-        raise CheckpointError(
-            f"--seq-len {config.seq_len} exceeds the model's max_position_embeddings {limit}"
+    # The inputs a typo breaks are checked before any progress is shown, so that their
+    # error is the only line on stderr. One text file at a time: each is a document the
+    # probe batch is drawn from.
+    texts = [(name, read_text([name])) for name in config.text]
+    heldout_text = (config.heldout, read_text([config.heldout])) if config.heldout else None
+    checkpoint_location(config.path)
+    phases = Phases("bars" if config.progress else "lines")
+    with phases.phase("load", f"{config.path}", 1) as bar:
+        model, tokenizer = load_checkpoint(
+            config.path, config.tokenizer, config.dtype, config.device
         )
-    if config.remove is not None:  # fail before the long part, not after it
-        check_removal_set(config.remove, len(find_blocks(model)))
-    split = split_text(tokenizer, text, config.n_seq, config.seq_len, heldout_text)
-    result = probe(model, split.probe_ids, pairs=config.pairs, progress=config.progress)
+        limit = getattr(model.config, "max_position_embeddings", None)
+        if isinstance(limit, int) and config.seq_len > limit:
+            raise CheckpointError(
+                f"--seq-len {config.seq_len} exceeds the model's max_position_embeddings {limit}"
+            )
+        if config.remove is not None:  # fail before the long part, not after it
+            check_removal_set(config.remove, len(find_blocks(model)))
+        split = draw_text(tokenizer, texts, config.n_seq, config.seq_len, config.seed, heldout_text)
+        bar.update(1)
+    n_seq, seq_len = split.probe_ids.shape
+    # The probe shows its own bar over its variants; without bars, one line.
+    phases.announce("probe", f"{config.pairs} pairs on {n_seq} x {seq_len} tokens")
+    result = probe(model, split.probe_ids, pairs=config.pairs, progress=phases.bars)
     report = compare_removal(
         model,
         result,
@@ -182,7 +199,8 @@ def score_checkpoint(config: ScoreConfig) -> ScoreRun:
         stride=config.stride,
         random_draws=config.random_draws,
         seed=config.seed,
-        progress=config.progress,
+        progress=phases,
+        evaluation="reference" if config.exhaustive else "race",
     )
     export = None
     if config.export_pruned is not None:
@@ -191,10 +209,12 @@ def score_checkpoint(config: ScoreConfig) -> ScoreRun:
         if config.remove is not None:
             layers, chosen_by = tuple(config.remove), "--remove"
         else:
+            assert config.budget is not None  # config.check(): --remove or --budget
             plan = plan_removal(result, (config.budget,), (config.protocol,))
             layers = plan.layers(config.protocol, config.budget)
             chosen_by = f"{config.protocol} removability at budget {config.budget}"
         # Last use of the model: prune it in place rather than holding two copies.
-        export = export_pruned(model, layers, config.export_pruned, tokenizer, inplace=True)
+        with phases.phase("export", f"removing {list(layers)} into {config.export_pruned}"):
+            export = export_pruned(model, layers, config.export_pruned, tokenizer, inplace=True)
         export["chosen_by"] = chosen_by
     return ScoreRun(config, split, result, report, export)
