@@ -293,6 +293,7 @@ class AlertEngine:
                 f"{fmt(self.baseline)} at the baseline probe (step {self.baseline_at}); "
                 f"the protocols are diverging"
             )
+        assert c.growth_factor is not None  # called only when the rule is on
         return self._update(
             "gap_growth", step, ratio > c.growth_factor, ratio, c.growth_factor, message
         )
@@ -301,6 +302,7 @@ class AlertEngine:
         """Lower bound now against factor x the baseline's upper bound (its magnitude):
         the ratio and the alert's sentence."""
         c = self.config
+        assert self.baseline_interval is not None  # called only with a baseline interval
         reference = max(abs(self.baseline_interval[0]), abs(self.baseline_interval[1]))
         ratio = interval[0] / max(reference, c.growth_floor)
         return ratio, (
@@ -314,7 +316,11 @@ class AlertEngine:
         c = self.config
         budget = c.overlap_budget or default_budget(result.n_layers)
         jaccard, by_repl, by_int = removal_overlap(result, budget)
-        holds = jaccard is not None and jaccard < c.overlap_threshold
+        holds = (
+            jaccard is not None
+            and c.overlap_threshold is not None
+            and jaccard < c.overlap_threshold
+        )
         return self._update(
             "removal_overlap",
             step,

@@ -40,7 +40,7 @@ def trajectory_identity(result: ProbeResult) -> dict[str, Any]:
     """What makes two probes comparable: batch hash, number of blocks, the requested pairs
     (expanded), the protocols."""
     pairs = [[r.i, r.j] for r in result.pairs] + [[s.i, s.j] for s in result.skipped]
-    identity = {
+    identity: dict[str, Any] = {
         "batch_sha256": result.meta.batch_sha256,
         "n_layers": result.n_layers,
         "pairs": sorted(pairs),

@@ -13,7 +13,7 @@ import logging
 import os
 import time
 from collections.abc import Callable, Collection, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -37,6 +37,9 @@ from redundancy_monitor.probing.batch import batch_sha256, make_batch
 from redundancy_monitor.probing.inputs import from_dataloader, from_texts, ids_and_mask
 from redundancy_monitor.probing.probe import probe
 from redundancy_monitor.probing.result import ProbeResult
+
+if TYPE_CHECKING:  # imported when a multi-rank job starts
+    from redundancy_monitor.monitoring.ranks import RankGroup
 
 log = logging.getLogger("redundancy_monitor")
 #: Seconds `close()` waits for a running probe before cancelling it (then abandoning it).
@@ -160,7 +163,8 @@ class RedundancyMonitor:
             probe_config=self.probe_config,
             clock=self._current_step,  # a method, not a lambda: ddp_spawn pickles the monitor
         )
-        self._ids = self._mask = None
+        self._ids: torch.Tensor | None = None
+        self._mask: torch.Tensor | None = None
         self._batch_origin: str | None = None  # "given", "texts", "dataloader", "checkpoint"
         self._max_sequences = max_sequences
         if probe_batch is None and texts is not None:
@@ -176,11 +180,12 @@ class RedundancyMonitor:
         self._shadow = ShadowModel(*self._shadow_options)
         #: Checks a probe's estimated device memory against the free memory first.
         self.device_budget = DeviceBudget()
-        self._deferred = None  # (step, job, blocked, device): waits for an optimizer step
+        # (step, job, blocked, device): a probe that waits for an optimizer step
+        self._deferred: tuple[int, Callable, float, torch.device] | None = None
         self._optimizer_stepped = False  # an optimizer step has run in this process
         self._step_announced = False  # before_weights_change() was called
         self.distributed = distributed
-        self._ranks = None  # a RankGroup once start() finds a multi-rank job
+        self._ranks: RankGroup | None = None  # set once start() finds a multi-rank job
         # (step, local failure, snapshot) of the probe whose shares are not gathered yet
         self._pending: tuple | None = None
         self._start_marked = False
@@ -200,7 +205,7 @@ class RedundancyMonitor:
         given = self._batch_origin in ("given", "texts")
         config = self.probe_config
         return {
-            "batch": self.batch_sha256[:16] if given else self._batch_origin or "fallback",
+            "batch": (self.batch_sha256 or "")[:16] if given else self._batch_origin or "fallback",
             "pairs": pairs_spec(config.pairs),
             "protocols": list(config.protocols),
             "blocks": config.blocks,
@@ -282,7 +287,9 @@ class RedundancyMonitor:
 
     @property
     def batch_sha256(self) -> str | None:
-        return None if self._ids is None else batch_sha256(self._ids, self._mask)
+        if self._ids is None or self._mask is None:  # set together
+            return None
+        return batch_sha256(self._ids, self._mask)
 
     def set_probe_batch(self, probe_batch=None, *, dataloader=None) -> None:
         """Fix the probe batch unless one is fixed already (adapters fall back to a
@@ -342,7 +349,7 @@ class RedundancyMonitor:
             return
         self._start_marked = True
         resumed = self.last_step is not None
-        first = self.last_step + 1 if resumed else step
+        first = self.last_step + 1 if self.last_step is not None else step
         if self._saved_pending is not None:  # its result is not in the state: redone
             first = min(first, self._saved_pending)
         self.recorder.mark_start(first, resumed)
@@ -455,6 +462,7 @@ class RedundancyMonitor:
         A collective at a schedule-determined step. Without `wait` it first asks whether
         every rank has finished, and gathers nothing (returns False) if one has not.
         """
+        assert self._pending is not None and self._ranks is not None  # a multi-rank probe
         step, failure, snap = self._pending
         if failure is None and self._deferred is not None:
             return False  # not started yet; deferred alike on every rank, so no collective
@@ -516,6 +524,7 @@ class RedundancyMonitor:
         if error is not None:
             self.recorder.record(ProbeRecord(step, None, error, 0.0, 0.0))
             return
+        assert snap is not None  # captured: no error
         self.probed_steps.append(step)
         kwargs = self.probe_config.probe_kwargs()
         if self._ranks is not None:
@@ -554,7 +563,7 @@ class RedundancyMonitor:
             if self._ranks is None:
                 self.recorder.record(failure)
             else:  # logged when gathered, so that every rank logs the same thing
-                self._pending = (step, failure, self._pending[2])
+                self._pending = (step, failure, self._pending[2] if self._pending else None)
 
     # ----- resume ------------------------------------------------------------------------
 
@@ -585,7 +594,7 @@ class RedundancyMonitor:
         return self._executor.running_step
 
     def _saved_batch(self) -> dict[str, Any] | None:
-        if self._ids is None or self._ids.numel() > MAX_SAVED_BATCH_TOKENS:
+        if self._ids is None or self._mask is None or self._ids.numel() > MAX_SAVED_BATCH_TOKENS:
             return None
         return {"input_ids": self._ids.tolist(), "attention_mask": self._mask.tolist()}
 

@@ -27,7 +27,7 @@ from redundancy_monitor.monitoring.guard import (
 from redundancy_monitor.monitoring.probe_config import ProbeConfig, pairs_spec
 from redundancy_monitor.monitoring.record import ProbeRecord
 from redundancy_monitor.monitoring.sinks import Sink, SinkHealth
-from redundancy_monitor.probing.intervals import sample_size_advice
+from redundancy_monitor.probing.intervals import IntervalConfig, sample_size_advice
 from redundancy_monitor.probing.result import GapStats, ProbeResult, ProbeSummary
 
 log = logging.getLogger("redundancy_monitor")
@@ -120,11 +120,14 @@ class Recorder:
         """Record one finished probe: sinks, alert rules, history (or a failure)."""
         self._latest = max(record.step, -1 if self._latest is None else self._latest)
         if record.failed:
-            self._failed(record.step, record.error)
+            self._failed(record.step, record.error or "unknown error")
         elif self._resume_reasons:
             reason, self._resume_reasons = "; ".join(self._resume_reasons), []
             self._new_trajectory(record, f"resumed with {reason}", alert=True)
-        elif (change := self.trajectory_guard.check(record.result)) is not None:
+        elif (
+            record.result is not None  # not failed: it has a result
+            and (change := self.trajectory_guard.check(record.result)) is not None
+        ):
             self._mismatched(record, change)
         else:
             self._record(record)
@@ -175,6 +178,7 @@ class Recorder:
 
     def _new_trajectory(self, record: ProbeRecord, reason: str, alert: bool = False) -> None:
         """Start a new trajectory (and alert state) from this probe, with a marker record."""
+        assert record.result is not None  # a successful probe starts a trajectory
         old = self.trajectory_guard.restart(record.result)
         log.warning("redundancy monitor: new baseline at step %d: %s", record.step, reason)
         if self.history:
@@ -198,6 +202,7 @@ class Recorder:
             record = dataclasses.replace(record, wall_time=time.time())
         self.n_probes += 1
         self.history.append(record.summary_only())
+        assert record.result is not None  # failures go to _failed
         self._emit("write_probe", record)
         if len(self.history) == 1:
             self._advise_sample_size(record.step, record.result)
@@ -207,7 +212,7 @@ class Recorder:
         """At the first probe of a trajectory: how precise the alerts' gap metric is with
         this probe batch, and how many sequences would reach the target half-width."""
         config = self.probe_config.intervals
-        if not config:
+        if not isinstance(config, IntervalConfig):  # False: intervals off
             return
         advice = sample_size_advice(
             result, self.alert_engine.config.gap_metric, config.target_halfwidth
@@ -260,7 +265,11 @@ class Recorder:
 
     def trajectory(self, name: str = "gap_mean") -> list[tuple[int, float | None]]:
         """``(step, value)`` of one summary scalar over the probes so far, by step."""
-        return sorted((r.step, r.result.summary.scalars().get(name)) for r in self.history)
+        return sorted(
+            (r.step, r.result.summary.scalars().get(name))
+            for r in self.history
+            if r.result is not None  # the history holds successful probes
+        )
 
     def use_batch(self, sha256: str | None) -> None:
         """Note the hash of the probe batch in use (it goes into the state).
@@ -276,6 +285,7 @@ class Recorder:
     def _check_batch(self) -> None:
         if None in (self._batch_sha, self._restored_sha) or self._batch_sha == self._restored_sha:
             return
+        assert self._batch_sha is not None and self._restored_sha is not None  # both known
         if self.lenient:
             self.note_resume_change(
                 f"another probe batch (sha256 {self._batch_sha[:12]}..., the checkpoint's "

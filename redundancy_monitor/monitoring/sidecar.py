@@ -14,12 +14,15 @@ import logging
 import os
 from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from redundancy_monitor.errors import InvalidConfigError
 from redundancy_monitor.monitoring.alerts import Alert
 from redundancy_monitor.monitoring.recorder import _rule_set
 from redundancy_monitor.monitoring.schedule import ProbeSchedule
+
+if TYPE_CHECKING:  # imported when a multi-rank job starts
+    from redundancy_monitor.monitoring.ranks import RankGroup
 
 log = logging.getLogger("redundancy_monitor")
 RECORD_FILE = "redundancy.jsonl"
@@ -61,7 +64,7 @@ class SidecarAlerts:
         self.stop_requested = False
         self.checkpoint_requested = False
         self._offset = 0
-        self._ranks = None
+        self._ranks: RankGroup | None = None
 
     def start(self) -> None:
         """Call once when training starts, on every rank (a collective with several)."""

@@ -204,6 +204,7 @@ class TensorBoardSink(Sink):
 
     def write_probe(self, record: ProbeRecord) -> None:
         w, step = self.writer, record.step
+        assert record.result is not None  # sinks get successful probes only (write_failure)
         for tag, value in probe_scalars(record.result, self.per_pair).items():
             w.add_scalar(tag, value, step)
         w.add_scalar(f"{PROBE_INFO}/probe_seconds", record.probe_seconds, step)
@@ -216,7 +217,9 @@ class TensorBoardSink(Sink):
         if self.per_sequence and record.result.per_sequence is not None:
             per_seq = record.result.per_sequence
             for name in per_seq.tables:
-                for (i, j), row in zip(per_seq.pairs, per_seq.table(name), strict=True):
+                table = per_seq.table(name)
+                assert table is not None  # a name of per_seq.tables
+                for (i, j), row in zip(per_seq.pairs, table, strict=True):
                     finite = row[np.isfinite(row)]
                     if finite.size:
                         w.add_histogram(f"{PREFIX}_per_sequence/{i}-{j}/{name}", finite, step)

@@ -458,7 +458,12 @@ def summarize(pairs: list[PairRecord], thresholds: Thresholds | None = None) -> 
         int_strong=is_,
         int_conditional=ic,
         int_not_similar=in_,
-        frac_int_le_repl=(sum(r.d_int <= r.d_repl for r in both) / len(both)) if both else None,
+        frac_int_le_repl=(
+            sum(r.d_int <= r.d_repl for r in both if r.d_int is not None and r.d_repl is not None)
+            / len(both)
+        )
+        if both
+        else None,
         regime=regime_of(overall.ir_median, d_repl_median, d_int_median, t),
         by_separation={d: _gap_stats(rs_) for d, rs_ in sorted(by_separation.items())},
     )

@@ -205,6 +205,7 @@ class CostMeter:
     def perplexity(self, layers: tuple[int, ...] = ()) -> float | None:
         if self.rows is None:
             return None
+        assert self.window is not None and self.stride is not None  # set with rows
         with untouched(self.root), slots_skipped(self.root, self.block_list, layers, self.batch):
             return sliding_perplexity(self.root, self.rows, self.window, self.stride)
 
@@ -216,11 +217,11 @@ class CostMeter:
 
     def costs(self, sets: Sequence[Iterable[int]], progress=None) -> list[RemovalCost]:
         """Cost of each removal set; `progress` (a tqdm bar) advances per evaluation."""
-        sets = [self.check_layers(s) for s in sets]
-        distances = self.d_del(sets)
+        checked = [self.check_layers(s) for s in sets]
+        distances = self.d_del(checked)
         base = self.base_perplexity
         out = []
-        for layers, (mean, last) in zip(sets, distances, strict=True):
+        for layers, (mean, last) in zip(checked, distances, strict=True):
             out.append(
                 RemovalCost(
                     layers,

@@ -47,7 +47,8 @@ def prune_model(
     for k, block in enumerate(block_list):
         for module in block.modules():
             if isinstance(getattr(module, "layer_idx", None), int):
-                module.layer_idx = k
+                # torch types Module attributes as Tensor | Module; this one is a plain int
+                module.layer_idx = k  # type: ignore[assignment]
     config = getattr(root, "config", None)
     if config is not None:
         _prune_config(config, removed, n_layers)
@@ -86,7 +87,7 @@ def export_pruned(
             f"{type(model).__name__} has no save_pretrained; export needs a Hugging Face model"
         )
     removed = sorted(set(int(s) for s in layers))
-    pruned = prune_model(model, removed, inplace=inplace)
+    pruned: Any = prune_model(model, removed, inplace=inplace)  # a Hugging Face model
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     pruned.save_pretrained(out)

@@ -222,6 +222,9 @@ def compare_removal(
     finally:
         if bar is not None:
             bar.close()
+    # compare_removal requires heldout_ids, so the meter measured perplexity
+    assert meter.base_perplexity is not None
+    assert meter.window is not None and meter.stride is not None
     rows = [
         _row(budget, selector, [costs[s] for s in sets], meter.base_perplexity)
         for (budget, selector), sets in candidates.items()
@@ -276,6 +279,7 @@ def _candidates(meter, plan, budgets, baselines, random_draws, seed, bar):
 def _row(budget: int, selector: str, costs: list[RemovalCost], base: float) -> SelectorCost:
     if selector != "random":
         c = costs[0]
+        assert c.perplexity is not None and c.perplexity_change is not None  # held-out text
         return SelectorCost(budget, selector, c.layers, c.d_del, c.perplexity, c.perplexity_change)
     d = np.array([c.d_del for c in costs])
     p = np.array([c.perplexity for c in costs])
@@ -298,6 +302,7 @@ def _verdict(budget, rows: list[SelectorCost], plan: RemovalPlan, meter) -> Budg
     base = meter.base_perplexity
     deterministic = [r for r in rows if r.selector != "random"]
     best = min(deterministic, key=lambda r: (r.perplexity, r.d_del, deterministic.index(r)))
+    assert best.layers is not None  # deterministic selectors name their layers
     return BudgetVerdict(
         budget=budget,
         increase_ratio=_ratio(repl.perplexity - base, inter.perplexity - base),
