@@ -20,7 +20,9 @@ def stdlib_corpus(max_bytes: int = 3_000_000) -> tuple[str, str]:
         for p in root.rglob("*.py")
         if "site-packages" not in p.parts and "test" not in p.parts and "tests" not in p.parts
     )
-    train, held, size = [], [], 0
+    train: list[str] = []
+    held: list[str] = []
+    size = 0
     for n, path in enumerate(files):
         try:
             text = path.read_text(encoding="utf-8")
@@ -67,7 +69,8 @@ def pythia_config(vocab_size: int, n_layers: int = 6, width: int = 128, seq_len:
         num_attention_heads=max(1, width // 32),
         intermediate_size=4 * width,
         max_position_embeddings=seq_len,
-        rotary_pct=0.25,
+        # transformers 4.x names it rotary_pct; 5.x maps it (its signature lacks it)
+        rotary_pct=0.25,  # type: ignore[call-arg]
         use_parallel_residual=True,
         tie_word_embeddings=False,
         attention_dropout=0.0,

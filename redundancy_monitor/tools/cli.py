@@ -10,6 +10,7 @@ import argparse
 import inspect
 import sys
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from redundancy_monitor.errors import RedundancyMonitorError
 from redundancy_monitor.extras import require
@@ -372,6 +373,7 @@ def cmd_watch(args: argparse.Namespace) -> int:
     loader = ModelLoader(args.model_config, device=args.device, trust_checkpoints=False)
     if args.model_config is not None:
         loader.template()  # a bad config fails now, not at the first checkpoint
+    batch: Any  # an (ids, mask) pair, or a function of the checkpoints that makes one
     if args.probe_batch is not None:
         batch = load_probe_batch(args.probe_batch)
     else:
@@ -384,8 +386,10 @@ def cmd_watch(args: argparse.Namespace) -> int:
             batch = batch_from_text(load_tokenizer(args.tokenizer))
         else:
 
-            def batch(refs):  # from the first complete checkpoint that holds a tokenizer
+            def batch_from_checkpoints(refs):  # the first complete one that has a tokenizer
                 return batch_from_text(load_tokenizer(find_tokenizer(refs)))
+
+            batch = batch_from_checkpoints
 
     def stop(signum, frame):
         raise KeyboardInterrupt  # closes the run folder on the way out
@@ -459,7 +463,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     for name, (add_arguments, command) in SUBCOMMANDS.items():
-        summary, _, details = inspect.cleandoc(command.__doc__).partition("\n\n")
+        summary, _, details = inspect.cleandoc(command.__doc__ or "").partition("\n\n")
         p = sub.add_parser(name, help=summary, description=" ".join(details.split()))
         add_arguments(p)
         p.set_defaults(func=command)

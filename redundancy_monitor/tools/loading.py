@@ -120,7 +120,8 @@ def load_checkpoint(
             "the weights file is damaged or not a checkpoint: save it again"
         ) from None
     tok = load_tokenizer(path if tokenizer is None else tokenizer)
-    return model.to(dev).eval(), tok
+    # transformers types `to` through a decorator that mypy reads as taking the model
+    return model.to(dev).eval(), tok  # type: ignore[arg-type]
 
 
 def load_tokenizer(path: str | os.PathLike):

@@ -561,7 +561,9 @@ class ReplayRun:
         record = _probe_checkpoint(ref, load_model, self._ids, self._mask, self.config)
         if not self._started:  # after a resume: marks where the earlier records end
             resumed = self._last_step is not None
-            self.recorder.mark_start(self._last_step + 1 if resumed else ref.step, resumed)
+            self.recorder.mark_start(
+                self._last_step + 1 if self._last_step is not None else ref.step, resumed
+            )
             self._started = True
         self._last_step = ref.step
         self._steps.append(ref.step)

@@ -191,6 +191,7 @@ def score_checkpoint(config: ScoreConfig) -> ScoreRun:
         if config.remove is not None:
             layers, chosen_by = tuple(config.remove), "--remove"
         else:
+            assert config.budget is not None  # ScoreConfig checks: --remove or --budget
             plan = plan_removal(result, (config.budget,), (config.protocol,))
             layers = plan.layers(config.protocol, config.budget)
             chosen_by = f"{config.protocol} removability at budget {config.budget}"

@@ -83,7 +83,7 @@ def terminal_summary(run: ScoreRun) -> str:
     meta = run.result.meta
     lines = [
         f"{meta.model_class}: {meta.n_layers} layers, probe batch {meta.n_seq} x "
-        f"{meta.seq_len} tokens (sha256 {meta.batch_sha256[:12]}), pairs {meta.pairs}",
+        f"{meta.seq_len} tokens (sha256 {(meta.batch_sha256 or '?')[:12]}), pairs {meta.pairs}",
         f"regime: {_regime_line(run)}",
         f"precision: {run.sample_size.sentence()}",
         _interval_note(run),
