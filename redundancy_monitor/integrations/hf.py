@@ -11,7 +11,8 @@ import logging
 import os
 import sys
 import weakref
-from typing import Any
+from types import FrameType
+from typing import TYPE_CHECKING, Any
 
 from redundancy_monitor.errors import InvalidConfigError
 from redundancy_monitor.extras import require
@@ -25,9 +26,13 @@ from redundancy_monitor.monitoring.sidecar import SidecarAlerts
 from redundancy_monitor.monitoring.sinks import PROBE_INFO, Sink, probe_scalars
 from redundancy_monitor.monitoring.tensorboard import TensorBoardSink
 
-_callbacks = require("transformers.trainer_callback", "RedundancyMonitorTrainerCallback")
-TrainerCallback, ExportableState = _callbacks.TrainerCallback, _callbacks.ExportableState
-CallbackHandler = _callbacks.CallbackHandler
+if TYPE_CHECKING:
+    from transformers import TrainerControl, TrainerState, TrainingArguments
+    from transformers.trainer_callback import CallbackHandler, ExportableState, TrainerCallback
+else:  # a clear error naming the extra when transformers is missing
+    _callbacks = require("transformers.trainer_callback", "RedundancyMonitorTrainerCallback")
+    TrainerCallback, ExportableState = _callbacks.TrainerCallback, _callbacks.ExportableState
+    CallbackHandler = _callbacks.CallbackHandler
 
 log = logging.getLogger("redundancy_monitor")
 
@@ -72,7 +77,7 @@ def _calling_handler() -> CallbackHandler | None:
     """The `CallbackHandler` of the Trainer that is calling us (an event, or the rebuild
     of callbacks on resume), found on the call stack: the Trainer hands callbacks no
     reference to itself or its handler."""
-    frame = sys._getframe(1)
+    frame: FrameType | None = sys._getframe(1)
     for _ in range(8):
         if frame is None:
             return None
@@ -106,6 +111,7 @@ class TrainerLogSink(Sink):
 
     def write_probe(self, record: ProbeRecord) -> None:
         args, state, control = self.owner._args, self.owner._state, self.owner._control
+        assert state is not None and record.result is not None  # bound at train begin; a probe
         logs = probe_scalars(record.result, self.per_pair)
         logs[f"{PROBE_INFO}/snapshot_step"] = float(record.step)
         at_snapshot = copy.copy(state)  # logged at the step of the snapshot (§6)
@@ -203,7 +209,9 @@ class RedundancyMonitorTrainerCallback(TrainerCallback, ExportableState):
         self.per_pair, self.images = per_pair, images
         self._attached = self._restored = self._ended = False
         self.tensorboard_dir: str | None = None
-        self._args = self._state = self._control = None
+        self._args: TrainingArguments | None = None
+        self._state: TrainerState | None = None
+        self._control: TrainerControl | None = None
         self._decisions = None  # a RankGroup when rank 0 probes alone among several
         self._synced_step: int | None = None
         config = {"sidecar": str(sidecar)} if self.monitor is None else self.monitor.config_key
@@ -223,7 +231,7 @@ class RedundancyMonitorTrainerCallback(TrainerCallback, ExportableState):
             ]
             digest = token.rpartition(":")[2]
             same = [cb for cb in live if cb._digest == digest]
-            original = (same or live or [None])[0]
+            original = same[0] if same else live[0] if live else None
         if original is None:
             raise InvalidConfigError(
                 "cannot rebuild RedundancyMonitorTrainerCallback from a checkpoint alone; pass "
@@ -265,6 +273,7 @@ class RedundancyMonitorTrainerCallback(TrainerCallback, ExportableState):
     # ----- setup -------------------------------------------------------------------------
 
     def _attach_sinks(self, args, handler) -> None:
+        assert self.monitor is not None  # called where this process probes
         report_to = args.report_to or []
         tensorboard = None
         if handler is not None:
@@ -306,6 +315,7 @@ class RedundancyMonitorTrainerCallback(TrainerCallback, ExportableState):
             self.monitor.sinks.append(JsonlSink(self.jsonl_file))
 
     def _fallback_batch(self, kwargs) -> None:
+        assert self.monitor is not None  # called where this process probes
         loader = kwargs.get("eval_dataloader") or kwargs.get("train_dataloader")
         if not self.monitor.has_probe_batch and loader is not None:
             self.monitor.set_probe_batch(dataloader=loader)
@@ -370,10 +380,12 @@ class RedundancyMonitorTrainerCallback(TrainerCallback, ExportableState):
     def _end(self, args, state, model) -> None:
         if not self._ended and self._probes_here(args, state):
             self._ended = True
+            assert self.monitor is not None  # probes_here: a monitor
             self.monitor.train_end(state.global_step, model)
 
     def _read_sidecar(self, state, control) -> None:
         # Every process reads at the same scheduled steps and gets rank 0's decision.
+        assert self.sidecar is not None  # called with a sidecar only
         if self.sidecar.step(state.global_step):
             if self.sidecar.stop_requested:
                 control.should_training_stop = True
@@ -382,6 +394,7 @@ class RedundancyMonitorTrainerCallback(TrainerCallback, ExportableState):
                 control.should_save = True
 
     def _apply_requests(self, args, state, control) -> None:
+        assert self.monitor is not None  # called with a monitor only
         stop, save = self.monitor.stop_requested, self.monitor.checkpoint_requested
         if self._decisions is not None:
             # Rank 0 probes alone, so only it knows: it tells the others at scheduled
@@ -397,6 +410,7 @@ class RedundancyMonitorTrainerCallback(TrainerCallback, ExportableState):
             control.should_save = True
 
     def _sync_due(self, step: int) -> bool:
+        assert self.monitor is not None  # called with a monitor only
         if step == self._synced_step or not self.monitor.schedule.is_due(step):
             return False
         self._synced_step = step

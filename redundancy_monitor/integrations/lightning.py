@@ -26,7 +26,8 @@ try:
     from lightning.pytorch import Callback
 except ModuleNotFoundError:
     try:  # only the standalone package is installed
-        from pytorch_lightning import Callback
+        # the same class in the standalone package (one of the two is bound at run time)
+        from pytorch_lightning import Callback  # type: ignore[assignment]
     except ModuleNotFoundError:
         raise missing("lightning", "RedundancyMonitorCallback") from None
 
@@ -159,6 +160,7 @@ class RedundancyMonitorCallback(Callback):
     # ----- setup -------------------------------------------------------------------------
 
     def _attach_sinks(self, trainer) -> None:
+        assert self.monitor is not None  # called where this process probes
         tensorboard = None
         for logger in trainer.loggers:
             if _is_tensorboard_logger(logger) and tensorboard is None:
@@ -178,6 +180,7 @@ class RedundancyMonitorCallback(Callback):
         )
 
     def _fallback_batch(self, trainer) -> None:
+        assert self.monitor is not None  # called where this process probes
         if self.monitor.has_probe_batch:
             return
         loaders = trainer.val_dataloaders or trainer.train_dataloader
@@ -219,12 +222,14 @@ class RedundancyMonitorCallback(Callback):
         # A collective: a sharded checkpoint needs one path on every rank.
         self._alert_dir = trainer.strategy.broadcast(folder) if writes else None
         if self._probes_here(trainer):
+            assert self.monitor is not None and self._lm is not None  # found above
             self.monitor.start()
             self.monitor.step(trainer.global_step, self._lm)
         self._apply_requests(trainer)
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         if self._probes_here(trainer):
+            assert self.monitor is not None  # probes_here: a monitor
             self.monitor.before_weights_change()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
@@ -232,11 +237,13 @@ class RedundancyMonitorCallback(Callback):
             self._read_sidecar(trainer)
             return
         if self._probes_here(trainer):
+            assert self.monitor is not None and self._lm is not None  # set at train start
             self.monitor.step(trainer.global_step, self._lm)
         self._apply_requests(trainer)
 
     def on_train_end(self, trainer, pl_module) -> None:
         if self._probes_here(trainer):
+            assert self.monitor is not None and self._lm is not None  # set at train start
             self.monitor.train_end(trainer.global_step, self._lm)
         self._apply_requests(trainer, at_end=True)
 
@@ -253,6 +260,7 @@ class RedundancyMonitorCallback(Callback):
 
     def _read_sidecar(self, trainer) -> None:
         # Every rank reads at the same scheduled steps and gets rank 0's decision.
+        assert self.sidecar is not None  # called with a sidecar only
         if self.sidecar.step(trainer.global_step):
             save = self.sidecar.checkpoint_requested
             self.sidecar.checkpoint_requested = False
@@ -286,6 +294,7 @@ class RedundancyMonitorCallback(Callback):
     def _sync_due(self, step: int) -> bool:
         """Whether `step` is a scheduled step seen for the first time (micro-batches of
         one optimizer step share it)."""
+        assert self.monitor is not None  # called with a monitor only
         if step == self._synced_step or not self.monitor.schedule.is_due(step):
             return False
         self._synced_step = step
