@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib
 
+from redundancy_monitor._version import __version__
 from redundancy_monitor.errors import (
     BlockDiscoveryError,
     InvalidBatchError,
@@ -18,8 +19,6 @@ from redundancy_monitor.errors import (
     MonitorStateError,
     RedundancyMonitorError,
 )
-
-__version__ = "0.1.0"
 
 #: public name -> the module that defines it
 _LAZY = {

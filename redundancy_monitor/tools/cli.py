@@ -12,6 +12,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from redundancy_monitor._version import __version__
 from redundancy_monitor.errors import RedundancyMonitorError
 from redundancy_monitor.extras import require
 
@@ -461,6 +462,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="redundancy-monitor",
         description="Layer redundancy of transformer LMs: replacement vs interchange.",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     for name, (add_arguments, command) in SUBCOMMANDS.items():
         summary, _, details = inspect.cleandoc(command.__doc__ or "").partition("\n\n")
