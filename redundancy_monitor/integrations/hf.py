@@ -25,6 +25,7 @@ from redundancy_monitor.monitoring.record import ProbeRecord
 from redundancy_monitor.monitoring.sidecar import SidecarAlerts
 from redundancy_monitor.monitoring.sinks import PROBE_INFO, Sink, probe_scalars
 from redundancy_monitor.monitoring.tensorboard import TensorBoardSink
+from redundancy_monitor.monitoring.trackers import report_to_alert_sinks
 
 if TYPE_CHECKING:
     from transformers import TrainerControl, TrainerState, TrainingArguments
@@ -275,6 +276,7 @@ class RedundancyMonitorTrainerCallback(TrainerCallback, ExportableState):
     def _attach_sinks(self, args, handler) -> None:
         assert self.monitor is not None  # called where this process probes
         report_to = args.report_to or []
+        self.monitor.sinks.extend(report_to_alert_sinks(report_to))  # MLflow, W&B: alert text
         tensorboard = None
         if handler is not None:
             self.monitor.sinks.append(TrainerLogSink(self, handler, self.per_pair))

@@ -21,6 +21,7 @@ from redundancy_monitor.monitoring.adapters import (
 from redundancy_monitor.monitoring.monitor import RedundancyMonitor
 from redundancy_monitor.monitoring.sidecar import SidecarAlerts
 from redundancy_monitor.monitoring.sinks import MetricsSink
+from redundancy_monitor.monitoring.trackers import logger_alert_sinks
 
 try:
     from lightning.pytorch import Callback
@@ -167,6 +168,7 @@ class RedundancyMonitorCallback(Callback):
                 tensorboard = logger
             else:
                 self.monitor.sinks.append(MetricsSink(logger.log_metrics, self.per_pair))
+                self.monitor.sinks.extend(logger_alert_sinks(logger))  # MLflow, W&B: alert text
         if tensorboard is not None:
             log_dir, writer = tensorboard.log_dir, tensorboard.experiment
         else:

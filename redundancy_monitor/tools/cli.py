@@ -344,6 +344,18 @@ def add_watch_arguments(p: argparse.ArgumentParser) -> None:
         metavar="S",
         help="a checkpoint counts as written once unchanged for S seconds (2)",
     )
+    p.add_argument(
+        "--webhook",
+        metavar="URL",
+        help="post each alert to this http(s) URL (a Slack incoming webhook, a pager's or "
+        "your own endpoint), off the probing thread, with a timeout and retries",
+    )
+    p.add_argument(
+        "--webhook-format",
+        choices=("slack", "json"),
+        default="json",
+        help='slack: {"text": ...}; json: the alert\'s fields and a text (json)',
+    )
 
 
 def cmd_watch(args: argparse.Namespace) -> int:
@@ -395,6 +407,12 @@ def cmd_watch(args: argparse.Namespace) -> int:
     def stop(signum, frame):
         raise KeyboardInterrupt  # closes the run folder on the way out
 
+    hook = None
+    if args.webhook is not None:
+        from redundancy_monitor.monitoring.webhook import WebhookAlerts
+
+        where = args.log_dir or args.ckpt_dir
+        hook = WebhookAlerts(args.webhook, args.webhook_format, run=str(where))
     previous = signal.signal(signal.SIGTERM, stop)
     try:
         done = watch(
@@ -408,9 +426,16 @@ def cmd_watch(args: argparse.Namespace) -> int:
             exit_when_idle=args.exit_when_idle,
             until_step=args.until_step,
             notice=lambda m: print(f"watch: {m}", file=sys.stderr, flush=True),
+            sinks=[hook] if hook is not None else (),
         )
     finally:
         signal.signal(signal.SIGTERM, previous)
+    if hook is not None:
+        print(
+            f"watch: webhook: {hook.n_sent} alert(s) delivered, {hook.n_failed} failed, "
+            f"{hook.n_dropped} dropped",
+            file=sys.stderr,
+        )
     print(
         f"watched {args.ckpt_dir}: probed {len(done.probed)} checkpoint(s) into {done.log_dir} "
         f"({len(done.already_done)} already done, {len(done.failed)} failed, "

@@ -46,6 +46,7 @@ from redundancy_monitor.monitoring.jsonl import JsonlSink
 from redundancy_monitor.monitoring.probe_config import ProbeConfig
 from redundancy_monitor.monitoring.record import ProbeRecord
 from redundancy_monitor.monitoring.recorder import Recorder
+from redundancy_monitor.monitoring.sinks import Sink
 from redundancy_monitor.monitoring.tensorboard import TensorBoardSink
 from redundancy_monitor.probing.batch import make_batch
 from redundancy_monitor.probing.engine import DEFAULT_BATCH_TOKENS
@@ -495,6 +496,7 @@ class ReplayRun:
         attention_mask: torch.Tensor | None = None,
         alerts: AlertConfig | None = None,
         state_file: str = STATE_FILE,
+        sinks: Sequence[Sink] = (),
     ):
         self.config = config
         batch = make_batch(input_ids.detach().cpu(), _cpu(attention_mask))
@@ -517,7 +519,7 @@ class ReplayRun:
             purge_step=None if self._last_step is None else self._last_step + 1,
         )
         self.recorder = Recorder(
-            [self._tensorboard, JsonlSink(self.out_dir / RECORD_FILE)],
+            [self._tensorboard, JsonlSink(self.out_dir / RECORD_FILE), *sinks],
             alerts=alerts,
             probe_config=self.config,
         )
