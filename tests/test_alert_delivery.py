@@ -261,3 +261,6 @@ def test_watch_posts_its_alerts_to_the_webhook(hf_run, endpoint_factory, tmp_pat
     (posted,) = [body for _, body in endpoint.requests]
     assert written[0]["message"] in posted["text"]
     assert "webhook: 1 alert(s) delivered, 0 failed, 0 dropped" in err
+    code = main(["watch", str(root), "--text", str(text), "--webhook", "ftp://example.org/x"])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "http://" in err, err
