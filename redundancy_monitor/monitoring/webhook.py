@@ -57,7 +57,7 @@ def alert_payload(alert: Alert, format: str, run: str | None = None) -> dict[str
     file) with ``text``, ``run`` and ``source`` added.
     """
     where = f" in {run}" if run else ""
-    text = f"redundancy monitor alert{where}: {alert.rule} at step {alert.step}. {alert.message}"
+    text = f"redundancy monitor alert ({alert.rule}){where}: {alert.message}"  # names the step
     if format == "slack":
         return {"text": text}
     return {
