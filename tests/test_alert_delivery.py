@@ -224,6 +224,7 @@ def test_a_full_queue_drops_and_counts_and_close_is_bounded(endpoint_factory, ca
         ("file:///etc/passwd", {}, "http:// or https://"),
         ("ftp://example.org/x", {}, "http:// or https://"),
         ("http:///no-host", {}, "http:// or https://"),
+        ("http://127.0.0.1:port/x", {}, "http:// or https://"),
         ("http://127.0.0.1:9/x", {"format": "teams"}, "format"),
         ("http://127.0.0.1:9/x", {"rules": ["gap_treshold"]}, "gap_treshold"),
         ("http://127.0.0.1:9/x", {"timeout": 0}, "timeout"),

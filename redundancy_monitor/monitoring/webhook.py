@@ -45,7 +45,11 @@ def redact(url: str) -> str:
     webhook's path is its secret."""
     parts = urllib.parse.urlsplit(url)
     host = parts.hostname or "?"
-    return f"{parts.scheme}://{host}" + (f":{parts.port}" if parts.port else "")
+    try:
+        port = parts.port
+    except ValueError:  # not a number: left out
+        port = None
+    return f"{parts.scheme}://{host}" + (f":{port}" if port else "")
 
 
 def alert_payload(alert: Alert, format: str, run: str | None = None) -> dict[str, Any]:
@@ -113,6 +117,10 @@ class WebhookAlerts(Sink):
         close_timeout: float = 10.0,
     ):
         parts = urllib.parse.urlsplit(str(url))
+        try:
+            parts.port  # noqa: B018 -- raises on a port that is not a number
+        except ValueError:
+            parts = parts._replace(netloc="")
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise InvalidConfigError(
                 f"webhook URL must be an http:// or https:// address, got {redact(str(url))!r}"
