@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib
 
+from redundancy_monitor._version import __version__
 from redundancy_monitor.errors import (
     BlockDiscoveryError,
     CheckpointError,
@@ -36,8 +37,6 @@ from redundancy_monitor.errors import (
     UnsupportedModelError,
 )
 from redundancy_monitor.files import RECORD_FILE
-
-__version__ = "0.1.0"
 
 #: public name -> the module that defines it
 _LAZY = {

@@ -7,6 +7,7 @@ from __future__ import annotations
 import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -20,7 +21,9 @@ def stdlib_corpus(max_bytes: int = 3_000_000) -> tuple[str, str]:
         for p in root.rglob("*.py")
         if "site-packages" not in p.parts and "test" not in p.parts and "tests" not in p.parts
     )
-    train, held, size = [], [], 0
+    train: list[str] = []
+    held: list[str] = []
+    size = 0
     for n, path in enumerate(files):
         try:
             text = path.read_text(encoding="utf-8")
@@ -60,6 +63,9 @@ def pythia_config(vocab_size: int, n_layers: int = 6, width: int = 128, seq_len:
     """A small GPT-NeoX (Pythia architecture: parallel residual, rotary on 25% of dims)."""
     from transformers import GPTNeoXConfig
 
+    # transformers 4.x names it rotary_pct; 5.x maps that name to partial_rotary_factor
+    # (and its signature no longer lists it, hence a dict typed for any version)
+    legacy: dict[str, Any] = {"rotary_pct": 0.25}
     return GPTNeoXConfig(
         vocab_size=vocab_size,
         hidden_size=width,
@@ -67,7 +73,7 @@ def pythia_config(vocab_size: int, n_layers: int = 6, width: int = 128, seq_len:
         num_attention_heads=max(1, width // 32),
         intermediate_size=4 * width,
         max_position_embeddings=seq_len,
-        rotary_pct=0.25,
+        **legacy,
         use_parallel_residual=True,
         tie_word_embeddings=False,
         attention_dropout=0.0,

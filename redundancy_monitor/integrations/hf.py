@@ -11,7 +11,8 @@ import logging
 import os
 import sys
 import weakref
-from typing import Any
+from types import FrameType
+from typing import TYPE_CHECKING, Any
 
 from redundancy_monitor.errors import InvalidConfigError
 from redundancy_monitor.extras import require
@@ -27,10 +28,15 @@ from redundancy_monitor.monitoring.record import ProbeRecord
 from redundancy_monitor.monitoring.sidecar import SidecarAlerts
 from redundancy_monitor.monitoring.sinks import PROBE_INFO, Sink, probe_scalars
 from redundancy_monitor.monitoring.tensorboard import TensorBoardSink
+from redundancy_monitor.monitoring.trackers import report_to_alert_sinks
 
-_callbacks = require("transformers.trainer_callback", "RedundancyMonitorTrainerCallback")
-TrainerCallback, ExportableState = _callbacks.TrainerCallback, _callbacks.ExportableState
-CallbackHandler = _callbacks.CallbackHandler
+if TYPE_CHECKING:
+    from transformers import TrainerControl, TrainerState, TrainingArguments
+    from transformers.trainer_callback import CallbackHandler, ExportableState, TrainerCallback
+else:  # a clear error naming the extra when transformers is missing
+    _callbacks = require("transformers.trainer_callback", "RedundancyMonitorTrainerCallback")
+    TrainerCallback, ExportableState = _callbacks.TrainerCallback, _callbacks.ExportableState
+    CallbackHandler = _callbacks.CallbackHandler
 
 log = logging.getLogger("redundancy_monitor")
 
@@ -269,7 +275,9 @@ class RedundancyMonitorTrainerCallback(TrainerCallback, ExportableState):
     # ----- setup -------------------------------------------------------------------------
 
     def _attach_sinks(self, args, handler) -> None:
+        assert self.monitor is not None  # called where this process probes
         report_to = args.report_to or []
+        self.monitor.sinks.extend(report_to_alert_sinks(report_to))  # MLflow, W&B: alert text
         tensorboard = None
         siblings = [] if handler is None else _monitors(handler.callbacks)
         # Several monitors: each writes a folder of its own (record file, TensorBoard run).
@@ -314,6 +322,7 @@ class RedundancyMonitorTrainerCallback(TrainerCallback, ExportableState):
             self.monitor.sinks.append(JsonlSink(self.jsonl_file))
 
     def _fallback_batch(self, kwargs) -> None:
+        assert self.monitor is not None  # called where this process probes
         loader = kwargs.get("eval_dataloader") or kwargs.get("train_dataloader")
         if not self.monitor.has_probe_batch and loader is not None:
             self.monitor.set_probe_batch(dataloader=loader)

@@ -24,12 +24,14 @@ from redundancy_monitor.monitoring.control import ControlSource, MonitorControl
 from redundancy_monitor.monitoring.monitor import RedundancyMonitor
 from redundancy_monitor.monitoring.sidecar import SidecarAlerts
 from redundancy_monitor.monitoring.sinks import MetricsSink
+from redundancy_monitor.monitoring.trackers import logger_alert_sinks
 
 try:
     from lightning.pytorch import Callback
 except ModuleNotFoundError:
     try:  # only the standalone package is installed
-        from pytorch_lightning import Callback
+        # the same class in the standalone package (one of the two is bound at run time)
+        from pytorch_lightning import Callback  # type: ignore[assignment]
     except ModuleNotFoundError:
         raise missing("lightning", "RedundancyMonitorCallback") from None
 
@@ -174,12 +176,14 @@ class RedundancyMonitorCallback(Callback):
         ]
 
     def _attach_sinks(self, trainer) -> None:
+        assert self.monitor is not None  # called where this process probes
         tensorboard = None
         for logger in trainer.loggers:
             if _is_tensorboard_logger(logger) and tensorboard is None:
                 tensorboard = logger
             else:
                 self.monitor.sinks.append(MetricsSink(logger.log_metrics, self.per_pair))
+                self.monitor.sinks.extend(logger_alert_sinks(logger))  # MLflow, W&B: alert text
         if tensorboard is not None:
             log_dir, writer = tensorboard.log_dir, tensorboard.experiment
         else:
@@ -201,6 +205,7 @@ class RedundancyMonitorCallback(Callback):
         return monitor_label({**self.monitor.config_key, "model": self.model_path})
 
     def _fallback_batch(self, trainer) -> None:
+        assert self.monitor is not None  # called where this process probes
         if self.monitor.has_probe_batch:
             return
         loaders = trainer.val_dataloaders or trainer.train_dataloader

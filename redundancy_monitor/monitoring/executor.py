@@ -149,9 +149,10 @@ class BackgroundExecutor:
         if self._box:
             record = self._box[0]
         else:
+            assert self._step is not None  # set with the thread
             record = ProbeRecord(self._step, None, "the probe thread died", 0.0, 0.0)
         self._thread = self._token = None
-        waited = record.blocked_seconds + self._submit_seconds
+        waited = (record.blocked_seconds or 0.0) + self._submit_seconds
         return [dataclasses.replace(record, blocked_seconds=waited)]
 
     def poll(self) -> list[ProbeRecord]:
@@ -177,7 +178,8 @@ class BackgroundExecutor:
         done = self.drain(timeout)
         if self._thread is None:
             return done
-        self._token.cancel()
+        if self._token is not None:  # set with the thread
+            self._token.cancel()
         self._thread.join(self.CANCEL_GRACE)
         if self._thread.is_alive():
             self.n_abandoned += 1

@@ -60,6 +60,7 @@ class JsonlSink(Sink):
 
     def _file_is_gone(self) -> bool:
         """True when the open file is no longer the one at `path` (removed or replaced)."""
+        assert self._fd is not None  # asked while the file is open
         try:
             return os.stat(self.path).st_ino != os.fstat(self._fd).st_ino
         except FileNotFoundError:
@@ -77,6 +78,7 @@ class JsonlSink(Sink):
             self._close_fd()
         if self._fd is None:
             self._open()
+        assert self._fd is not None  # _open sets it or raises
         while self._pending:
             line = self._pending[0]
             size = os.fstat(self._fd).st_size

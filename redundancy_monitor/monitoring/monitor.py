@@ -219,7 +219,8 @@ class RedundancyMonitor:
             probe_config=self.probe_config,
             clock=self._current_step,  # a method, not a lambda: ddp_spawn pickles the monitor
         )
-        self._ids = self._mask = None
+        self._ids: torch.Tensor | None = None
+        self._mask: torch.Tensor | None = None
         self._batch_origin: str | None = None  # "given", "texts", "dataloader", "checkpoint"
         self._max_sequences = max_sequences
         if probe_batch is None and texts is not None:
@@ -258,7 +259,7 @@ class RedundancyMonitor:
         given = self._batch_origin in ("given", "texts")
         config = self.probe_config
         return {
-            "batch": self.batch_sha256[:16] if given else self._batch_origin or "fallback",
+            "batch": (self.batch_sha256 or "")[:16] if given else self._batch_origin or "fallback",
             "pairs": pairs_spec(config.pairs),
             "protocols": list(config.protocols),
             "blocks": config.blocks,
@@ -340,7 +341,9 @@ class RedundancyMonitor:
 
     @property
     def batch_sha256(self) -> str | None:
-        return None if self._ids is None else batch_sha256(self._ids, self._mask)
+        if self._ids is None or self._mask is None:  # set together
+            return None
+        return batch_sha256(self._ids, self._mask)
 
     def set_probe_batch(self, probe_batch=None, *, dataloader=None) -> None:
         """Fix the probe batch unless one is fixed already (adapters fall back to a
@@ -808,7 +811,7 @@ class RedundancyMonitor:
         return self._executor.running_step
 
     def _saved_batch(self) -> dict[str, Any] | None:
-        if self._ids is None or self._ids.numel() > MAX_SAVED_BATCH_TOKENS:
+        if self._ids is None or self._mask is None or self._ids.numel() > MAX_SAVED_BATCH_TOKENS:
             return None
         return {"input_ids": self._ids.tolist(), "attention_mask": self._mask.tolist()}
 

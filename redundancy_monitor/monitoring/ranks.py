@@ -10,6 +10,7 @@ send it their shards (monitoring/sharded.py); the merge is the same.
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -105,7 +106,7 @@ class RankGroup:
             "blocked_seconds": record.blocked_seconds,
             "memory": memory or {},
         }
-        parts: list[dict | None] = [None] * self.world_size
+        parts: list[Any] = [None] * self.world_size  # all_gather_object fills every slot
         dist.all_gather_object(parts, mine, group=self.group)
         step = parts[0]["step"]
         errors = [f"rank {r}: {p['error']}" for r, p in enumerate(parts) if p["error"] is not None]

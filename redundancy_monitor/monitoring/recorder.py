@@ -156,11 +156,14 @@ class Recorder:
         """Record one finished probe: sinks, alert rules, history (or a failure)."""
         self._latest = max(record.step, -1 if self._latest is None else self._latest)
         if record.failed:
-            self._failed(record.step, record.error)
+            self._failed(record.step, record.error or "unknown error")
         elif self._resume_reasons:
             reason, self._resume_reasons = "; ".join(self._resume_reasons), []
             self._new_trajectory(record, f"resumed with {reason}", alert=True)
-        elif (change := self.trajectory_guard.check(record.result)) is not None:
+        elif (
+            record.result is not None  # not failed: it has a result
+            and (change := self.trajectory_guard.check(record.result)) is not None
+        ):
             self._mismatched(record, change)
         else:
             self._record(record)
@@ -209,6 +212,7 @@ class Recorder:
 
     def _new_trajectory(self, record: ProbeRecord, reason: str, alert: bool = False) -> None:
         """Start a new trajectory (and alert state) from this probe, with a marker record."""
+        assert record.result is not None  # a successful probe starts a trajectory
         old = self.trajectory_guard.restart(record.result)
         log.warning("redundancy monitor: new baseline at step %d: %s", record.step, reason)
         if self.history:
@@ -236,6 +240,7 @@ class Recorder:
         record = self._with_change(record)
         self.n_probes += 1
         self.history.append(record.summary_only())
+        assert record.result is not None  # failures go to _failed
         self._emit("write_probe", record)
         result = record.result
         assert result is not None  # a failure never gets here
@@ -370,7 +375,11 @@ class Recorder:
 
     def trajectory(self, name: str = "gap_mean") -> list[tuple[int, float | None]]:
         """``(step, value)`` of one summary scalar over the probes so far, by step."""
-        return sorted((r.step, r.result.summary.scalars().get(name)) for r in self.history)
+        return sorted(
+            (r.step, r.result.summary.scalars().get(name))
+            for r in self.history
+            if r.result is not None  # the history holds successful probes
+        )
 
     def use_batch(self, sha256: str | None) -> None:
         """Note the hash of the probe batch in use (it goes into the state).
@@ -386,6 +395,7 @@ class Recorder:
     def _check_batch(self) -> None:
         if None in (self._batch_sha, self._restored_sha) or self._batch_sha == self._restored_sha:
             return
+        assert self._batch_sha is not None and self._restored_sha is not None  # both known
         if self.lenient:
             self.note_resume_change(
                 f"another probe batch (sha256 {self._batch_sha[:12]}..., the checkpoint's "

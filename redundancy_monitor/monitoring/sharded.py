@@ -39,12 +39,14 @@ class ShardEntry:
 
     def chunk(self, rank: int, world: int) -> int:
         """Rows (along `dim`) that `rank` holds: `torch.chunk` sizes, as FSDP2 shards."""
+        assert self.dim is not None  # asked of sharded entries only
         size = math.ceil(self.shape[self.dim] / world)
         return max(0, min(self.shape[self.dim], (rank + 1) * size) - rank * size)
 
     def slot_bytes(self, world: int) -> int:
         """Bytes every rank sends for this entry: its shard, padded to the largest shard
         and to a multiple of 8 (so every entry's bytes can be viewed as its dtype)."""
+        assert self.dim is not None  # asked of sharded entries only
         rest = math.prod(self.shape) // max(1, self.shape[self.dim])
         size = math.ceil(self.shape[self.dim] / world) * rest * self.host.element_size()
         return -(-size // 8) * 8
@@ -119,6 +121,7 @@ class HostShards:
         chunks = []
         for i in indices:
             entry = self.entries[i]
+            assert entry.dim is not None  # `indices` name sharded entries
             flat = entry.host.movedim(entry.dim, 0).contiguous().view(-1).view(torch.uint8)
             pad = entry.slot_bytes(world) - flat.numel()
             chunks.append(flat if pad == 0 else torch.cat([flat, flat.new_zeros(pad)]))
@@ -132,6 +135,7 @@ class HostShards:
         for i in indices:
             entry = self.entries[i]
             slot = entry.slot_bytes(world)
+            assert entry.dim is not None  # `indices` name sharded entries
             moved = list(entry.shape)
             moved.insert(0, moved.pop(entry.dim))
             pieces = []

@@ -26,6 +26,7 @@ import contextlib
 import copy
 import dataclasses
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, TypeGuard
 
 import torch
 import torch.distributed as dist
@@ -36,6 +37,9 @@ from redundancy_monitor.monitoring.device_memory import DeviceBudget, device_pea
 from redundancy_monitor.monitoring.sharded import GatheredWeights, HostShards, serve_shards
 from redundancy_monitor.probing.blocks import find_blocks, unwrap_model
 from redundancy_monitor.probing.streaming import block_list_path, nbytes
+
+if TYPE_CHECKING:
+    from torch.distributed.tensor import DTensor
 
 SHADOW_DEVICES = ("host", "device")
 _DTYPES = {
@@ -78,7 +82,7 @@ class Snapshot:
     streamed: bool  # weights in host memory, blocks streamed to `device`
     host_bytes: int
     device_bytes: int
-    copied: object = None  # CUDA event recorded after the copy
+    copied: torch.cuda.Event | None = None  # CUDA event recorded after the copy
     shards: HostShards | None = None  # FSDP2 host mode: this rank's shards
     memory: dict = field(default_factory=dict)  # filled by the probe job
 
@@ -106,8 +110,8 @@ class ShadowModel:
         self.dtype = check_shadow_dtype(dtype)
         self.shadow: nn.Module | None = None
         self.shards: HostShards | None = None
-        self.stream = None  # torch.cuda.Stream on CUDA, None on CPU
-        self._copied = None  # torch.cuda.Event recorded after the last refresh
+        self.stream: torch.cuda.Stream | None = None  # on CUDA; None on CPU
+        self._copied: torch.cuda.Event | None = None  # recorded after the last refresh
         self._device: torch.device | None = None  # device of the stream and the event
         self._source_id: int | None = None
         self._shapes: list[tuple[torch.Size, torch.dtype, torch.device]] = []
@@ -174,6 +178,7 @@ class ShadowModel:
         tensors = self._tensors(source)
         if self.shadow is None or not self._matches(source, tensors):
             self._build(source, tensors, torch.device("cpu") if mode == "host" else device)
+            assert self.shadow is not None  # _build made it
             if mode == "device":
                 self._used_on_side_stream(self._tensors(self.shadow), device)
         targets = self._tensors(self.shadow)
@@ -232,6 +237,7 @@ class ShadowModel:
             yield
             return
         self._side_stream(device)
+        assert self.stream is not None  # _side_stream made it
         # The side stream must see the weights the last optimizer step wrote.
         self.stream.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(self.stream):
@@ -277,12 +283,12 @@ def probe_snapshot(
         "probe_device_peak_bytes": 0,
     }
     if snap.model is None:
+        assert snap.shards is not None  # a rank without a model serves its shards
         serve_shards(snap.shards, group)
         return None
+    model = snap.model  # a Module from here on, in the lambdas too
     if not snap.streamed:  # the shadow is on the device already
-        budget.check(
-            snap.device, lambda: estimate_need(snap.model, input_ids, kwargs, streamed=False)
-        )
+        budget.check(snap.device, lambda: estimate_need(model, input_ids, kwargs, streamed=False))
         with context, device_peak(snap.device) as peak:
             result = probe_fn(snap.model, input_ids, attention_mask, **kwargs)
         return _with_memory(result, snap, peak.bytes)
@@ -291,9 +297,7 @@ def probe_snapshot(
         if snap.shards is not None:
             blocks = find_blocks(snap.model, kwargs.get("blocks"))
             gathered = GatheredWeights(snap.shards, block_list_path(snap.model, blocks), group)
-        budget.check(
-            snap.device, lambda: estimate_need(snap.model, input_ids, kwargs, streamed=True)
-        )
+        budget.check(snap.device, lambda: estimate_need(model, input_ids, kwargs, streamed=True))
         with context, device_peak(snap.device) as peak:
             result = probe_fn(
                 snap.model,
@@ -316,7 +320,7 @@ def _with_memory(result, snap: Snapshot, peak_bytes: int | None):
     return result
 
 
-def _is_dtensor(tensor) -> bool:
+def _is_dtensor(tensor) -> TypeGuard[DTensor]:
     try:
         from torch.distributed.tensor import DTensor
     except ImportError:  # torch without distributed support
@@ -372,7 +376,7 @@ def _capture_sharded_into(holder: ShadowModel, source: nn.Module) -> nn.Module:
         holder.shadow = _plain_copy(source, holder.dtype)
         holder._source_id = id(source)
         holder._used_on_side_stream(holder._tensors(holder.shadow), device)
-    targets = dict(holder.shadow.named_parameters())
+    targets: dict[str, torch.Tensor] = dict(holder.shadow.named_parameters())
     targets.update(holder.shadow.named_buffers())
     missing = sorted(set(full) - set(targets))
     if missing:

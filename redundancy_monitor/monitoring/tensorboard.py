@@ -287,7 +287,9 @@ class TensorBoardSink(Sink):
         if self.per_sequence and record.result.per_sequence is not None:
             per_seq = record.result.per_sequence
             for name in per_seq.tables:
-                for (i, j), row in zip(per_seq.pairs, per_seq.table(name), strict=True):
+                table = per_seq.table(name)
+                assert table is not None  # a name of per_seq.tables
+                for (i, j), row in zip(per_seq.pairs, table, strict=True):
                     finite = row[np.isfinite(row)]
                     if finite.size:
                         w.add_histogram(f"{PREFIX}_per_sequence/{i}-{j}/{name}", finite, step)

@@ -6,6 +6,8 @@ the same and lists what was actually found.
 
 from __future__ import annotations
 
+from typing import TypeGuard
+
 from torch import nn
 
 from redundancy_monitor.errors import BlockDiscoveryError
@@ -38,9 +40,9 @@ def unwrap_model(model: nn.Module) -> nn.Module:
                 ("DistributedDataParallel", "FullyShardedDataParallel")
             )
         ):
-            model = model.module
+            model = model.module  # type: ignore[assignment]  # torch: Module.__getattr__ -> Tensor | Module
         elif hasattr(model, "get_base_model") and type(model).__name__.startswith("Peft"):
-            model = model.get_base_model()
+            model = model.get_base_model()  # type: ignore[operator]  # torch: Module.__getattr__ -> Tensor | Module
     return model
 
 
@@ -52,7 +54,7 @@ def get_submodule(root: nn.Module, path: str) -> nn.Module | None:
         return None
 
 
-def _is_block_list(module: nn.Module | None) -> bool:
+def _is_block_list(module: nn.Module | None) -> TypeGuard[nn.ModuleList]:
     if not isinstance(module, nn.ModuleList) or len(module) == 0:
         return False
     first = type(module[0])

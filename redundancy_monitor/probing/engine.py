@@ -162,7 +162,7 @@ class _Group:
             a
             for slot in range(n_slots)
             for a in self.by_action(slot)
-            if a is not None and a != _CACHED
+            if isinstance(a, int)  # a block index, not None (skipped) or _CACHED
         ]
 
     def call_block(self, module: nn.Module, slot: int, block: int, args, kwargs):
@@ -198,6 +198,7 @@ class _Group:
             elif action is None:
                 out[rows] = hidden[rows]
             else:
+                assert isinstance(action, int)  # a block index
                 sub_args = _select_rows(args, rows, batch_size)
                 sub_kwargs = _select_rows(kwargs, rows, batch_size)
                 result = self.call_block(module, slot, action, sub_args, sub_kwargs)
@@ -327,6 +328,7 @@ class Engine:
     # -- logits and KL --------------------------------------------------------------
     def _prepare_logits(self) -> None:
         """Pick the row chunk from the vocabulary; keep base probabilities if they fit."""
+        assert self.reference is not None  # recorded first (record_reference)
         final = self.reference.final_hidden
         vocab = self.logits(final[:1, :1]).shape[-1]
         # About four chunk x vocab tensors live at once (base p, logits, log q, product).
@@ -337,6 +339,7 @@ class Engine:
 
     def _base_chunk(self, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(p, sum p log p) of the unmodified model for valid rows [start, stop)."""
+        assert self.reference is not None  # recorded first (record_reference)
         final = self.reference.final_hidden
         h = final.reshape(-1, final.shape[-1]).index_select(0, self.valid[start:stop])
         logp = torch.log_softmax(self.logits(h).float(), dim=-1)
@@ -416,6 +419,7 @@ class Engine:
                 results[v] = zero  # the unmodified model: D = 0 by definition
         for members in self._groups([variants[v] for v in todo]):
             group_variants = [variants[todo[m]] for m in members]
+            assert self.reference is not None  # recorded first (record_reference)
             group = _Group(group_variants, self.batch.n_seq, self.reference, self.weights)
             routers = {s: _Router(self.slot_modules[s], s, group) for s in range(L)}
             self.weights.plan(group.uses(L))

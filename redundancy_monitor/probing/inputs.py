@@ -88,7 +88,7 @@ def _first_rows(loader, max_sequences: int | None):
         and hasattr(dataset, "__getitem__")
         and hasattr(dataset, "__len__")
     )
-    if indexable and callable(collate) and limits:
+    if indexable and dataset is not None and callable(collate) and limits:
         n_rows = min(len(dataset), *limits)
         if n_rows == 0:
             raise InvalidBatchError("the probe dataloader's dataset is empty; pass one with rows")

@@ -265,7 +265,7 @@ def summary_replicates(
     gap = d_repl - d_int if d_repl is not None and d_int is not None else np.empty((b, 0))
     ir = (
         np.divide(d_int, d_repl, out=np.full_like(d_int, np.nan), where=d_repl != 0)
-        if gap.shape[1]
+        if d_repl is not None and d_int is not None and gap.shape[1]
         else np.empty((b, 0))
     )
     out: dict[str, np.ndarray] = {
@@ -278,10 +278,15 @@ def summary_replicates(
     for name, values in (("d_repl", d_repl), ("d_int", d_int)):
         mean, median = _row_stats(values)[:2] if values is not None else (nan, nan)
         out[f"{name}_mean"], out[f"{name}_median"] = mean, median
-    both = gap.shape[1] > 0
-    out["pearson"] = pearson_rows(d_repl, d_int) if both else nan
+    # gap has columns only when both were measured; the `is not None` tests narrow types
+    both = d_repl is not None and d_int is not None and gap.shape[1] > 0
+    out["pearson"] = (
+        pearson_rows(d_repl, d_int) if both and d_repl is not None and d_int is not None else nan
+    )
     out["spearman"] = (
-        pearson_rows(_rank_rows(d_repl), _rank_rows(d_int)) if both and p >= 2 else nan
+        pearson_rows(_rank_rows(d_repl), _rank_rows(d_int))
+        if both and d_repl is not None and d_int is not None and p >= 2
+        else nan
     )
     for prefix, values in (("repl", d_repl), ("int", d_int)):
         v = values if values is not None else np.empty((b, 0))
@@ -290,7 +295,9 @@ def summary_replicates(
         out[f"{prefix}_strong"] = strong.astype(np.float64)
         out[f"{prefix}_conditional"] = conditional.astype(np.float64)
         out[f"{prefix}_not_similar"] = (v.shape[1] - strong - conditional).astype(np.float64)
-    out["frac_int_le_repl"] = (d_int <= d_repl).mean(axis=1) if both else nan
+    out["frac_int_le_repl"] = (
+        (d_int <= d_repl).mean(axis=1) if both and d_repl is not None and d_int is not None else nan
+    )
     for d in sorted(set(separations.tolist())):
         cols = separations == d
         g, r = (gap[:, cols], ir[:, cols]) if both else (np.empty((b, 0)),) * 2

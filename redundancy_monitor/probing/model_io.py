@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any
 
 import torch
 from torch import nn
@@ -47,7 +48,7 @@ def call_model(model: nn.Module, batch: ProbeBatch, repeat: int = 1):
     if repeat > 1:
         ids, mask = ids.repeat(repeat, 1), mask.repeat(repeat, 1)
     forward = model.forward
-    kwargs = {}
+    kwargs: dict[str, Any] = {}
     if _accepts(forward, "attention_mask"):
         kwargs["attention_mask"] = mask
     elif batch.has_padding and bool((mask[:, 1:] > mask[:, :-1]).any()):
@@ -148,13 +149,13 @@ def forward_replaced(module: nn.Module, forward) -> Iterator[None]:
         yield
     finally:
         if had:
-            module.forward = previous
+            module.__dict__["forward"] = previous  # the instance attribute it was
         else:
             del module.forward
 
 
 @contextlib.contextmanager
-def blocks_replaced(blocks: nn.ModuleList, replacements: dict[int, nn.Module]) -> Iterator[None]:
+def blocks_replaced(blocks: nn.ModuleList, replacements: Mapping[int, nn.Module]) -> Iterator[None]:
     """Temporarily put other modules in some slots of the block list."""
     originals = {s: blocks[s] for s in replacements}
     try:

@@ -399,7 +399,7 @@ def probe(
         n_variants=len(variants),
         oom_retries=oom_retries,
         elapsed_s=round(time.perf_counter() - started, 4),
-        shard=None if shard is None else tuple(shard),
+        shard=None if shard is None else (int(shard[0]), int(shard[1])),
         streamed=streamed,
     )
     result = ProbeResult(

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
+from typing import Any
 
 import torch
 from torch import nn
@@ -32,7 +33,7 @@ class ResidentWeights:
     streamed = False
 
     def __init__(self, blocks: nn.ModuleList):
-        self._params = [dict(block.named_parameters()) for block in blocks]
+        self._params: list[dict[str, torch.Tensor]] = [dict(b.named_parameters()) for b in blocks]
 
     def plan(self, uses: Iterable[int]) -> None:
         pass
@@ -65,7 +66,9 @@ class ModuleWeights(HostWeights):
 
     def skeleton(self) -> dict[str, torch.Tensor]:
         block_params = {id(p) for b in self.blocks for p in b.parameters()}
-        out = {n: p for n, p in self.root.named_parameters() if id(p) not in block_params}
+        out: dict[str, torch.Tensor] = {
+            n: p for n, p in self.root.named_parameters() if id(p) not in block_params
+        }
         out.update(self.root.named_buffers())
         return out
 
@@ -107,7 +110,7 @@ class BlockStreamer:
         self.capacity = capacity
         self._cuda = self.device.type == "cuda"
         self._copy_stream = torch.cuda.Stream(self.device) if self._cuda else None
-        self._held: dict[int, tuple[dict[str, torch.Tensor], object]] = {}
+        self._held: dict[int, tuple[dict[str, torch.Tensor], torch.cuda.Event | None]] = {}
         self._dropped: deque = deque()  # CUDA events: compute done with a dropped block
         self._plan: list[int] = []
         self._cursor = 0
@@ -218,7 +221,11 @@ def streamed_model(
     streamer = BlockStreamer(source.block, device, capacity)
     try:
         for module in root.modules():
-            for slots, is_param in ((module._parameters, True), (module._buffers, False)):
+            owned: list[tuple[dict[str, Any], bool]] = [
+                (module._parameters, True),
+                (module._buffers, False),
+            ]
+            for slots, is_param in owned:
                 for key, tensor in list(slots.items()):
                     name = by_id.get(id(tensor)) if tensor is not None else None
                     if name is None or (is_param and name.startswith(prefix)):

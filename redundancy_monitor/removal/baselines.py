@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -122,8 +123,9 @@ def hidden_state_scores_on(
     """Block Influence and angular distance from one forward with hooks on the blocks."""
     n_layers = len(blocks)
     valid = batch.attention_mask.bool()
-    inputs: list[torch.Tensor | None] = [None] * n_layers
-    outputs: list[torch.Tensor | None] = [None] * n_layers
+    # Every block's hooks fill its slot during the one forward below.
+    inputs: list[Any] = [None] * n_layers
+    outputs: list[Any] = [None] * n_layers
 
     def pre_hook(slot):
         def hook(module, args, kwargs):

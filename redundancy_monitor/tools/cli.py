@@ -10,7 +10,9 @@ import argparse
 import inspect
 import sys
 from collections.abc import Callable, Sequence
+from typing import Any
 
+from redundancy_monitor._version import __version__
 from redundancy_monitor.errors import RedundancyMonitorError
 from redundancy_monitor.extras import require
 
@@ -388,6 +390,18 @@ def add_watch_arguments(p: argparse.ArgumentParser) -> None:
         metavar="S",
         help="a checkpoint counts as written once unchanged for S seconds (2)",
     )
+    p.add_argument(
+        "--webhook",
+        metavar="URL",
+        help="post each alert to this http(s) URL (a Slack incoming webhook, a pager's or "
+        "your own endpoint), off the probing thread, with a timeout and retries",
+    )
+    p.add_argument(
+        "--webhook-format",
+        choices=("slack", "json"),
+        default="json",
+        help='slack: {"text": ...}; json: the alert\'s fields and a text (json)',
+    )
 
 
 def cmd_watch(args: argparse.Namespace) -> int:
@@ -427,6 +441,7 @@ def cmd_watch(args: argparse.Namespace) -> int:
     )
     if args.model_config is not None:
         loader.template()  # a bad config fails now, not at the first checkpoint
+    batch: Any  # an (ids, mask) pair, or a function of the checkpoints that makes one
     if args.probe_batch is not None:
         batch = load_probe_batch(args.probe_batch)
     else:
@@ -439,12 +454,20 @@ def cmd_watch(args: argparse.Namespace) -> int:
             batch = batch_from_text(load_tokenizer(args.tokenizer))
         else:
 
-            def batch(refs):  # from the first complete checkpoint that holds a tokenizer
+            def batch_from_checkpoints(refs):  # the first complete one that has a tokenizer
                 return batch_from_text(load_tokenizer(find_tokenizer(refs)))
+
+            batch = batch_from_checkpoints
 
     def stop(signum, frame):
         raise KeyboardInterrupt  # closes the run folder on the way out
 
+    hook = None
+    if args.webhook is not None:
+        from redundancy_monitor.monitoring.webhook import WebhookAlerts
+
+        where = args.log_dir or args.ckpt_dir
+        hook = WebhookAlerts(args.webhook, args.webhook_format, run=str(where))
     previous = signal.signal(signal.SIGTERM, stop)
     try:
         done = watch(
@@ -458,9 +481,16 @@ def cmd_watch(args: argparse.Namespace) -> int:
             exit_when_idle=args.exit_when_idle,
             until_step=args.until_step,
             notice=lambda m: print(f"watch: {m}", file=sys.stderr, flush=True),
+            sinks=[hook] if hook is not None else (),
         )
     finally:
         signal.signal(signal.SIGTERM, previous)
+    if hook is not None:
+        print(
+            f"watch: webhook: {hook.n_sent} alert(s) delivered, {hook.n_failed} failed, "
+            f"{hook.n_dropped} dropped",
+            file=sys.stderr,
+        )
     print(
         f"watched {args.ckpt_dir}: probed {len(done.probed)} checkpoint(s) into {done.log_dir} "
         f"({len(done.already_done)} already done, {len(done.failed)} failed, "
@@ -574,9 +604,10 @@ def build_parser() -> argparse.ArgumentParser:
         prog="redundancy-monitor",
         description="Layer redundancy of transformer LMs: replacement vs interchange.",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     for name, (add_arguments, command) in SUBCOMMANDS.items():
-        summary, _, details = inspect.cleandoc(command.__doc__).partition("\n\n")
+        summary, _, details = inspect.cleandoc(command.__doc__ or "").partition("\n\n")
         p = sub.add_parser(name, help=summary, description=" ".join(details.split()))
         add_arguments(p)
         p.set_defaults(func=command)

@@ -103,8 +103,8 @@ def _trajectories(run: RunRecords, lines: dict[str, tuple[str, dict]], ylabel: s
     for label, (name, style) in lines.items():
         _plot_by_segment(ax, run, name, label, style)
     for k, b in enumerate(run.baselines):
-        label = "new baseline" if k == 0 else None
-        ax.axvline(b.step, color="grey", linestyle="--", linewidth=0.8, label=label)
+        mark = "new baseline" if k == 0 else None
+        ax.axvline(b.step, color="grey", linestyle="--", linewidth=0.8, label=mark)
     _step_axis(ax, run.steps)
     ax.set_ylabel(ylabel)
     ax.set_title(title)
@@ -156,7 +156,9 @@ def change_trajectory(run: RunRecords, names: tuple[str, ...] = ("gap_median", "
 
 def ir_by_separation(run: RunRecords):
     """Median ir = d_int / d_repl over steps, one line per pair separation |i-j|."""
-    separations = sorted({d for p in run.probes for d in p.result.summary.by_separation})
+    separations = sorted(
+        {d for p in run.probes if p.result is not None for d in p.result.summary.by_separation}
+    )
     marker = {"marker": "o", "markersize": 3}
     lines = {f"|i-j| = {d}": (f"d{d}/ir_median", marker) for d in separations}
     if len(separations) > 1:
@@ -250,8 +252,8 @@ def gap_vs_depth(result: ProbeResult, title: str = "Per-pair gap against depth")
     fig, axes = new_figure((8, 3.6))
     ax = axes[0, 0]
     for d, points in sorted(by_separation.items()):
-        xs, ys, down, up = zip(*sorted(points), strict=True)
-        bars = [down, up] if any(down) or any(up) else None
+        xs, ys, downs, ups = zip(*sorted(points), strict=True)
+        bars = [downs, ups] if any(downs) or any(ups) else None
         ax.errorbar(xs, ys, yerr=bars, marker="o", markersize=4, capsize=3, label=f"|i-j| = {d}")
     ax.axhline(0.0, color="black", linewidth=0.6)
     ax.set_xlabel("depth: (i + j) / 2")

@@ -88,7 +88,11 @@ class RunRecords:
 
     def trajectory(self, name: str) -> list[tuple[int, float | None]]:
         """``(step, value)`` of one summary scalar (a key of `ProbeSummary.scalars()`)."""
-        return [(p.step, p.result.summary.scalars().get(name)) for p in self.probes]
+        return [
+            (p.step, p.result.summary.scalars().get(name))
+            for p in self.probes
+            if p.result is not None  # every probe record holds its result
+        ]
 
     def change_trajectory(
         self, name: str, since: str = "baseline"
@@ -139,6 +143,7 @@ def find_record_file(run_dir: str | os.PathLike) -> Path:
 def _probe_record(line: dict[str, Any]) -> ProbeRecord:
     record = ProbeRecord.from_dict(line)
     result = record.result
+    assert result is not None  # from_dict of a "probe" line always builds its result
     if result.meta.n_layers is None and result.pairs:  # files of early versions
         meta = replace(result.meta, n_layers=max(r.j for r in result.pairs) + 1)
         record = replace(record, result=replace(result, meta=meta))
@@ -157,7 +162,9 @@ def read_removal_table(path: Path) -> dict[str, Any] | None:
     if isinstance(table, list):  # a bare list of rows
         table = {"rows": table}
     rows = table.get("rows") if isinstance(table, dict) else None
-    if not (isinstance(rows, list) and rows and all(isinstance(r, dict) for r in rows)):
+    if not isinstance(table, dict) or not (
+        isinstance(rows, list) and rows and all(isinstance(r, dict) for r in rows)
+    ):
         return None
     config = data.get("config") if isinstance(data, dict) else None
     checkpoint = config.get("path") if isinstance(config, dict) else None
@@ -226,6 +233,7 @@ def load_run(run_dir: str | os.PathLike, removal: str | os.PathLike | None = Non
             "run reach its first scheduled probe (step 0 by default), then try again"
         )
     probes = [by_step[s] for s in sorted(by_step)]
+    table_source: Path | None
     if removal is not None:
         table, table_source = read_removal_table(Path(removal)), Path(removal)
         if table is None:

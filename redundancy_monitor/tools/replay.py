@@ -49,6 +49,7 @@ from redundancy_monitor.monitoring.jsonl import JsonlSink
 from redundancy_monitor.monitoring.probe_config import ProbeConfig
 from redundancy_monitor.monitoring.record import ProbeRecord
 from redundancy_monitor.monitoring.recorder import Recorder
+from redundancy_monitor.monitoring.sinks import Sink
 from redundancy_monitor.monitoring.tensorboard import TensorBoardSink
 from redundancy_monitor.probing.batch import make_batch
 from redundancy_monitor.probing.probe import probe
@@ -540,6 +541,7 @@ class ReplayRun:
         attention_mask: torch.Tensor | None = None,
         alerts: AlertConfig | None = None,
         state_file: str = STATE_FILE,
+        sinks: Sequence[Sink] = (),
     ):
         self.config = config
         batch = make_batch(input_ids.detach().cpu(), _cpu(attention_mask))
@@ -562,7 +564,7 @@ class ReplayRun:
             purge_step=None if self._last_step is None else self._last_step + 1,
         )
         self.recorder = Recorder(
-            [self._tensorboard, JsonlSink(self.out_dir / RECORD_FILE)],
+            [self._tensorboard, JsonlSink(self.out_dir / RECORD_FILE), *sinks],
             alerts=alerts,
             probe_config=self.config,
         )
@@ -616,7 +618,9 @@ class ReplayRun:
         record = _probe_checkpoint(ref, load_model, self._ids, self._mask, self.config)
         if not self._started:  # after a resume: marks where the earlier records end
             resumed = self._last_step is not None
-            self.recorder.mark_start(self._last_step + 1 if resumed else ref.step, resumed)
+            self.recorder.mark_start(
+                self._last_step + 1 if self._last_step is not None else ref.step, resumed
+            )
             self._started = True
         self._last_step = ref.step
         self._steps.append(ref.step)

@@ -61,6 +61,7 @@ def _change(name: str, first: float | None, last: float | None) -> str:
 def summary_sentences(run: RunRecords) -> list[str]:
     """The plain-language summary at the top of the report, one sentence per item."""
     first, last = run.first, run.last
+    assert first.result is not None and last.result is not None  # probes hold results
     sm = last.result.summary
     n_layers = last.result.n_layers
     out = [
@@ -144,6 +145,7 @@ def _baseline_sentences(run: RunRecords) -> list[str]:
 
 
 def _removal_sentences(point: ProbeRecord) -> list[str]:
+    assert point.result is not None  # a probe record of RunRecords.probes
     budget = default_budget(point.result.n_layers)
     try:
         plan = plan_removal(
@@ -170,6 +172,7 @@ def _measured_sentences(run: RunRecords) -> list[str]:
         return []
     out = []
     base = run.removal.get("base_perplexity")
+    assert run.removal_source is not None  # set with the table
     source = run.removal_source.name
     if run.removal.get("checkpoint"):
         source = f"{run.removal['checkpoint']}, {source}"
@@ -224,7 +227,9 @@ FIGURE_TITLES = {
 }
 
 
-def _img(name: str, png: bytes) -> str:
+def _img(name: str, png: bytes | None) -> str:
+    if png is None:  # a figure that could not be drawn
+        return ""
     data = base64.b64encode(png).decode("ascii")
     alt = html.escape(FIGURE_TITLES[name])
     return f'<img src="data:image/png;base64,{data}" alt="{alt}" data-figure="{name}">'
@@ -266,6 +271,7 @@ def _probe_table(run: RunRecords) -> str:
         header.insert(1, "trajectory")
     rows = []
     for p in run.probes:
+        assert p.result is not None  # probes hold results
         s = p.result.summary
         rows.append(
             [
@@ -300,6 +306,7 @@ def _failure_section(run: RunRecords) -> str:
     rows = [
         [str(f.step), f.error.strip().splitlines()[0] if f.error.strip() else ""]
         for f in run.failures
+        if f.error is not None  # every failure has its error
     ]
     return _table(["step", "error"], rows, text_cols=(1,))
 
@@ -349,6 +356,7 @@ def render_html(run: RunRecords, figures: dict[str, bytes | None], summary: list
         f"{_alert_section(run)}<h3>Failed probes</h3>{_failure_section(run)}"
     )
     sections.append(f"<h2>Every probe</h2>{_probe_table(run)}")
+    assert run.last.result is not None  # probes hold results
     meta = run.last.result.meta
     source = html.escape(str(run.source))
     batch = html.escape(str(meta.batch_sha256 or "unknown")[:16])
@@ -387,11 +395,14 @@ def write_report(
     run = load_run(run_dir, removal)
     html_path = Path(out) if out is not None else run.source.parent / "report.html"
     points = [run.first] if len(run.current) == 1 else [run.first, run.last]
+    assert run.last.result is not None  # probes hold results
     drawn = {
         "gap_trajectory": figs.gap_trajectory(run),
         "change_trajectory": figs.change_trajectory(run),
         "ir_by_separation": figs.ir_by_separation(run),
-        "heatmaps": figs.heatmaps([(f"step {p.step}", p.result) for p in points]),
+        "heatmaps": figs.heatmaps(
+            [(f"step {p.step}", p.result) for p in points if p.result is not None]
+        ),
         "gap_vs_depth": figs.gap_vs_depth(
             run.last.result, f"Per-pair gap against depth, step {run.last.step}"
         ),

@@ -301,6 +301,7 @@ class _Sidecar:
     def advance(self, candidates: list[Candidate], until_step: int | None) -> None:
         """Probe the complete checkpoints not probed yet, in step order; stop at the
         first one still being written (a later one waits for it)."""
+        assert self.run is not None  # open_run came first
         done = self.run.probed_steps
         for k, c in enumerate(candidates):
             ref = c.ref
@@ -337,6 +338,7 @@ class _Sidecar:
                 return
 
     def _probe(self, ref: CheckpointRef) -> None:
+        assert self.run is not None  # open_run came first
         try:
             result = self.run.record(ref, self.load_model)
         except CheckpointVanished as exc:
@@ -349,6 +351,7 @@ class _Sidecar:
             self.notice(f"step {ref.step}: {ref.path.name} failed: {result.error.splitlines()[0]}")
         else:
             self.outcome.probed.append(ref.step)
+            assert result.result is not None  # no error: a result
             gap = result.result.summary.scalars().get("gap_median")
             gap_text = "n/a" if gap is None else f"{gap:.4g}"
             self.notice(
