@@ -36,6 +36,7 @@ from torch import nn
 from redundancy_monitor.errors import CheckpointError, CheckpointVanished
 from redundancy_monitor.monitoring.alerts import AlertConfig
 from redundancy_monitor.monitoring.probe_config import ProbeConfig
+from redundancy_monitor.monitoring.sinks import Sink
 from redundancy_monitor.probing.result import Thresholds
 from redundancy_monitor.tools.replay import (
     CheckpointRef,
@@ -375,6 +376,7 @@ def watch(
     exit_when_idle: float | None = None,
     until_step: int | None = None,
     notice: Callable[[str], None] = log.info,
+    sinks: Sequence[Sink] = (),
     pairs: str | None = None,
     protocols: Sequence[str] | None = None,
     thresholds: Thresholds | None = None,
@@ -398,6 +400,7 @@ def watch(
             never). Waiting for the first checkpoint has no time limit.
         until_step: return once a checkpoint at or after this step is probed.
         notice: receives one line of progress at a time.
+        sinks: more outputs for the records and alerts (e.g. a `WebhookAlerts`).
         pairs, protocols, thresholds, batch_tokens: the older spelling of `config`
             (kept working); not together with `config`.
 
@@ -416,7 +419,7 @@ def watch(
     outcome = WatchOutcome(Path(log_dir) if log_dir is not None else default_log_dir(root))
     config = probe_config_of(config, pairs, protocols, thresholds, batch_tokens)
     make_run_folder(outcome.log_dir)  # a file there fails now, not at the first checkpoint
-    run_kwargs = dict(config=config, alerts=alerts, state_file=STATE_FILE)
+    run_kwargs = dict(config=config, alerts=alerts, state_file=STATE_FILE, sinks=sinks)
     folder = CheckpointFolder(root, settle_seconds)
     sidecar = _Sidecar(folder, load_model, probe_batch, run_kwargs, outcome, notice)
     notice(f"following {root}, writing to {outcome.log_dir}")
