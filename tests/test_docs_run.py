@@ -295,6 +295,7 @@ FIXTURE_NAMES = {
 
 @pytest.fixture(scope="session")
 def docs_world(tmp_path_factory) -> Path:
+    pytest.importorskip("transformers")  # the docs' model; the dev extras install it
     folder = tmp_path_factory.mktemp("docs_world")
     _build_world(folder)
     return folder
@@ -427,7 +428,7 @@ def _run_shell(block: Block, folder: Path, shim: Path) -> str | None:
 @pytest.mark.parametrize("block", RUNNABLE, ids=[b.where for b in RUNNABLE])
 def test_docs_block_runs(block: Block, request):
     if block.excerpt:
-        pytest.skip(f"excerpt: {block.code.strip().splitlines()[0]}")
+        pytest.skip(f"{block.where}: {block.code.strip().splitlines()[0]}")
     key = ("shell" if block.lang in SHELL else "python", block.code)
     if key not in _OUTCOMES:
         folder = request.getfixturevalue("workdir")
