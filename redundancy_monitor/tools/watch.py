@@ -346,7 +346,8 @@ class _Sidecar:
         self.last_probe = self.folder.clock()
         if result.error is not None:
             self.outcome.failed.append(ref.step)
-            self.notice(f"step {ref.step}: {ref.path.name} failed: {result.error.splitlines()[0]}")
+            self.outcome.errors[ref.step] = result.error.strip().splitlines()[0]
+            self.notice(f"step {ref.step}: {ref.path.name} failed: {self.outcome.errors[ref.step]}")
         else:
             self.outcome.probed.append(ref.step)
             gap = result.result.summary.scalars().get("gap_median")
