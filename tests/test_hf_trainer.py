@@ -60,7 +60,7 @@ def test_hf_run_writes_a_tensorboard_run_beside_the_trainers_matching_the_jsonl(
         c for c in trainer.callback_handler.callbacks if type(c).__name__ == "TensorBoardCallback"
     )
     # A run of our own beside the Trainer's, never its writer (a failed write of ours
-    # would break the Trainer's writer for good: faults/test_disk_full_lightning.py).
+    # would break the Trainer's writer for good: faults/test_disk_full_framework_writer.py).
     assert cb.tensorboard_dir == os.path.join(tensorboard.logging_dir, "redundancy")
     runs = {str(p.parent) for p in tmp_path.rglob("events.out.tfevents.*")}
     assert runs == {tensorboard.logging_dir, cb.tensorboard_dir}
