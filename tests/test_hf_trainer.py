@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 from conftest import tiny_model
 from training_fixtures import TokenDataset, probe_ids
@@ -35,7 +37,7 @@ def make_trainer(tmp_path, callbacks, **kw):
     )
 
 
-def test_hf_run_writes_into_the_trainers_tensorboard_run_matching_the_jsonl(tmp_path):
+def test_hf_run_writes_a_tensorboard_run_beside_the_trainers_matching_the_jsonl(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     # Inline, so no probe is skipped for being busy and the steps are exactly the schedule.
@@ -57,12 +59,17 @@ def test_hf_run_writes_into_the_trainers_tensorboard_run_matching_the_jsonl(tmp_
     tensorboard = next(
         c for c in trainer.callback_handler.callbacks if type(c).__name__ == "TensorBoardCallback"
     )
-    assert cb.tensorboard_dir == tensorboard.logging_dir
+    # A run of our own beside the Trainer's, never its writer (a failed write of ours
+    # would break the Trainer's writer for good: faults/test_disk_full_framework_writer.py).
+    assert cb.tensorboard_dir == os.path.join(tensorboard.logging_dir, "redundancy")
     runs = {str(p.parent) for p in tmp_path.rglob("events.out.tfevents.*")}
-    assert runs == {cb.tensorboard_dir}  # one run: the trainer's own
+    assert runs == {tensorboard.logging_dir, cb.tensorboard_dir}
+    theirs = EventAccumulator(tensorboard.logging_dir, size_guidance={"scalars": 0})
+    theirs.Reload()
+    assert "train/loss" in theirs.Tags()["scalars"]
+    assert not [t for t in theirs.Tags()["scalars"] if t.startswith("redundancy")]
     acc = EventAccumulator(cb.tensorboard_dir, size_guidance={"scalars": 0})
     acc.Reload()
-    assert "train/loss" in acc.Tags()["scalars"]
     logged = {e.step: e.value for e in acc.Scalars("redundancy/gap_median")}
     assert logged == pytest.approx(
         {p["step"]: p["result"]["summary"]["gap_median"] for p in probes}

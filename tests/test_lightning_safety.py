@@ -144,6 +144,7 @@ def test_a_custom_scalars_layout_of_the_user_is_merged_not_replaced(tmp_path):
     lightning_trainer(tmp_path, [UserLayout(), cb], max_steps=2).fit(
         lightning_module(), token_loader()
     )
-    categories = layout_categories(cb.tensorboard_dir)
-    assert categories["mine"] == ["loss chart"]
-    assert "protocol gap (nats)" in categories["redundancy"]
+    # Ours is in our own run beside the logger's; theirs stays as it was. TensorBoard's
+    # custom-scalars plugin merges the layouts of all runs (by category title).
+    assert layout_categories(Path(cb.tensorboard_dir).parent) == {"mine": ["loss chart"]}
+    assert "protocol gap (nats)" in layout_categories(cb.tensorboard_dir)["redundancy"]

@@ -189,7 +189,7 @@ class RedundancyMonitorCallback(Callback):
         else:
             log_dir = str(self.log_dir or os.path.join(trainer.default_root_dir, "redundancy"))
             writer = None
-        self._root = str(trainer.default_root_dir)
+        self._root, self._run_dir = str(trainer.default_root_dir), log_dir  # alert checkpoints
         saved = self._saved_jsonl and os.path.join(self._root, self._saved_jsonl)
         jsonl = False if self.jsonl_path is False else self.jsonl_path or saved
         if len(self._siblings(trainer)) > 1:
@@ -243,7 +243,7 @@ class RedundancyMonitorCallback(Callback):
             if not self._attached and trainer.is_global_zero and writes:
                 self._attach_sinks(trainer)
                 self._attached = True
-        folder = getattr(self, "tensorboard_dir", None) or trainer.default_root_dir
+        folder = getattr(self, "_run_dir", None) or trainer.default_root_dir
         # A collective: a sharded checkpoint needs one path on every rank.
         self._alert_dir = trainer.strategy.broadcast(str(folder)) if writes else None
         self._source.start()

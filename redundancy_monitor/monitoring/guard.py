@@ -16,7 +16,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from redundancy_monitor.errors import InvalidConfigError, InvalidPairsError
-from redundancy_monitor.probing.result import ProbeResult
+from redundancy_monitor.probing.result import ProbeResult, describe_model
 from redundancy_monitor.probing.variants import parse_pairs
 
 MISMATCH_POLICIES = ("refuse", "new_baseline")
@@ -55,17 +55,8 @@ def trajectory_identity(result: ProbeResult) -> dict[str, Any]:
 
 
 def model_identity(result: ProbeResult) -> dict[str, Any] | None:
-    """The architecture a probe measured: its class and sizes (None when unknown: records
-    of older versions, hand-made results)."""
-    meta = result.meta
-    if meta.model_class is None:
-        return None
-    return {"class": meta.model_class, **(meta.model_sizes or {})}
-
-
-def describe_model(model: dict[str, Any]) -> str:
-    sizes = ", ".join(f"{k} {v}" for k, v in model.items() if k != "class")
-    return f"{model.get('class')}" + (f" ({sizes})" if sizes else "")
+    """The architecture a probe measured (see `ProbeMeta.model_identity`)."""
+    return result.meta.model_identity()
 
 
 def same_pair_set(a, b, n_layers: int | None) -> bool:

@@ -529,6 +529,13 @@ class ProbeMeta:
                 out[f.name] = asdict(value) if isinstance(value, Thresholds) else value
         return json_safe(out)
 
+    def model_identity(self) -> dict[str, Any] | None:
+        """The architecture probed: its class and sizes (None when unknown: records of
+        older versions, hand-made results). Part of a trajectory's identity."""
+        if self.model_class is None:
+            return None
+        return {"class": self.model_class, **(self.model_sizes or {})}
+
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ProbeMeta:
         """Read `to_dict()` output; keys this version does not know are ignored."""
@@ -540,6 +547,12 @@ class ProbeMeta:
             if isinstance(values.get(key), list):
                 values[key] = tuple(values[key])
         return cls(**values)
+
+
+def describe_model(model: dict[str, Any]) -> str:
+    """``LlamaForCausalLM (hidden_size 32, ...)`` for a `ProbeMeta.model_identity`."""
+    sizes = ", ".join(f"{k} {v}" for k, v in model.items() if k != "class")
+    return f"{model.get('class')}" + (f" ({sizes})" if sizes else "")
 
 
 @dataclass

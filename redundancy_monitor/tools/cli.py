@@ -300,8 +300,8 @@ def cmd_replay(args: argparse.Namespace) -> int:
     if done.failed and not done.probed and not done.already_done:
         print(
             f"redundancy-monitor replay: error: none of the {len(done.failed)} checkpoint(s) "
-            f"could be probed (the reason of each is above; step {done.failed[0]}: "
-            f"{done.errors[done.failed[0]]})",
+            f"could be probed (steps {', '.join(map(str, done.failed))}); the reason of each "
+            "is logged above",
             file=sys.stderr,
         )
         return EXIT_BAD_INPUT

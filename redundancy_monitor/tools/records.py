@@ -20,9 +20,9 @@ from typing import Any
 from redundancy_monitor.errors import RunFolderError
 from redundancy_monitor.files import RECORD_FILE
 from redundancy_monitor.monitoring.alerts import Alert
-from redundancy_monitor.monitoring.guard import describe_model, model_identity
 from redundancy_monitor.monitoring.jsonl import RecordFileError, read_numbered_records
 from redundancy_monitor.monitoring.record import ProbeRecord
+from redundancy_monitor.probing.result import describe_model
 
 REMOVAL_FILES = ("result.json", "removal.json")
 
@@ -206,7 +206,7 @@ def load_run(run_dir: str | os.PathLike, removal: str | os.PathLike | None = Non
         try:
             if kind == "probe":
                 record = _probe_record(line)
-                now = model_identity(record.result) if record.result is not None else None
+                now = None if record.result is None else record.result.meta.model_identity()
                 if model is not None and now is not None and now != model:
                     reason = f"another model, {describe_model(now)} (was {describe_model(model)})"
                     baselines.append(Baseline(record.step, reason))

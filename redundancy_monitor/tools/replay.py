@@ -133,7 +133,8 @@ def _load_lightning_file(path: Path, trust: bool = False) -> dict[str, Any]:
 
 
 def _first_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
+    # without terminal colour codes (torch's safe loader bolds part of its message)
+    lines = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).strip().splitlines()
     return lines[0] if lines else type(exc).__name__
 
 

@@ -349,7 +349,8 @@ class _Sidecar:
         self.last_probe = self.folder.clock()
         if result.error is not None:
             self.outcome.failed.append(ref.step)
-            self.notice(f"step {ref.step}: {ref.path.name} failed: {result.error.splitlines()[0]}")
+            self.outcome.errors[ref.step] = result.error.strip().splitlines()[0]
+            self.notice(f"step {ref.step}: {ref.path.name} failed: {self.outcome.errors[ref.step]}")
         else:
             self.outcome.probed.append(ref.step)
             assert result.result is not None  # no error: a result

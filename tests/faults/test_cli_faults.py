@@ -5,10 +5,12 @@ work where the problem can be seen up front."""
 from __future__ import annotations
 
 import io
+import json
 import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -28,7 +30,7 @@ from redundancy_monitor.tools.replay import (
 )
 from redundancy_monitor.tools.watch import default_log_dir, watch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = Path(__file__).parents[2]
 SEQ = ["--n-seq", "2", "--seq-len", "16", "--no-progress"]
 
 
@@ -60,7 +62,7 @@ def one_error_line(err: str) -> str:
 
 def python_cli(*args, cwd=None) -> subprocess.CompletedProcess:
     """`python -m redundancy_monitor ...` in a child with this tree on PYTHONPATH."""
-    env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     return subprocess.run(
         [sys.executable, "-m", "redundancy_monitor", *map(str, args)],
         capture_output=True,
@@ -197,7 +199,7 @@ def test_watch_accepts_trust_module_for_a_users_own_model_class(run, tmp_path, c
         "num_key_value_heads", "head_dim", "intermediate_size", "max_position_embeddings",
     )}  # fmt: skip
     spec = tmp_path / "model.json"
-    spec.write_text(__import__("json").dumps({"class": "my_models:MyLM", "kwargs": kwargs}))
+    spec.write_text(json.dumps({"class": "my_models:MyLM", "kwargs": kwargs}))
     ckpts = tmp_path / "checkpoints"
     ckpts.mkdir()
     torch.save({"global_step": 2, "state_dict": lm.state_dict()}, ckpts / "step=2.ckpt")
@@ -272,7 +274,7 @@ def test_watch_log_folder_for_dcp_saves_is_the_documented_one(tmp_path):
     assert (
         default_log_dir(tmp_path / "outputs" / "checkpoint") == tmp_path / "outputs" / "redundancy"
     )
-    cli_doc = (__import__("pathlib").Path(ROOT) / "docs" / "cli.md").read_text()
+    cli_doc = (ROOT / "docs" / "cli.md").read_text()
     assert "torchtitan's `outputs/checkpoint` of DCP saves: `outputs/redundancy`" in cli_doc
 
 
