@@ -176,8 +176,13 @@ class RedundancyMonitorTrainerCallback(TrainerCallback, ExportableState):
     forward: under DeepSpeed ZeRO-1/2 they change inside ``backward``.
 
     The HF Trainer has no exception hook: when training raises (or Ctrl-C), nothing closes
-    the monitor. A running probe is in a daemon thread, so the process still exits; to
-    keep its result, call ``cb.monitor.close()`` in a ``finally`` around ``train()``.
+    the monitor. At interpreter exit a running probe is cancelled and waited for (a few
+    seconds at most), so the process ends with the training error's own exit status; to
+    keep the probe's result, call ``cb.monitor.close()`` in a ``finally`` around ``train()``.
+
+    Several callbacks on one Trainer each write a folder of their own,
+    ``<output_dir>/redundancy-<8 hex digits of the configuration>/`` (and a TensorBoard run
+    of that name); two given the same `jsonl_path` are refused.
 
     Example:
         >>> schedule = ProbeSchedule(every_n_steps=200)

@@ -85,7 +85,7 @@ class BackgroundExecutor:
     CANCEL_GRACE = 1.0
     #: seconds the interpreter's exit waits for a cancelled worker (a probe checks for
     #: cancellation after each group of variants, seconds apart on a big model).
-    EXIT_WAIT = 30.0
+    EXIT_WAIT = 10.0
 
     def __init__(self, threads: int | None = None) -> None:
         self.threads = threads

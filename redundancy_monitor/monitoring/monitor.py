@@ -4,7 +4,9 @@ It owns the probe batch, the schedule, the shadow snapshot, the executor and the
 what becomes of a finished probe (sinks, alerts, history, resume state) is its
 `Recorder`'s job. A training-framework adapter calls four methods from the training
 thread: `start()`, `step()` after each optimizer step, `before_weights_change()` before
-each optimizer step, and `train_end()`; everything else happens here.
+each optimizer step, and `train_end()`; everything else happens here. `step()` and
+`train_end()` return a `MonitorControl` (stop, save, reason), the same on every rank,
+that the adapter copies into its framework's flags.
 """
 
 from __future__ import annotations
@@ -139,7 +141,9 @@ class RedundancyMonitor:
         distributed: share each probe's pairs across the ranks of an initialised
             torch.distributed job (None: whenever one with several ranks is running).
             Every rank must then call the hooks; rank 0 alone writes sinks and calls
-            `on_alert`; every rank reaches the same alert decisions.
+            `on_alert`; every rank reaches the same alert decisions. False: rank 0
+            probes alone; when a rule may stop or checkpoint, the other ranks must call
+            the hooks too, to get rank 0's decisions at scheduled steps.
         on_mismatch: a probe that measured another probe batch, model depth or pair set
             than the trajectory so far (after a resume, or a model that changed) is
             ``"refuse"``-d (recorded as a failure; default) or starts a
