@@ -28,9 +28,12 @@ from redundancy_monitor.monitoring.sidecar import SidecarAlerts
 from redundancy_monitor.monitoring.sinks import PROBE_INFO, Sink, probe_scalars
 from redundancy_monitor.monitoring.tensorboard import TensorBoardSink
 
-_callbacks = require("transformers.trainer_callback", "RedundancyMonitorTrainerCallback")
-TrainerCallback, ExportableState = _callbacks.TrainerCallback, _callbacks.ExportableState
-CallbackHandler = _callbacks.CallbackHandler
+require("transformers.trainer_callback", "RedundancyMonitorTrainerCallback")  # or a clear error
+from transformers.trainer_callback import (  # noqa: E402
+    CallbackHandler,
+    ExportableState,
+    TrainerCallback,
+)
 
 log = logging.getLogger("redundancy_monitor")
 
@@ -78,7 +81,7 @@ def _calling_handler() -> CallbackHandler | None:
     Why the stack: the Trainer hands a callback no reference to itself, its handler or its
     other callbacks, and the log sink needs them (``on_log`` of the integrations, the
     TensorBoard writer); with no handler found the probe scalars go to our own writer."""
-    frame = sys._getframe(1)
+    frame: Any = sys._getframe(1)
     for _ in range(8):
         if frame is None:
             return None
@@ -112,6 +115,7 @@ class TrainerLogSink(Sink):
 
     def write_probe(self, record: ProbeRecord) -> None:
         args, state, control = self.owner._args, self.owner._state, self.owner._control
+        assert record.result is not None  # sinks get finished probes only
         logs = probe_scalars(record.result, self.per_pair)
         logs[f"{PROBE_INFO}/snapshot_step"] = float(record.step)
         at_snapshot = copy.copy(state)  # logged at the step of the snapshot (§6)
@@ -235,7 +239,9 @@ class RedundancyMonitorTrainerCallback(TrainerCallback, ExportableState):
         self.per_pair, self.images = per_pair, images
         self._attached = self._restored = self._ended = self._begun = False
         self.tensorboard_dir: str | None = None
-        self._args = self._state = self._control = None
+        self._args: Any = None
+        self._state: Any = None
+        self._control: Any = None
         config = {"sidecar": str(sidecar)} if self.monitor is None else self.monitor.config_key
         key = json.dumps(config, sort_keys=True, default=str)
         self._digest = hashlib.sha256(key.encode()).hexdigest()[:16]
@@ -271,6 +277,12 @@ class RedundancyMonitorTrainerCallback(TrainerCallback, ExportableState):
             return
         self.monitor_state = saved["attributes"]["monitor_state"]
 
+    @property
+    def _probing(self) -> RedundancyMonitor:
+        """The monitor, where this process probes (never reached with a sidecar)."""
+        assert self.monitor is not None
+        return self.monitor
+
     # ----- setup -------------------------------------------------------------------------
 
     def _attach_sinks(self, args, handler) -> None:
@@ -280,7 +292,7 @@ class RedundancyMonitorTrainerCallback(TrainerCallback, ExportableState):
         # Several monitors: each writes a folder of its own (record file, TensorBoard run).
         own = f"redundancy-{self._digest[:8]}" if len(siblings) > 1 else None
         if handler is not None:
-            self.monitor.sinks.append(TrainerLogSink(self, handler, self.per_pair))
+            self._probing.sinks.append(TrainerLogSink(self, handler, self.per_pair))
             tensorboard = next(
                 (cb for cb in handler.callbacks if type(cb).__name__ == "TensorBoardCallback"),
                 None,
@@ -291,7 +303,7 @@ class RedundancyMonitorTrainerCallback(TrainerCallback, ExportableState):
                 per_pair=self.per_pair,
                 images=self.images,
             )
-            self.monitor.sinks.append(sink)
+            self._probing.sinks.append(sink)
             self.tensorboard_dir = sink.log_dir
         elif "tensorboard" in report_to:  # not the Trainer's writer: a run of its own
             if own is None:
@@ -302,26 +314,26 @@ class RedundancyMonitorTrainerCallback(TrainerCallback, ExportableState):
             root = os.environ.get("TENSORBOARD_LOGGING_DIR") or os.path.join(
                 args.output_dir, "runs"
             )
-            resumed = self.monitor.last_step
+            resumed = self._probing.last_step
             sink = TensorBoardSink(
                 log_dir=os.path.join(root, own or "redundancy"),
                 per_pair=self.per_pair,
                 images=self.images,
                 purge_step=None if resumed is None else resumed + 1,
             )
-            self.monitor.sinks.append(sink)
+            self._probing.sinks.append(sink)
             self.tensorboard_dir = sink.log_dir
         if self.jsonl_path is not False:
             from redundancy_monitor.monitoring.jsonl import JsonlSink
 
             folder = self.log_dir or os.path.join(args.output_dir, own or "redundancy")
             self.jsonl_file = str(self.jsonl_path or os.path.join(folder, RECORD_FILE))
-            self.monitor.sinks.append(JsonlSink(self.jsonl_file))
+            self._probing.sinks.append(JsonlSink(self.jsonl_file))
 
     def _fallback_batch(self, kwargs) -> None:
         loader = kwargs.get("eval_dataloader") or kwargs.get("train_dataloader")
-        if not self.monitor.has_probe_batch and loader is not None:
-            self.monitor.set_probe_batch(dataloader=loader)
+        if not self._probing.has_probe_batch and loader is not None:
+            self._probing.set_probe_batch(dataloader=loader)
 
     # ----- events ------------------------------------------------------------------------
 

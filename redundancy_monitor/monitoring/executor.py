@@ -149,9 +149,10 @@ class BackgroundExecutor:
         if self._box:
             record = self._box[0]
         else:
-            record = ProbeRecord(self._step, None, "the probe thread died", 0.0, 0.0)
+            step = -1 if self._step is None else self._step
+            record = ProbeRecord(step, None, "the probe thread died", 0.0, 0.0)
         self._thread = self._token = None
-        waited = record.blocked_seconds + self._submit_seconds
+        waited = (record.blocked_seconds or 0.0) + self._submit_seconds
         return [dataclasses.replace(record, blocked_seconds=waited)]
 
     def poll(self) -> list[ProbeRecord]:
@@ -175,7 +176,7 @@ class BackgroundExecutor:
         result is dropped.
         """
         done = self.drain(timeout)
-        if self._thread is None:
+        if self._thread is None or self._token is None:
             return done
         self._token.cancel()
         self._thread.join(self.CANCEL_GRACE)

@@ -223,7 +223,8 @@ class RedundancyMonitor:
             probe_config=self.probe_config,
             clock=self._current_step,  # a method, not a lambda: ddp_spawn pickles the monitor
         )
-        self._ids = self._mask = None
+        self._ids: torch.Tensor | None = None
+        self._mask: torch.Tensor | None = None
         self._batch_origin: str | None = None  # "given", "texts", "dataloader", "checkpoint"
         self._max_sequences = max_sequences
         if probe_batch is None and texts is not None:
@@ -259,10 +260,11 @@ class RedundancyMonitor:
     def _make_config_key(self) -> dict[str, Any]:
         """What tells two monitors of one run apart (the probe batch and what they probe),
         fixed at construction; adapters name their checkpoint state after it."""
-        given = self._batch_origin in ("given", "texts")
+        sha = self.batch_sha256
+        given = self._batch_origin in ("given", "texts") and sha is not None
         config = self.probe_config
         return {
-            "batch": self.batch_sha256[:16] if given else self._batch_origin or "fallback",
+            "batch": sha[:16] if given and sha else self._batch_origin or "fallback",
             "pairs": pairs_spec(config.pairs),
             "protocols": list(config.protocols),
             "blocks": config.blocks,
@@ -344,7 +346,9 @@ class RedundancyMonitor:
 
     @property
     def batch_sha256(self) -> str | None:
-        return None if self._ids is None else batch_sha256(self._ids, self._mask)
+        if self._ids is None or self._mask is None:  # make_batch always gives a mask
+            return None
+        return batch_sha256(self._ids, self._mask)
 
     def set_probe_batch(self, probe_batch=None, *, dataloader=None) -> None:
         """Fix the probe batch unless one is fixed already (adapters fall back to a
@@ -449,7 +453,7 @@ class RedundancyMonitor:
             return
         self._attempt.start_marked = True
         resumed = self.last_step is not None
-        first = self.last_step + 1 if resumed else step
+        first = self.last_step + 1 if self.last_step is not None else step
         for again in (self._attempt.redo_step, redo):
             if again is not None:  # its result is not in the state: redone
                 first = min(first, again)
@@ -812,7 +816,7 @@ class RedundancyMonitor:
         return self._executor.running_step
 
     def _saved_batch(self) -> dict[str, Any] | None:
-        if self._ids is None or self._ids.numel() > MAX_SAVED_BATCH_TOKENS:
+        if self._ids is None or self._mask is None or self._ids.numel() > MAX_SAVED_BATCH_TOKENS:
             return None
         return {"input_ids": self._ids.tolist(), "attention_mask": self._mask.tolist()}
 
