@@ -518,7 +518,12 @@ class RedundancyMonitor:
         if not self.schedule.is_due(step):
             return
         if self._ungathered is not None and not self._gather(wait=False):
-            self._skip(step, "a rank is still probing")  # every rank sees the same answer
+            # Every rank sees the same answer. A max_overhead schedule holds the probe back
+            # anyway while the previous one runs: that is pacing, not a skip.
+            if self._pacer.max_overhead is None:
+                self._skip(step, "a rank is still probing")
+            else:
+                self._pacer.held(step, self.recorder.writer)
             return
         if self._paced(step):
             self._launch(step, model)
