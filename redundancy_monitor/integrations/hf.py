@@ -200,9 +200,9 @@ class RedundancyMonitorTrainerCallback(TrainerCallback, ExportableState):
         # The Trainer rebuilding us from a checkpoint: hand back the live callback the
         # token names (the Trainer then sets its state and puts it back in its list).
         live = _LIVE.get(restore_token)
-        if live is None or live._begun:  # another process, or one that trained already
+        if live is None or live._begun or live._claimed:  # another process, or taken
             digest = restore_token.rpartition(":")[2]
-            fresh = [cb for cb in reversed(list(_LIVE.values())) if not cb._begun]
+            fresh = [cb for cb in reversed(list(_LIVE.values())) if not (cb._begun or cb._claimed)]
             live = next((cb for cb in fresh if cb._digest == digest), None) or next(
                 iter(fresh), None
             )
@@ -212,6 +212,7 @@ class RedundancyMonitorTrainerCallback(TrainerCallback, ExportableState):
                 "the callback to the Trainer again (its state is then restored from the "
                 "checkpoint)"
             )
+        live._claimed = True  # a second rebuild in this restore takes another one
         return live
 
     def __init__(
@@ -237,7 +238,7 @@ class RedundancyMonitorTrainerCallback(TrainerCallback, ExportableState):
         self._source: ControlSource = self.monitor or self.sidecar  # type: ignore[assignment]
         self.log_dir, self.jsonl_path = log_dir, jsonl_path
         self.per_pair, self.images = per_pair, images
-        self._attached = self._restored = self._ended = self._begun = False
+        self._attached = self._restored = self._ended = self._begun = self._claimed = False
         self.tensorboard_dir: str | None = None
         self._args: Any = None
         self._state: Any = None
@@ -262,20 +263,24 @@ class RedundancyMonitorTrainerCallback(TrainerCallback, ExportableState):
 
     @monitor_state.setter
     def monitor_state(self, value: dict) -> None:
-        # Set by the Trainer while it resumes: never raise (another batch, pair set or
-        # world size starts a new trajectory with an alert).
-        if self.monitor is not None:  # a sidecar keeps its own state
-            self.monitor.load_state_dict(value, strict=False)
-        self._restored = True
+        # Set by the Trainer's own restore (restore_callback_states_from_checkpoint). With
+        # several callbacks of this class it can hand over an out-of-date entry (the
+        # checkpoint's list grows by one entry per callback at every save), so the state
+        # is read in on_train_begin instead, from the latest entry of this configuration.
+        del value
 
     def _restore(self, state) -> None:
+        """Load this callback's state from the checkpoint the Trainer resumed from (its
+        ``trainer_state.json``). Never raises: another batch, pair set or world size
+        starts a new trajectory with an alert."""
         saved = (state.stateful_callbacks or {}).get(type(self).__name__)
         if isinstance(saved, list):
             mine = [s for s in saved if self._digest in str(s.get("args", {}))]
-            saved = (mine or saved or [None])[0]
-        if self._restored or state.global_step == 0 or not saved:
+            saved = (mine or saved or [None])[-1]  # the latest save's
+        if self._restored or state.global_step == 0 or not saved or self.monitor is None:
             return
-        self.monitor_state = saved["attributes"]["monitor_state"]
+        self.monitor.load_state_dict(saved["attributes"]["monitor_state"], strict=False)
+        self._restored = True
 
     @property
     def _probing(self) -> RedundancyMonitor:
