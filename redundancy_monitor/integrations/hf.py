@@ -277,10 +277,13 @@ class RedundancyMonitorTrainerCallback(TrainerCallback, ExportableState):
         if isinstance(saved, list):
             mine = [s for s in saved if self._digest in str(s.get("args", {}))]
             saved = (mine or saved or [None])[-1]  # the latest save's
-        if self._restored or state.global_step == 0 or not saved or self.monitor is None:
+        if self._restored or state.global_step == 0 or self.monitor is None:
             return
-        self.monitor.load_state_dict(saved["attributes"]["monitor_state"], strict=False)
-        self._restored = True
+        attributes = saved.get("attributes") if isinstance(saved, dict) else None
+        monitor_state = attributes.get("monitor_state") if isinstance(attributes, dict) else None
+        if isinstance(monitor_state, dict) and monitor_state:
+            self.monitor.load_state_dict(monitor_state, strict=False)
+            self._restored = True
 
     @property
     def _probing(self) -> RedundancyMonitor:
