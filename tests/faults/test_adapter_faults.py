@@ -129,7 +129,7 @@ def test_two_hf_monitors_on_one_trainer_write_a_folder_each(tmp_path):
     args = transformers.TrainingArguments(
         output_dir=str(tmp_path),
         per_device_train_batch_size=8,
-        report_to=[],
+        report_to=["tensorboard"],
         use_cpu=True,
         save_strategy="no",
         disable_tqdm=True,
@@ -141,6 +141,8 @@ def test_two_hf_monitors_on_one_trainer_write_a_folder_each(tmp_path):
     ).train()
     folders = [Path(cb.jsonl_file).parent for cb in callbacks]
     assert_kept_apart(folders, tmp_path, [3, 6])
+    runs = [Path(cb.tensorboard_dir) for cb in callbacks]  # a TensorBoard run each
+    assert len(set(runs)) == 2 and all(list(r.glob("events.out.tfevents.*")) for r in runs)
 
 
 def test_two_monitors_given_one_record_file_are_refused_with_advice(tmp_path):
