@@ -358,8 +358,7 @@ class RedundancyMonitorTrainerCallback(TrainerCallback, ExportableState):
             if not self._attached and state.is_world_process_zero:
                 handler = _calling_handler()
                 if handler is not None:
-                    explicit = [cb.jsonl_path or None for cb in _monitors(handler.callbacks)]
-                    check_distinct_record_files(explicit, type(self).__name__)
+                    _check_siblings(_monitors(handler.callbacks))
                 self._attach_sinks(args, handler)
                 self._attached = True
         self._source.start()
@@ -396,6 +395,25 @@ class RedundancyMonitorTrainerCallback(TrainerCallback, ExportableState):
             control.should_training_stop = True
         if decision.save:
             control.should_save = True
+
+
+def _check_siblings(monitors: list[RedundancyMonitorTrainerCallback]) -> None:
+    """Refuse monitors of one Trainer that would write the same files.
+
+    Raises:
+        InvalidConfigError: two given one `jsonl_path`, or two of one configuration left
+            at the default paths (their folders are named after the configuration).
+    """
+    name = RedundancyMonitorTrainerCallback.__name__
+    explicit = [None if isinstance(cb.jsonl_path, bool) else cb.jsonl_path for cb in monitors]
+    check_distinct_record_files(explicit, name)
+    defaults = [cb._digest for cb in monitors if cb.jsonl_path is None and cb.log_dir is None]
+    if len(defaults) > len(set(defaults)):
+        raise InvalidConfigError(
+            f"two {name}s on one Trainer probe the same batch with the same settings and "
+            "would write the same folder; drop one, or give each its own jsonl_path= and "
+            "log_dir="
+        )
 
 
 def _monitors(callbacks) -> list[RedundancyMonitorTrainerCallback]:

@@ -202,3 +202,25 @@ def test_two_hf_monitors_rebuilt_from_a_checkpoint_are_the_ones_passed_with_thei
         assert new.monitor.probe_config.pairs == old.monitor.probe_config.pairs
         assert {len(r.result.summary.scalars()) > 0 for r in new.monitor.history} == {True}
     assert [len(cb.monitor.history) for cb in second] == [4, 4]
+
+
+def test_two_identical_hf_monitors_are_refused_at_train_begin(tmp_path):
+    pytest.importorskip("accelerate", reason="the transformers Trainer needs accelerate")
+    import transformers
+    from conftest import tiny_model
+    from training_fixtures import TokenDataset, probe_ids
+
+    from redundancy_monitor.errors import InvalidConfigError
+    from redundancy_monitor.integrations.hf import RedundancyMonitorTrainerCallback
+
+    callbacks = [RedundancyMonitorTrainerCallback(probe_ids(), executor="inline") for _ in (1, 2)]
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), report_to=[], use_cpu=True, disable_tqdm=True, max_steps=2
+    )
+    model = tiny_model("llama", 4).train()
+    trainer = transformers.Trainer(
+        model=model, args=args, train_dataset=TokenDataset(), callbacks=callbacks
+    )
+    with pytest.raises(InvalidConfigError, match="would write the same folder"):
+        trainer.train()
+    assert not list(tmp_path.rglob("*.jsonl"))
