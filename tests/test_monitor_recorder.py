@@ -30,6 +30,7 @@ def comparable(path):
     for r in read_records(path):
         r = {k: v for k, v in r.items() if k not in ("wall_time", "probe_seconds")}
         r.pop("blocked_seconds", None)
+        r.pop("skipped", None)  # the monitor's scheduling, unknown to an offline recorder
         if "result" in r:  # the monitor's own figures: time and memory of its snapshot
             for key in ("elapsed_s", *MEMORY_FIELDS):
                 r["result"]["meta"].pop(key, None)

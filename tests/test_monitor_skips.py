@@ -142,3 +142,15 @@ def test_train_end_logs_how_long_training_waited_for_the_final_probe(monkeypatch
     waited = float(re.search(r"waited ([\d.]+) s", line).group(1))
     assert waited >= 0.2 and "final weights, step 3, probed" in line
     mon.close()
+
+
+def test_a_max_overhead_schedule_probes_the_same_steps_on_every_rank(tmp_path):
+    import json
+
+    from test_distributed_probe import torchrun
+    from test_distributed_training import SCRIPTS
+
+    torchrun(SCRIPTS / "paced_loop.py", str(tmp_path))
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0] == ranks[1]  # rank 0's clock decides: no rank waits in a collective
+    assert 2 <= len(ranks[0]["probed"]) < 60 and ranks[0]["skipped"] == 0

@@ -84,7 +84,7 @@ def _calling_handler() -> CallbackHandler | None:
     Why the stack: the Trainer hands a callback no reference to itself, its handler or its
     other callbacks, and the log sink needs them (``on_log`` of the integrations, the
     TensorBoard writer); with no handler found the probe scalars go to our own writer."""
-    frame = sys._getframe(1)
+    frame: Any = sys._getframe(1)
     for _ in range(8):
         if frame is None:
             return None
@@ -118,6 +118,7 @@ class TrainerLogSink(Sink):
 
     def write_probe(self, record: ProbeRecord) -> None:
         args, state, control = self.owner._args, self.owner._state, self.owner._control
+        assert record.result is not None  # sinks get finished probes only
         logs = probe_scalars(record.result, self.per_pair, record.change)
         logs[f"{PROBE_INFO}/snapshot_step"] = float(record.step)
         at_snapshot = copy.copy(state)  # logged at the step of the snapshot (§6)
@@ -182,8 +183,13 @@ class RedundancyMonitorTrainerCallback(TrainerCallback, ExportableState):
     forward: under DeepSpeed ZeRO-1/2 they change inside ``backward``.
 
     The HF Trainer has no exception hook: when training raises (or Ctrl-C), nothing closes
-    the monitor. A running probe is in a daemon thread, so the process still exits; to
-    keep its result, call ``cb.monitor.close()`` in a ``finally`` around ``train()``.
+    the monitor. At interpreter exit a running probe is cancelled and waited for (a few
+    seconds at most), so the process ends with the training error's own exit status; to
+    keep the probe's result, call ``cb.monitor.close()`` in a ``finally`` around ``train()``.
+
+    Several callbacks on one Trainer each write a folder of their own,
+    ``<output_dir>/redundancy-<8 hex digits of the configuration>/`` (and a TensorBoard run
+    of that name); two given the same `jsonl_path` are refused.
 
     Example:
         >>> schedule = ProbeSchedule(every_n_steps=200)
@@ -197,9 +203,9 @@ class RedundancyMonitorTrainerCallback(TrainerCallback, ExportableState):
         # The Trainer rebuilding us from a checkpoint: hand back the live callback the
         # token names (the Trainer then sets its state and puts it back in its list).
         live = _LIVE.get(restore_token)
-        if live is None or live._begun:  # another process, or one that trained already
+        if live is None or live._begun or live._claimed:  # another process, or taken
             digest = restore_token.rpartition(":")[2]
-            fresh = [cb for cb in reversed(list(_LIVE.values())) if not cb._begun]
+            fresh = [cb for cb in reversed(list(_LIVE.values())) if not (cb._begun or cb._claimed)]
             live = next((cb for cb in fresh if cb._digest == digest), None) or next(
                 iter(fresh), None
             )
@@ -209,6 +215,7 @@ class RedundancyMonitorTrainerCallback(TrainerCallback, ExportableState):
                 "the callback to the Trainer again (its state is then restored from the "
                 "checkpoint)"
             )
+        live._claimed = True  # a second rebuild in this restore takes another one
         return live
 
     def __init__(
@@ -234,9 +241,11 @@ class RedundancyMonitorTrainerCallback(TrainerCallback, ExportableState):
         self._source: ControlSource = self.monitor or self.sidecar  # type: ignore[assignment]
         self.log_dir, self.jsonl_path = log_dir, jsonl_path
         self.per_pair, self.images = per_pair, images
-        self._attached = self._restored = self._ended = self._begun = False
+        self._attached = self._restored = self._ended = self._begun = self._claimed = False
         self.tensorboard_dir: str | None = None
-        self._args = self._state = self._control = None
+        self._args: Any = None
+        self._state: Any = None
+        self._control: Any = None
         config = {"sidecar": str(sidecar)} if self.monitor is None else self.monitor.config_key
         key = json.dumps(config, sort_keys=True, default=str)
         self._digest = hashlib.sha256(key.encode()).hexdigest()[:16]
@@ -257,33 +266,45 @@ class RedundancyMonitorTrainerCallback(TrainerCallback, ExportableState):
 
     @monitor_state.setter
     def monitor_state(self, value: dict) -> None:
-        # Set by the Trainer while it resumes: never raise (another batch, pair set or
-        # world size starts a new trajectory with an alert).
-        if self.monitor is not None:  # a sidecar keeps its own state
-            self.monitor.load_state_dict(value, strict=False)
-        self._restored = True
+        # Set by the Trainer's own restore (restore_callback_states_from_checkpoint). With
+        # several callbacks of this class it can hand over an out-of-date entry (the
+        # checkpoint's list grows by one entry per callback at every save), so the state
+        # is read in on_train_begin instead, from the latest entry of this configuration.
+        del value
 
     def _restore(self, state) -> None:
+        """Load this callback's state from the checkpoint the Trainer resumed from (its
+        ``trainer_state.json``). Never raises: another batch, pair set or world size
+        starts a new trajectory with an alert."""
         saved = (state.stateful_callbacks or {}).get(type(self).__name__)
         if isinstance(saved, list):
             mine = [s for s in saved if self._digest in str(s.get("args", {}))]
-            saved = (mine or saved or [None])[0]
-        if self._restored or state.global_step == 0 or not saved:
+            saved = (mine or saved or [None])[-1]  # the latest save's
+        if self._restored or state.global_step == 0 or self.monitor is None:
             return
-        self.monitor_state = saved["attributes"]["monitor_state"]
+        attributes = saved.get("attributes") if isinstance(saved, dict) else None
+        monitor_state = attributes.get("monitor_state") if isinstance(attributes, dict) else None
+        if isinstance(monitor_state, dict) and monitor_state:
+            self.monitor.load_state_dict(monitor_state, strict=False)
+            self._restored = True
+
+    @property
+    def _probing(self) -> RedundancyMonitor:
+        """The monitor, where this process probes (never reached with a sidecar)."""
+        assert self.monitor is not None
+        return self.monitor
 
     # ----- setup -------------------------------------------------------------------------
 
     def _attach_sinks(self, args, handler) -> None:
-        assert self.monitor is not None  # called where this process probes
         report_to = args.report_to or []
-        self.monitor.sinks.extend(report_to_alert_sinks(report_to))  # MLflow, W&B: alert text
+        self._probing.sinks.extend(report_to_alert_sinks(report_to))  # MLflow, W&B: alert text
         tensorboard = None
         siblings = [] if handler is None else _monitors(handler.callbacks)
         # Several monitors: each writes a folder of its own (record file, TensorBoard run).
         own = f"redundancy-{self._digest[:8]}" if len(siblings) > 1 else None
         if handler is not None:
-            self.monitor.sinks.append(TrainerLogSink(self, handler, self.per_pair))
+            self._probing.sinks.append(TrainerLogSink(self, handler, self.per_pair))
             tensorboard = next(
                 (cb for cb in handler.callbacks if type(cb).__name__ == "TensorBoardCallback"),
                 None,
@@ -294,7 +315,7 @@ class RedundancyMonitorTrainerCallback(TrainerCallback, ExportableState):
                 per_pair=self.per_pair,
                 images=self.images,
             )
-            self.monitor.sinks.append(sink)
+            self._probing.sinks.append(sink)
             self.tensorboard_dir = sink.log_dir
         elif "tensorboard" in report_to:  # not the Trainer's writer: a run of its own
             if own is None:
@@ -305,27 +326,26 @@ class RedundancyMonitorTrainerCallback(TrainerCallback, ExportableState):
             root = os.environ.get("TENSORBOARD_LOGGING_DIR") or os.path.join(
                 args.output_dir, "runs"
             )
-            resumed = self.monitor.last_step
+            resumed = self._probing.last_step
             sink = TensorBoardSink(
                 log_dir=os.path.join(root, own or "redundancy"),
                 per_pair=self.per_pair,
                 images=self.images,
                 purge_step=None if resumed is None else resumed + 1,
             )
-            self.monitor.sinks.append(sink)
+            self._probing.sinks.append(sink)
             self.tensorboard_dir = sink.log_dir
         if self.jsonl_path is not False:
             from redundancy_monitor.monitoring.jsonl import JsonlSink
 
             folder = self.log_dir or os.path.join(args.output_dir, own or "redundancy")
             self.jsonl_file = str(self.jsonl_path or os.path.join(folder, RECORD_FILE))
-            self.monitor.sinks.append(JsonlSink(self.jsonl_file))
+            self._probing.sinks.append(JsonlSink(self.jsonl_file))
 
     def _fallback_batch(self, kwargs) -> None:
-        assert self.monitor is not None  # called where this process probes
         loader = kwargs.get("eval_dataloader") or kwargs.get("train_dataloader")
-        if not self.monitor.has_probe_batch and loader is not None:
-            self.monitor.set_probe_batch(dataloader=loader)
+        if not self._probing.has_probe_batch and loader is not None:
+            self._probing.set_probe_batch(dataloader=loader)
 
     # ----- events ------------------------------------------------------------------------
 
@@ -342,8 +362,7 @@ class RedundancyMonitorTrainerCallback(TrainerCallback, ExportableState):
             if not self._attached and state.is_world_process_zero:
                 handler = _calling_handler()
                 if handler is not None:
-                    explicit = [cb.jsonl_path or None for cb in _monitors(handler.callbacks)]
-                    check_distinct_record_files(explicit, type(self).__name__)
+                    _check_siblings(_monitors(handler.callbacks))
                 self._attach_sinks(args, handler)
                 self._attached = True
         self._source.start()
@@ -380,6 +399,25 @@ class RedundancyMonitorTrainerCallback(TrainerCallback, ExportableState):
             control.should_training_stop = True
         if decision.save:
             control.should_save = True
+
+
+def _check_siblings(monitors: list[RedundancyMonitorTrainerCallback]) -> None:
+    """Refuse monitors of one Trainer that would write the same files.
+
+    Raises:
+        InvalidConfigError: two given one `jsonl_path`, or two of one configuration left
+            at the default paths (their folders are named after the configuration).
+    """
+    name = RedundancyMonitorTrainerCallback.__name__
+    explicit = [None if isinstance(cb.jsonl_path, bool) else cb.jsonl_path for cb in monitors]
+    check_distinct_record_files(explicit, name)
+    defaults = [cb._digest for cb in monitors if cb.jsonl_path is None and cb.log_dir is None]
+    if len(defaults) > len(set(defaults)):
+        raise InvalidConfigError(
+            f"two {name}s on one Trainer probe the same batch with the same settings and "
+            "would write the same folder; drop one, or give each its own jsonl_path= and "
+            "log_dir="
+        )
 
 
 def _monitors(callbacks) -> list[RedundancyMonitorTrainerCallback]:

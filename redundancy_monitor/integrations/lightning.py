@@ -166,6 +166,12 @@ class RedundancyMonitorCallback(Callback):
             return super().state_key
         return self._generate_state_key(**self.monitor.config_key, model=self.model_path)
 
+    @property
+    def _probing(self) -> RedundancyMonitor:
+        """The monitor, where this process probes (never reached with a sidecar)."""
+        assert self.monitor is not None
+        return self.monitor
+
     # ----- setup -------------------------------------------------------------------------
 
     def _siblings(self, trainer) -> list[RedundancyMonitorCallback]:
@@ -176,14 +182,13 @@ class RedundancyMonitorCallback(Callback):
         ]
 
     def _attach_sinks(self, trainer) -> None:
-        assert self.monitor is not None  # called where this process probes
         tensorboard = None
         for logger in trainer.loggers:
             if _is_tensorboard_logger(logger) and tensorboard is None:
                 tensorboard = logger
             else:
-                self.monitor.sinks.append(MetricsSink(logger.log_metrics, self.per_pair))
-                self.monitor.sinks.extend(logger_alert_sinks(logger))  # MLflow, W&B: alert text
+                self._probing.sinks.append(MetricsSink(logger.log_metrics, self.per_pair))
+                self._probing.sinks.extend(logger_alert_sinks(logger))  # MLflow, W&B: alert text
         if tensorboard is not None:
             log_dir, writer = tensorboard.log_dir, tensorboard.experiment
         else:
@@ -197,16 +202,15 @@ class RedundancyMonitorCallback(Callback):
             # file), so neither their records nor their scalars mix.
             log_dir, writer = os.path.join(log_dir, self._label), None
         self.tensorboard_dir, self.jsonl_file = add_default_sinks(
-            self.monitor, log_dir, jsonl, self.per_pair, self.images, writer
+            self._probing, log_dir, jsonl, self.per_pair, self.images, writer
         )
 
     @property
     def _label(self) -> str:
-        return monitor_label({**self.monitor.config_key, "model": self.model_path})
+        return monitor_label({**self._probing.config_key, "model": self.model_path})
 
     def _fallback_batch(self, trainer) -> None:
-        assert self.monitor is not None  # called where this process probes
-        if self.monitor.has_probe_batch:
+        if self._probing.has_probe_batch:
             return
         loaders = trainer.val_dataloaders or trainer.train_dataloader
         if isinstance(loaders, (list, tuple)):
@@ -214,7 +218,7 @@ class RedundancyMonitorCallback(Callback):
         if isinstance(loaders, dict):
             loaders = next(iter(loaders.values()), None)
         if loaders is not None:
-            self.monitor.set_probe_batch(dataloader=loaders)
+            self._probing.set_probe_batch(dataloader=loaders)
 
     # ----- hooks -------------------------------------------------------------------------
 
@@ -226,7 +230,10 @@ class RedundancyMonitorCallback(Callback):
                 "new callback to each Trainer.fit (resuming from a checkpoint restores its state)"
             )
         if stage == "fit" and self.monitor is not None:
-            explicit = [cb.jsonl_path or None for cb in self._siblings(trainer)]
+            explicit = [
+                None if isinstance(cb.jsonl_path, bool) else cb.jsonl_path
+                for cb in self._siblings(trainer)
+            ]
             check_distinct_record_files(explicit, "RedundancyMonitorCallback")
         self._trained = False
 

@@ -85,7 +85,7 @@ class BackgroundExecutor:
     CANCEL_GRACE = 1.0
     #: seconds the interpreter's exit waits for a cancelled worker (a probe checks for
     #: cancellation after each group of variants, seconds apart on a big model).
-    EXIT_WAIT = 30.0
+    EXIT_WAIT = 10.0
 
     def __init__(self, threads: int | None = None) -> None:
         self.threads = threads
@@ -149,8 +149,8 @@ class BackgroundExecutor:
         if self._box:
             record = self._box[0]
         else:
-            assert self._step is not None  # set with the thread
-            record = ProbeRecord(self._step, None, "the probe thread died", 0.0, 0.0)
+            step = -1 if self._step is None else self._step
+            record = ProbeRecord(step, None, "the probe thread died", 0.0, 0.0)
         self._thread = self._token = None
         waited = (record.blocked_seconds or 0.0) + self._submit_seconds
         return [dataclasses.replace(record, blocked_seconds=waited)]
@@ -176,7 +176,7 @@ class BackgroundExecutor:
         result is dropped.
         """
         done = self.drain(timeout)
-        if self._thread is None:
+        if self._thread is None or self._token is None:
             return done
         if self._token is not None:  # set with the thread
             self._token.cancel()

@@ -4,7 +4,9 @@ It owns the probe batch, the schedule, the shadow snapshot, the executor and the
 what becomes of a finished probe (sinks, alerts, history, resume state) is its
 `Recorder`'s job. A training-framework adapter calls four methods from the training
 thread: `start()`, `step()` after each optimizer step, `before_weights_change()` before
-each optimizer step, and `train_end()`; everything else happens here.
+each optimizer step, and `train_end()`; everything else happens here. `step()` and
+`train_end()` return a `MonitorControl` (stop, save, reason), the same on every rank,
+that the adapter copies into its framework's flags.
 """
 
 from __future__ import annotations
@@ -139,7 +141,9 @@ class RedundancyMonitor:
         distributed: share each probe's pairs across the ranks of an initialised
             torch.distributed job (None: whenever one with several ranks is running).
             Every rank must then call the hooks; rank 0 alone writes sinks and calls
-            `on_alert`; every rank reaches the same alert decisions.
+            `on_alert`; every rank reaches the same alert decisions. False: rank 0
+            probes alone; when a rule may stop or checkpoint, the other ranks must call
+            the hooks too, to get rank 0's decisions at scheduled steps.
         on_mismatch: a probe that measured another probe batch, model depth or pair set
             than the trajectory so far (after a resume, or a model that changed) is
             ``"refuse"``-d (recorded as a failure; default) or starts a
@@ -256,10 +260,11 @@ class RedundancyMonitor:
     def _make_config_key(self) -> dict[str, Any]:
         """What tells two monitors of one run apart (the probe batch and what they probe),
         fixed at construction; adapters name their checkpoint state after it."""
-        given = self._batch_origin in ("given", "texts")
+        sha = self.batch_sha256
+        given = self._batch_origin in ("given", "texts") and sha is not None
         config = self.probe_config
         return {
-            "batch": (self.batch_sha256 or "")[:16] if given else self._batch_origin or "fallback",
+            "batch": sha[:16] if given and sha else self._batch_origin or "fallback",
             "pairs": pairs_spec(config.pairs),
             "protocols": list(config.protocols),
             "blocks": config.blocks,
@@ -341,7 +346,7 @@ class RedundancyMonitor:
 
     @property
     def batch_sha256(self) -> str | None:
-        if self._ids is None or self._mask is None:  # set together
+        if self._ids is None or self._mask is None:  # make_batch always gives a mask
             return None
         return batch_sha256(self._ids, self._mask)
 
@@ -448,7 +453,7 @@ class RedundancyMonitor:
             return
         self._attempt.start_marked = True
         resumed = self.last_step is not None
-        first = self.last_step + 1 if resumed else step
+        first = self.last_step + 1 if self.last_step is not None else step
         for again in (self._attempt.redo_step, redo):
             if again is not None:  # its result is not in the state: redone
                 first = min(first, again)
@@ -513,7 +518,12 @@ class RedundancyMonitor:
         if not self.schedule.is_due(step):
             return
         if self._ungathered is not None and not self._gather(wait=False):
-            self._skip(step, "a rank is still probing")  # every rank sees the same answer
+            # Every rank sees the same answer. A max_overhead schedule holds the probe back
+            # anyway while the previous one runs: that is pacing, not a skip.
+            if self._pacer.max_overhead is None:
+                self._skip(step, "a rank is still probing")
+            else:
+                self._pacer.held(step, self.recorder.writer)
             return
         if self._paced(step):
             self._launch(step, model)

@@ -129,7 +129,7 @@ def test_two_hf_monitors_on_one_trainer_write_a_folder_each(tmp_path):
     args = transformers.TrainingArguments(
         output_dir=str(tmp_path),
         per_device_train_batch_size=8,
-        report_to=[],
+        report_to=["tensorboard"],
         use_cpu=True,
         save_strategy="no",
         disable_tqdm=True,
@@ -141,6 +141,8 @@ def test_two_hf_monitors_on_one_trainer_write_a_folder_each(tmp_path):
     ).train()
     folders = [Path(cb.jsonl_file).parent for cb in callbacks]
     assert_kept_apart(folders, tmp_path, [3, 6])
+    runs = [Path(cb.tensorboard_dir) for cb in callbacks]  # a TensorBoard run each
+    assert len(set(runs)) == 2 and all(list(r.glob("events.out.tfevents.*")) for r in runs)
 
 
 def test_two_monitors_given_one_record_file_are_refused_with_advice(tmp_path):
@@ -154,3 +156,71 @@ def test_two_monitors_given_one_record_file_are_refused_with_advice(tmp_path):
     with pytest.raises(InvalidConfigError, match="give each its own jsonl_path"):
         trainer.fit(lightning_module(), token_loader())
     assert not (tmp_path / "r.jsonl").exists()
+
+
+def test_two_hf_monitors_rebuilt_from_a_checkpoint_are_the_ones_passed_with_their_own_state(
+    tmp_path,
+):
+    pytest.importorskip("accelerate", reason="the transformers Trainer needs accelerate")
+    import transformers
+    from conftest import tiny_model
+    from training_fixtures import TokenDataset
+
+    from redundancy_monitor.integrations.hf import RedundancyMonitorTrainerCallback
+
+    def trainer(callbacks, max_steps):
+        args = transformers.TrainingArguments(
+            output_dir=str(tmp_path),
+            per_device_train_batch_size=8,
+            report_to=[],
+            use_cpu=True,
+            save_strategy="steps",
+            save_steps=4,
+            restore_callback_states_from_checkpoint=True,
+            disable_tqdm=True,
+            max_steps=max_steps,
+        )
+        model = tiny_model("llama", 4).train()
+        return transformers.Trainer(
+            model=model, args=args, train_dataset=TokenDataset(), callbacks=list(callbacks)
+        )
+
+    first = two_monitors(RedundancyMonitorTrainerCallback)
+    trainer(first, max_steps=4).train()
+    second = two_monitors(RedundancyMonitorTrainerCallback)
+    resumed = trainer(second, max_steps=6)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "checkpoint-4"))
+    used = [
+        cb
+        for cb in resumed.callback_handler.callbacks
+        if isinstance(cb, RedundancyMonitorTrainerCallback)
+    ]
+    assert sorted(map(id, used)) == sorted(map(id, second))  # nothing rebuilt or copied
+    for new, old in zip(second, first, strict=True):
+        assert new.monitor.probed_steps == [0, 2, 4, 6]
+        assert new.monitor.n_probes == 4
+        assert new.monitor.probe_config.pairs == old.monitor.probe_config.pairs
+        assert {len(r.result.summary.scalars()) > 0 for r in new.monitor.history} == {True}
+    assert [len(cb.monitor.history) for cb in second] == [4, 4]
+
+
+def test_two_identical_hf_monitors_are_refused_at_train_begin(tmp_path):
+    pytest.importorskip("accelerate", reason="the transformers Trainer needs accelerate")
+    import transformers
+    from conftest import tiny_model
+    from training_fixtures import TokenDataset, probe_ids
+
+    from redundancy_monitor.errors import InvalidConfigError
+    from redundancy_monitor.integrations.hf import RedundancyMonitorTrainerCallback
+
+    callbacks = [RedundancyMonitorTrainerCallback(probe_ids(), executor="inline") for _ in (1, 2)]
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), report_to=[], use_cpu=True, disable_tqdm=True, max_steps=2
+    )
+    model = tiny_model("llama", 4).train()
+    trainer = transformers.Trainer(
+        model=model, args=args, train_dataset=TokenDataset(), callbacks=callbacks
+    )
+    with pytest.raises(InvalidConfigError, match="would write the same folder"):
+        trainer.train()
+    assert not list(tmp_path.rglob("*.jsonl"))
