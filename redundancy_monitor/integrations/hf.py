@@ -11,7 +11,6 @@ import logging
 import os
 import sys
 import weakref
-from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 from redundancy_monitor.errors import InvalidConfigError
@@ -31,7 +30,6 @@ from redundancy_monitor.monitoring.tensorboard import TensorBoardSink
 from redundancy_monitor.monitoring.trackers import report_to_alert_sinks
 
 if TYPE_CHECKING:
-    from transformers import TrainerControl, TrainerState, TrainingArguments
     from transformers.trainer_callback import CallbackHandler, ExportableState, TrainerCallback
 else:  # a clear error naming the extra when transformers is missing
     _callbacks = require("transformers.trainer_callback", "RedundancyMonitorTrainerCallback")

@@ -14,7 +14,7 @@ import logging
 import os
 from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from redundancy_monitor.errors import InvalidConfigError
 from redundancy_monitor.files import RECORD_FILE
@@ -22,9 +22,6 @@ from redundancy_monitor.monitoring.alerts import Alert
 from redundancy_monitor.monitoring.control import CONTINUE, MonitorControl, RankAgreement
 from redundancy_monitor.monitoring.recorder import _rule_set
 from redundancy_monitor.monitoring.schedule import ProbeSchedule
-
-if TYPE_CHECKING:  # imported when a multi-rank job starts
-    from redundancy_monitor.monitoring.ranks import RankGroup
 
 log = logging.getLogger("redundancy_monitor")
 _ALERT_ARGS = ("stop_on_alert", "checkpoint_on_alert", "on_alert")

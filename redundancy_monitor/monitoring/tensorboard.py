@@ -88,6 +88,8 @@ def exact(tag: str) -> str:
     that matches `tag` and nothing else: unanchored, ``redundancy/gap_median`` would
     also pull in ``redundancy/gap_median_low`` and ``_high``."""
     return f"^{re.escape(tag)}$"
+
+
 def color_scale(matrix: np.ndarray) -> float:
     """The value the colour scale ends at: the largest finite magnitude (1 when none)."""
     finite = np.isfinite(matrix)
