@@ -56,6 +56,11 @@ class MlflowAlerts(Sink):
         active = mlflow.active_run()
         if active is None:
             return None
+        # The HF integration logs metrics asynchronously; reading the run (to find its
+        # artifact folder) while a metric file is half-written fails on a file store.
+        flush = getattr(mlflow, "flush_async_logging", None)
+        if flush is not None:
+            flush()
         return mlflow.MlflowClient(), active.info.run_id
 
     def write_alert(self, alert: Alert) -> None:
