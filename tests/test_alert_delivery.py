@@ -137,6 +137,32 @@ def test_one_post_per_activation_with_the_record_files_alert(endpoint_factory, t
         assert record["message"] in body["text"] and record["rule"] in body["text"]
 
 
+def test_a_monitored_model_posts_once_while_its_rule_stays_active(endpoint_factory, tmp_path):
+    from conftest import tiny_batch, tiny_model
+
+    from redundancy_monitor import ProbeSchedule, RedundancyMonitor
+
+    endpoint = endpoint_factory()
+    hook = WebhookAlerts(endpoint.url())
+    # the condition holds at every probe (any gap exceeds -1): active from the first on
+    always = AlertConfig(gap_threshold=-1.0, hysteresis=1, use_intervals=False, **ONLY_GAP)
+    monitor = RedundancyMonitor(
+        tiny_batch(n_seq=2, seq_len=8)[0],
+        executor="inline",
+        schedule=ProbeSchedule(1, log_spaced=False),
+        alerts=always,
+        sinks=[JsonlSink(tmp_path / "redundancy.jsonl"), hook],
+    )
+    model = tiny_model("llama", 3)
+    for step in range(4):
+        monitor.step(step, model)
+    monitor.close()  # closes the hook too: it waits (bounded) for the queued post
+    assert [h.step for h in monitor.history] == [0, 1, 2, 3]
+    written = [r for r in read_records(tmp_path / "redundancy.jsonl") if r["type"] == "alert"]
+    assert [(r["rule"], r["step"]) for r in written] == [("gap_threshold", 0)]
+    assert [(b["rule"], b["step"]) for _, b in endpoint.requests] == [("gap_threshold", 0)]
+
+
 def test_the_same_alert_twice_is_posted_once_and_other_rules_can_be_left_out(endpoint_factory):
     endpoint = endpoint_factory()
     hook = WebhookAlerts(endpoint.url(), rules=["gap_threshold"])
