@@ -8,6 +8,7 @@ import json
 import logging
 import socket
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
@@ -40,6 +41,7 @@ class Endpoint:
 
     def __init__(self, answer=lambda n: 200):
         self.requests: list[tuple[str, dict]] = []
+        self.arrived: list[float] = []  # time.monotonic() of each request
         self.entered = threading.Event()  # a request arrived
         self.release = threading.Event()  # hanging requests may end
         endpoint = self
@@ -49,13 +51,17 @@ class Endpoint:
                 body = self.rfile.read(int(self.headers["Content-Length"]))
                 n = len(endpoint.requests)
                 endpoint.requests.append((self.path, json.loads(body)))
+                endpoint.arrived.append(time.monotonic())
                 endpoint.entered.set()
                 status = answer(n)
                 if status == "hang":
                     endpoint.release.wait(30)
                     status = 200
+                status, headers = status if isinstance(status, tuple) else (status, {})
                 try:
                     self.send_response(status)
+                    for name, value in headers.items():
+                        self.send_header(name, value)
                     self.end_headers()
                     self.wfile.write(b"ok")
                 except OSError:  # the client gave up (its timeout)
@@ -226,6 +232,16 @@ def test_a_server_that_recovers_gets_the_alert_and_4xx_is_not_retried(endpoint_f
     hook.write_alert(alert())
     assert hook.wait(30)
     assert (hook.n_failed, len(gone.requests)) == (1, 1)  # a wrong URL stays wrong
+
+
+def test_a_rate_limited_endpoint_is_retried_after_the_time_it_asks_for(endpoint_factory):
+    endpoint = endpoint_factory(lambda n: (429, {"Retry-After": "1"}) if n == 0 else 200)
+    hook = WebhookAlerts(endpoint.url(), retries=2, backoff=0.01)
+    hook.write_alert(alert())
+    assert hook.wait(30)
+    assert (hook.n_sent, len(endpoint.requests)) == (1, 2)
+    # the retry waited the second the server asked for, not the 0.01 s backoff
+    assert endpoint.arrived[1] - endpoint.arrived[0] >= 0.95
 
 
 def test_a_full_queue_drops_and_counts_and_close_is_bounded(endpoint_factory, caplog):
