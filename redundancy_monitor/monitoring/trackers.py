@@ -8,7 +8,8 @@ do not carry, so these sinks write them with each tracker's own API:
   alert, the fields of the record file's alert lines) and the tag
   ``redundancy.last_alert``.
 - `WandbAlerts`: ``run.alert(...)`` (W&B notifies by e-mail or Slack as the user's W&B
-  settings say; an offline run keeps the alert in its run file), and the summary key ``redundancy/last_alert``.
+  settings say; an offline run keeps the alert in its run file), and the summary key
+  ``redundancy/last_alert``.
 
 The adapters add them on their own when the run reports to these trackers. Like every
 sink they are called from the training thread; an error is counted and alerted by the
