@@ -8,6 +8,7 @@ import json
 import logging
 import socket
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
@@ -40,6 +41,7 @@ class Endpoint:
 
     def __init__(self, answer=lambda n: 200):
         self.requests: list[tuple[str, dict]] = []
+        self.arrived: list[float] = []  # time.monotonic() of each request
         self.entered = threading.Event()  # a request arrived
         self.release = threading.Event()  # hanging requests may end
         endpoint = self
@@ -49,13 +51,17 @@ class Endpoint:
                 body = self.rfile.read(int(self.headers["Content-Length"]))
                 n = len(endpoint.requests)
                 endpoint.requests.append((self.path, json.loads(body)))
+                endpoint.arrived.append(time.monotonic())
                 endpoint.entered.set()
                 status = answer(n)
                 if status == "hang":
                     endpoint.release.wait(30)
                     status = 200
+                status, headers = status if isinstance(status, tuple) else (status, {})
                 try:
                     self.send_response(status)
+                    for name, value in headers.items():
+                        self.send_header(name, value)
                     self.end_headers()
                     self.wfile.write(b"ok")
                 except OSError:  # the client gave up (its timeout)
@@ -137,6 +143,32 @@ def test_one_post_per_activation_with_the_record_files_alert(endpoint_factory, t
         assert record["message"] in body["text"] and record["rule"] in body["text"]
 
 
+def test_a_monitored_model_posts_once_while_its_rule_stays_active(endpoint_factory, tmp_path):
+    from conftest import tiny_batch, tiny_model
+
+    from redundancy_monitor import ProbeSchedule, RedundancyMonitor
+
+    endpoint = endpoint_factory()
+    hook = WebhookAlerts(endpoint.url())
+    # the condition holds at every probe (any gap exceeds -1): active from the first on
+    always = AlertConfig(gap_threshold=-1.0, hysteresis=1, use_intervals=False, **ONLY_GAP)
+    monitor = RedundancyMonitor(
+        tiny_batch(n_seq=2, seq_len=8)[0],
+        executor="inline",
+        schedule=ProbeSchedule(1, log_spaced=False),
+        alerts=always,
+        sinks=[JsonlSink(tmp_path / "redundancy.jsonl"), hook],
+    )
+    model = tiny_model("llama", 3)
+    for step in range(4):
+        monitor.step(step, model)
+    monitor.close()  # closes the hook too: it waits (bounded) for the queued post
+    assert [h.step for h in monitor.history] == [0, 1, 2, 3]
+    written = [r for r in read_records(tmp_path / "redundancy.jsonl") if r["type"] == "alert"]
+    assert [(r["rule"], r["step"]) for r in written] == [("gap_threshold", 0)]
+    assert [(b["rule"], b["step"]) for _, b in endpoint.requests] == [("gap_threshold", 0)]
+
+
 def test_the_same_alert_twice_is_posted_once_and_other_rules_can_be_left_out(endpoint_factory):
     endpoint = endpoint_factory()
     hook = WebhookAlerts(endpoint.url(), rules=["gap_threshold"])
@@ -151,7 +183,7 @@ def test_the_same_alert_twice_is_posted_once_and_other_rules_can_be_left_out(end
 
 def test_a_hanging_endpoint_times_out_off_the_training_thread(endpoint_factory, caplog):
     endpoint = endpoint_factory(lambda n: "hang")
-    hook = WebhookAlerts(endpoint.url(), timeout=0.3, retries=1, backoff=0.05)
+    hook = WebhookAlerts(endpoint.url(), timeout=0.5, retries=1, backoff=0.05)
     training = threading.current_thread()
     with caplog.at_level(logging.WARNING, logger="redundancy_monitor"):
         hook.write_alert(alert())  # returns before the server has even answered
@@ -159,7 +191,12 @@ def test_a_hanging_endpoint_times_out_off_the_training_thread(endpoint_factory, 
         assert hook._thread is not None and hook._thread is not training
         assert hook.wait(30)
     assert (hook.n_sent, hook.n_failed) == (0, 1)
-    assert len(endpoint.requests) == 2  # the first attempt and one retry
+    # the first attempt and one retry (the server may read the retry's body after the
+    # client gave up on it: wait for it, bounded)
+    deadline = time.monotonic() + 10
+    while len(endpoint.requests) < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert len(endpoint.requests) == 2
     (line,) = failures(caplog)
     assert "gap_threshold alert (step 5)" in line and "after 2 attempt(s)" in line
     assert "timed out" in line
@@ -200,6 +237,16 @@ def test_a_server_that_recovers_gets_the_alert_and_4xx_is_not_retried(endpoint_f
     hook.write_alert(alert())
     assert hook.wait(30)
     assert (hook.n_failed, len(gone.requests)) == (1, 1)  # a wrong URL stays wrong
+
+
+def test_a_rate_limited_endpoint_is_retried_after_the_time_it_asks_for(endpoint_factory):
+    endpoint = endpoint_factory(lambda n: (429, {"Retry-After": "1"}) if n == 0 else 200)
+    hook = WebhookAlerts(endpoint.url(), retries=2, backoff=0.01)
+    hook.write_alert(alert())
+    assert hook.wait(30)
+    assert (hook.n_sent, len(endpoint.requests)) == (1, 2)
+    # the retry waited the second the server asked for, not the 0.01 s backoff
+    assert endpoint.arrived[1] - endpoint.arrived[0] >= 0.95
 
 
 def test_a_full_queue_drops_and_counts_and_close_is_bounded(endpoint_factory, caplog):

@@ -161,3 +161,28 @@ def test_the_installed_command_line_and_probe_come_from_the_venv(installed, tmp_
     assert out["scalars"].keys() == mine.keys()
     for name, value in mine.items():
         assert out["scalars"][name] == pytest.approx(value, rel=1e-6, abs=1e-9), name
+
+
+USER_CODE = """
+from redundancy_monitor._version import __version__
+from redundancy_monitor.monitoring.webhook import WebhookAlerts
+
+hook = WebhookAlerts(123)
+version: int = __version__
+"""
+
+
+def test_a_users_type_checker_reads_the_installed_hints(installed, tmp_path):
+    """mypy, run on a user's file with the installed package, checks calls against our
+    hints (py.typed); without the marker it would only say the package has no types."""
+    pytest.importorskip("mypy")
+    python, _, _ = installed
+    (tmp_path / "use.py").write_text(USER_CODE)
+    args = ["--follow-imports=silent", "--cache-dir", tmp_path / "cache", "use.py"]
+    checked = run([python, "-m", "mypy", *args], tmp_path)
+    assert checked.returncode == 1, checked.stdout + checked.stderr
+    assert 'Argument 1 to "WebhookAlerts" has incompatible type "int"; expected "str"' in (
+        checked.stdout
+    )
+    assert '(expression has type "str", variable has type "int")' in checked.stdout
+    assert "py.typed" not in checked.stdout

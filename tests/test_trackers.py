@@ -91,6 +91,7 @@ def test_hf_report_to_mlflow_and_wandb_hold_the_record_files_scalars_and_alerts(
         make_trainer(tmp_path / "out", [cb], max_steps=4, report_to=["mlflow", "wandb"]).train()
     finally:
         wandb.finish()  # writes the run file out; the Trainer leaves the run open
+        mlflow.end_run()  # nothing left active for the next test
     probes, alerts = from_record_file(cb.jsonl_file)
     assert [p.step for p in probes] == [0, 2, 4] and [a["step"] for a in alerts] == [0]
 

@@ -125,7 +125,13 @@ def mlflow_alerts(client, run_id: str, tmp_path: Path) -> list[dict]:
 
 @pytest.fixture
 def trackers_offline(monkeypatch, tmp_path):
-    pytest.importorskip("mlflow")
-    pytest.importorskip("wandb")
+    """`offline_trackers` for one test; afterwards no run is left open and MLflow's global
+    tracking URI (which Lightning's MLFlowLogger sets) is unset, so a later test's
+    store is not this one."""
+    mlflow = pytest.importorskip("mlflow")
+    wandb = pytest.importorskip("wandb")
     offline_trackers(monkeypatch, tmp_path)
-    return tmp_path
+    yield tmp_path
+    wandb.finish()
+    mlflow.end_run()
+    mlflow.set_tracking_uri(None)

@@ -8,8 +8,8 @@ do not carry, so these sinks write them with each tracker's own API:
   alert, the fields of the record file's alert lines) and the tag
   ``redundancy.last_alert``.
 - `WandbAlerts`: ``run.alert(...)`` (W&B notifies by e-mail or Slack as the user's W&B
-  settings say; an offline run keeps the alert in its run file and sends it when
-  synced), and the summary key ``redundancy/last_alert``.
+  settings say; an offline run keeps the alert in its run file), and the summary key
+  ``redundancy/last_alert``.
 
 The adapters add them on their own when the run reports to these trackers. Like every
 sink they are called from the training thread; an error is counted and alerted by the
@@ -56,6 +56,11 @@ class MlflowAlerts(Sink):
         active = mlflow.active_run()
         if active is None:
             return None
+        # The HF integration logs metrics asynchronously; reading the run (to find its
+        # artifact folder) while a metric file is half-written fails on a file store.
+        flush = getattr(mlflow, "flush_async_logging", None)
+        if flush is not None:
+            flush()
         return mlflow.MlflowClient(), active.info.run_id
 
     def write_alert(self, alert: Alert) -> None:

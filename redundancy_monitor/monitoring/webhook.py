@@ -236,15 +236,16 @@ class WebhookAlerts(Sink):
 
     def _deliver(self, alert: Alert) -> None:
         body = json.dumps(alert_payload(alert, self.format, self.run)).encode("utf-8")
-        attempts = self.retries + 1
-        reason = "not tried"
-        for attempt in range(attempts):
+        reason, tried, asked = "not tried", 0, 0.0
+        for attempt in range(self.retries + 1):
             if attempt:
-                delay = min(60.0, self.backoff * 2 ** (attempt - 1))
+                # doubling backoff, or longer when the server said how long (Retry-After)
+                delay = min(60.0, max(self.backoff * 2 ** (attempt - 1), asked))
                 if self._sleep(delay):  # closing: give up now rather than later
                     reason += "; gave up at close"
                     break
-            retry, failure = self._post(body)
+            retry, failure, asked = self._post(body)
+            tried += 1
             if failure is None:
                 with self._lock:
                     self.n_sent += 1
@@ -261,20 +262,23 @@ class WebhookAlerts(Sink):
             alert.rule,
             alert.step,
             redact(self.url),
-            attempt + 1,
+            tried,
             reason,
         )
 
-    def _post(self, body: bytes) -> tuple[bool, str | None]:
-        """One attempt: (worth retrying, the reason it failed or None)."""
+    def _post(self, body: bytes) -> tuple[bool, str | None, float]:
+        """One attempt: (worth retrying, the reason it failed or None, the seconds the
+        server asked to wait before the next try, 0 when it did not say)."""
         request = urllib.request.Request(self.url, data=body, headers=self.headers, method="POST")
         try:
             with urllib.request.urlopen(request, timeout=self.timeout) as answer:
                 answer.read(65536)
-            return False, None
+            return False, None, 0.0
         except urllib.error.HTTPError as exc:
-            return exc.code in _RETRY_STATUS, f"HTTP {exc.code} {exc.reason}"
+            after = (exc.headers.get("Retry-After") or "").strip() if exc.headers else ""
+            wait = float(after) if after.isdigit() else 0.0  # an HTTP date is not followed
+            return exc.code in _RETRY_STATUS, f"HTTP {exc.code} {exc.reason}", wait
         except urllib.error.URLError as exc:  # refused, unknown host, TLS, timeout
-            return True, f"{type(exc.reason).__name__}: {exc.reason}"
+            return True, f"{type(exc.reason).__name__}: {exc.reason}", 0.0
         except (TimeoutError, OSError) as exc:  # a timeout while reading the answer
-            return True, f"{type(exc).__name__}: {exc or 'timed out'}"
+            return True, f"{type(exc).__name__}: {exc or 'timed out'}", 0.0
