@@ -162,6 +162,7 @@ class MetricsSink(Sink):
         self.per_pair = per_pair
 
     def write_probe(self, record: ProbeRecord) -> None:
+        assert record.result is not None  # sinks get successful probes only (write_failure)
         metrics = probe_scalars(record.result, self.per_pair, record.change)
         metrics[f"{PROBE_INFO}/snapshot_step"] = float(record.step)
         self.log_metrics(metrics, record.step)

@@ -273,6 +273,7 @@ class TensorBoardSink(Sink):
         return writer
 
     def write_probe(self, record: ProbeRecord) -> None:
+        assert record.result is not None  # sinks get successful probes only (write_failure)
         w, step = self.writer, record.step
         for tag, value in probe_scalars(record.result, self.per_pair, record.change).items():
             w.add_scalar(tag, value, step)
