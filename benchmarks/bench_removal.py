@@ -114,11 +114,11 @@ def part_engines() -> None:
           f"(ppl {a:.3f})")  # fmt: skip
 
 
-def part_table(heldout_tokens: int = 8192) -> None:
+def part_table() -> None:
     from redundancy_monitor.tools.score_text import draw_text
 
-    tokenizer, text = real_text()
-    ids = torch.tensor(tokenizer.encode(text).ids[: heldout_tokens + 2048])
+    tokenizer, text = real_text()  # 5813 tokens: 7 x 128 drawn for the batch, 3125 held out
+    ids = torch.tensor(tokenizer.encode(text).ids)
 
     class _Tok:  # what draw_text calls: tokenizer(text)["input_ids"]
         def __call__(self, _text, **kwargs):

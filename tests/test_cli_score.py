@@ -113,6 +113,7 @@ def test_out_dir_has_summary_plots_and_a_tensorboard_run(scored, workdir):
     out = workdir / "out"
     summary = (out / "summary.md").read_text()
     assert "## Removal table" in summary and f"**{data['probe']['summary']['regime']}**" in summary
+    assert "| Δppl interval | tokens |" in summary and "race evaluation" in summary
     if importlib.util.find_spec("matplotlib") is not None:
         for name in ("heatmap_d_repl", "heatmap_d_int", "heatmap_gap", "gap_vs_depth",
                      "removal_cost"):  # fmt: skip

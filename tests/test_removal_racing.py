@@ -4,6 +4,7 @@ intervals, ties, and the probe batch drawn from the whole text."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import numpy as np
@@ -234,3 +235,41 @@ def test_probe_batch_with_a_heldout_file_and_too_little_text(tokenizer):
     assert split.guard == 0 and len(split.heldout_ids) == 1
     with pytest.raises(CheckpointError, match="too short for one sequence"):
         draw_text(tokenizer, [("short.txt", "the cat sees a dog .")], 4, 32)
+
+
+# -- progress ------------------------------------------------------------------------------
+
+
+def test_progress_shows_each_phase_as_a_bar_or_one_line_and_nothing_when_off():
+    import io
+
+    from redundancy_monitor.removal.progress import Phases
+
+    def run(mode: str, fail: bool = False) -> str:
+        out = io.StringIO()
+        phases = Phases(mode, stream=out)
+        expected = pytest.raises(ValueError) if fail else contextlib.nullcontext()
+        with expected, phases.phase("load", "ckpt", 1, at_end=True) as bar:
+            if fail:
+                raise ValueError("bad checkpoint")
+            bar.update(1)
+        with phases.phase("held-out perplexity", "9 sets", 20, "window") as bar:
+            bar.update(5)
+            bar.total -= 5  # racing stopped a set
+            bar.update(10)
+        phases.announce("probe", "adjacent pairs")
+        return out.getvalue()
+
+    lines = run("lines").splitlines()
+    assert [x.split("] ", 1)[1].split(":")[0] for x in lines] == [
+        "load", "held-out perplexity", "probe"
+    ]  # fmt: skip
+    assert lines[0].endswith("s)") and "9 sets" in lines[1]
+    bars = run("bars")
+    assert "held-out perplexity" in bars and "15/15" in bars and "probe" not in bars
+    assert run("off") == ""
+    # A failing load shows nothing, so that its error is the only line.
+    assert "load" not in run("lines", fail=True) and "load" not in run("bars", fail=True)
+    assert Phases.of(True).mode == "bars" and Phases.of(False).mode == "off"
+    with pytest.raises(InvalidConfigError):
+        Phases("loud")

@@ -444,7 +444,10 @@ def measure_heldout(
 
     with untouched(root):
         if options.evaluation == "reference":
-            for layers in [(), *candidates]:
+            for k, layers in enumerate([(), *candidates]):
+                if progress is not None:
+                    what = f"removing {list(layers)}" if layers else "the unpruned model"
+                    progress.set_postfix_str(f"set {k}/{len(candidates)}: {what}")
                 with slots_skipped(root, blocks, layers, kinds_batch):
                     values, _ = window_nll(root, rows, window, stride, options.max_tokens)
                 (base if not layers else nll[layers])[:] = values
@@ -455,7 +458,13 @@ def measure_heldout(
         shared = SharedHeldout(root, blocks, head, rows, window, stride, kinds_batch, options)
         order = np.random.default_rng([options.seed, n_windows]).permutation(n_windows)
         alive, done = list(candidates), 0
-        for point in checkpoints(n_windows, options):
+        points = checkpoints(n_windows, options)
+        for share, point in enumerate(points, 1):
+            if progress is not None:
+                progress.set_postfix_str(
+                    f"share {share}/{len(points)}: {point} of {n_windows} windows, "
+                    f"{len(alive)}/{len(candidates)} sets"
+                )
             part = sorted(int(k) for k in order[done:point])
             shared.evaluate(part, alive, base, nll, tick)
             done = point
@@ -467,7 +476,7 @@ def measure_heldout(
                 scores.stopped_at[c] = done
             if progress is not None and stopped:
                 progress.total -= len(stopped) * (n_windows - done)
-                progress.set_postfix_str(f"{len(alive)}/{len(candidates)} sets racing")
+                progress.refresh()
     return scores
 
 

@@ -75,18 +75,39 @@ class Phases:
 
     @contextlib.contextmanager
     def phase(
-        self, name: str, detail: str = "", total: int | None = None, unit: str = "it"
+        self,
+        name: str,
+        detail: str = "",
+        total: int | None = None,
+        unit: str = "it",
+        at_end: bool = False,
     ) -> Iterator[Any]:
-        """A bar for the phase (or a stand-in); `total` may be changed inside."""
-        self.announce(name, detail)
+        """A bar for the phase (or a stand-in); `total` may be changed inside.
+
+        `at_end`: for a phase that checks the user's input (loading), show nothing if it
+        fails, so that the error is the only line: its line comes when it is done, and
+        its bar only once it has run a second.
+        """
+        started = time.monotonic()
+        if not at_end:
+            self.announce(name, detail)
         if self.mode != "bars":
             yield _Quiet(total)
+            if at_end:
+                self.announce(name, f"{detail} ({time.monotonic() - started:.1f}s)")
             return
         from tqdm import tqdm
 
-        bar = tqdm(desc=name, total=total, unit=unit, file=self._out(), dynamic_ncols=True)
+        bar = tqdm(
+            desc=name,
+            total=total,
+            unit=unit,
+            file=self._out(),
+            dynamic_ncols=True,
+            delay=1.0 if at_end else 0.0,
+        )
         if detail:
-            bar.set_postfix_str(detail)
+            bar.set_postfix_str(detail, refresh=not at_end)
         try:
             yield bar
         finally:

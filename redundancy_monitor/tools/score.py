@@ -172,7 +172,7 @@ def score_checkpoint(config: ScoreConfig) -> ScoreRun:
     heldout_text = (config.heldout, read_text([config.heldout])) if config.heldout else None
     checkpoint_location(config.path)
     phases = Phases("bars" if config.progress else "lines")
-    with phases.phase("load", f"{config.path}", 1) as bar:
+    with phases.phase("load", f"{config.path}", 1, "checkpoint", at_end=True) as bar:
         model, tokenizer = load_checkpoint(
             config.path, config.tokenizer, config.dtype, config.device
         )

@@ -119,19 +119,31 @@ def summary_markdown(run: ScoreRun) -> str:
         "## Removal table",
         "",
         f"Base perplexity {fmt(rep.base_perplexity)} on {rep.heldout_tokens} held-out tokens "
-        f"(sliding window {rep.window}, stride {rep.stride}).",
+        f"(sliding window {rep.window}, stride {rep.stride}; "
+        f"{rep.heldout.get('evaluation', 'reference')} evaluation). Δppl intervals: "
+        f"{100 * rep.heldout.get('confidence', 0.95):.0f}% bootstrap over windows; `tokens`: "
+        "the held-out tokens a set was measured on (fewer when racing stopped it early, its "
+        "interval lying above the best's).",
         "",
-        "| n | selector | layers | d_del | perplexity | Δppl |",
-        "|---|---|---|---|---|---|",
+        "| n | selector | layers | d_del | perplexity | Δppl | Δppl interval | tokens |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in rep.rows:
         layers = "random (mean of draws)" if r.layers is None else ", ".join(map(str, r.layers))
         ppl = fmt(r.perplexity)
         if r.perplexity_std is not None:
             ppl += f" ± {r.perplexity_std:.3f}"
+        interval = ""
+        if r.change_low is not None and r.change_high is not None:
+            interval = f"[{100 * r.change_low:+.2f}, {100 * r.change_high:+.2f}] %"
+        tokens = "" if r.heldout_tokens is None else str(r.heldout_tokens)
+        if r.selector == "random" and r.draws_stopped:
+            tokens += f" ({r.draws_stopped}/{len(r.draws)} draws stopped)"
+        elif r.stopped_early:
+            tokens += " (stopped early)"
         out.append(
             f"| {r.budget} | {r.selector} | {layers} | {fmt(r.d_del)} | {ppl} | "
-            f"{100 * r.perplexity_change:+.2f} % |"
+            f"{100 * r.perplexity_change:+.2f} % | {interval} | {tokens} |"
         )
     out += [
         "",
@@ -144,6 +156,9 @@ def summary_markdown(run: ScoreRun) -> str:
             f"{', '.join(v.recommended_by)} | {fmt(v.recommended_perplexity)} | "
             f"{fmt(v.increase_ratio, 3)} | {fmt(v.jaccard, 3)} |"
         )
+    ties = [f"- n={v.budget}: {v.sentence()}." for v in rep.verdicts if v.tied_with]
+    if ties:
+        out += ["", *ties]
     if run.export:
         out += ["", f"Pruned checkpoint: `{run.export['dir']}` (removed {run.export['removed']})."]
     return "\n".join(out) + "\n"
