@@ -456,9 +456,10 @@ class AlertEngine:
             )
         else:
             what = (
-                f"the protocols' removal sets now agree: at budget {budget} both would "
-                f"remove layers close to {sorted(by_repl)} / {sorted(by_int)} (Jaccard "
-                f"{fmt(jaccard, 2)} >= {c.overlap_threshold}); they disagreed since {since}"
+                f"the protocols' removal sets now agree: at budget {budget} replacement "
+                f"would remove layers {sorted(by_repl)} and interchange layers "
+                f"{sorted(by_int)} (Jaccard {fmt(jaccard, 2)} >= {c.overlap_threshold}); "
+                f"they disagreed since {since}"
             )
         alert = self._update(
             "removal_overlap", step, True, jaccard, c.overlap_threshold, f"step {step}: {what}"
