@@ -107,13 +107,17 @@ def trajectory_table(history: list, every: int = 1) -> str:
     """A short text table of the gap trajectory from `RedundancyMonitor.history`."""
     cols = ("gap_mean", "gap_median", "gap_max", "ir_median", "d_repl_mean", "d_int_mean")
     head = f"{'step':>6} " + " ".join(f"{c:>11}" for c in cols) + f" {'regime':>10}"
+    head += f"  {'gap_median change since the first probe [paired interval]'}"
     lines = [head, "-" * len(head)]
     rows = sorted(history, key=lambda r: r.step)
     keep = rows[::every] + ([rows[-1]] if rows and (len(rows) - 1) % every else [])
     for r in keep:
         scalars, regime = r.result.summary.scalars(), r.result.summary.regime
         values = " ".join(_cell(scalars.get(c)) for c in cols)
-        lines.append(f"{r.step:>6} {values} {regime or '-':>10}")
+        change = getattr(r, "change", None)
+        since = change.baseline if change is not None else None
+        delta = "" if since is None else since.text("gap_median")
+        lines.append(f"{r.step:>6} {values} {regime or '-':>10}  {delta}".rstrip())
     return "\n".join(lines)
 
 

@@ -58,19 +58,25 @@ def change_of(delta, low=None, high=None, step=0):
     return Change(step, {"gap_median": delta}, intervals)
 
 
-def test_growth_judges_the_lower_end_of_the_paired_change_interval():
+def test_growth_needs_the_change_above_the_limit_and_its_interval_above_half_of_it():
     baseline = gap_result(0.005)  # limit: (3 - 1) x the 0.01 floor = 0.02
-    noisy = change_of(0.03, low=0.015, high=0.045)  # point above 0.02, interval straddles
-    clear = change_of(0.03, low=0.022, high=0.038)
+    noisy = change_of(0.03, low=0.005, high=0.055)  # point above 0.02, could be < 0.01
+    sure = change_of(0.03, low=0.012, high=0.048)  # point above, surely above 0.01
+    below = change_of(0.019, low=0.015, high=0.023)  # surely > 0.01, point below 0.02
     on = AlertEngine(AlertConfig(growth_factor=3.0, **ONLY_GROWTH))
+    strict = AlertEngine(AlertConfig(growth_factor=3.0, interval_fraction=1.0, **ONLY_GROWTH))
     off = AlertEngine(AlertConfig(growth_factor=3.0, use_intervals=False, **ONLY_GROWTH))
-    for engine in (on, off):
+    for engine in (on, strict, off):
         engine.observe(0, baseline)
-    assert [a.rule for a in on.observe(1, gap_result(0.035), noisy)] == []
-    assert [a.rule for a in off.observe(1, gap_result(0.035), noisy)] == ["gap_growth"]
-    (alert,) = on.observe(2, gap_result(0.035), clear)
-    assert alert.value == 0.022 and alert.threshold == pytest.approx(0.02)
-    assert "[+0.0220, +0.0380]" in alert.message and "lower end" in alert.message
+    level = gap_result(0.035)
+    assert [a.rule for a in on.observe(1, level, noisy)] == []
+    assert [a.rule for a in on.observe(2, level, below)] == []
+    assert [a.rule for a in off.observe(1, level, noisy)] == ["gap_growth"]
+    assert [a.rule for a in strict.observe(1, level, sure)] == []  # low 0.012 < 0.02
+    (alert,) = on.observe(3, level, sure)
+    assert alert.value == 0.03 and alert.threshold == pytest.approx(0.02)
+    assert "[+0.0120, +0.0480]" in alert.message and "lower end is beyond +0.0100" in alert.message
+    (alert,) = strict.observe(2, level, change_of(0.03, low=0.021, high=0.04))
 
 
 def test_without_a_change_the_growth_rule_uses_the_point_change_since_its_baseline():
@@ -85,7 +91,7 @@ def test_change_rule_state_round_trips():
     config = AlertConfig(growth_factor=3.0, **{**ONLY_GROWTH, "change_hysteresis": 2})
     engine = AlertEngine(config)
     engine.observe(0, gap_result(0.05))
-    engine.observe(1, gap_result(0.3), change_of(0.25, 0.2, 0.3))
+    engine.observe(1, gap_result(0.3), change_of(0.25, 0.2, 0.3))  # the first of 2
     resumed = AlertEngine(config)
     resumed.load_state_dict(engine.state_dict())
     assert resumed.baseline == 0.05 and resumed.baseline_at == 0

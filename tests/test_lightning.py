@@ -123,7 +123,7 @@ def test_stop_on_alert_stops_the_trainer(tmp_path):
         probe_ids(),
         schedule=ProbeSchedule(1),
         executor="inline",
-        alerts=AlertConfig(gap_threshold=-10.0, hysteresis=2),
+        alerts=AlertConfig(gap_threshold=-10.0, growth_factor=None, hysteresis=2),
         stop_on_alert=["gap_threshold"],
     )
     trainer = lightning_trainer(tmp_path, [cb], max_steps=50)

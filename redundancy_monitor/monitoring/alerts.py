@@ -11,7 +11,8 @@ The default rules judge **change**, not level: the monitor probes one batch at e
 step, so the change of the gap since the trajectory's baseline probe is measured far more
 precisely than the gap itself (its paired bootstrap interval,
 `redundancy_monitor.probing.change`). `gap_growth` (and the opt-in `gap_decline`) fire
-when the paired interval of the change lies wholly beyond the rule's amount;
+when the change is beyond the rule's limit and its paired interval is beyond half of it
+(`interval_fraction`);
 `removal_overlap` and `regime_change` fire when the state they watch (do the protocols'
 removal sets agree; the regime) differs from the state at the baseline, so a checkpoint
 whose protocols already disagree when monitoring starts raises nothing until that
@@ -100,7 +101,13 @@ class AlertConfig:
         hysteresis: consecutive probes a condition must hold (and then fail) for.
         change_hysteresis: the same for `gap_growth` and `gap_decline`, whose paired
             interval already keeps the probe batch's noise out (1: fire at the first
-            probe whose interval clears the limit).
+            probe that meets the condition).
+        interval_fraction: with intervals, a change rule holds when the change is beyond
+            its limit and the near end of its paired interval is beyond this fraction of
+            the limit: the change is then surely at least that large, so noise around a
+            change of less than that fraction does not fire, while a change that crosses
+            the limit is caught at the probe where it crosses. 1.0: the whole interval
+            must be beyond the limit (surer, later).
         cooldown_steps: minimum optimizer steps between two firings of one rule.
         use_intervals: judge the gap rules on intervals (the change rules on the paired
             change interval, `gap_threshold` on the level's) and the regime rule on stable
@@ -130,6 +137,7 @@ class AlertConfig:
     decline_factor: float | None = None
     decline_amount: float | None = None
     change_hysteresis: int = 1
+    interval_fraction: float = 0.5
 
     def __post_init__(self):
         for name in ("hysteresis", "change_hysteresis"):
@@ -146,6 +154,10 @@ class AlertConfig:
             value = getattr(self, name)
             if value is not None and value < 0:
                 raise InvalidConfigError(f"{name} must be >= 0 nats (or None: off), got {value}")
+        if not 0 <= self.interval_fraction <= 1:
+            raise InvalidConfigError(
+                f"interval_fraction must be in [0, 1], got {self.interval_fraction}"
+            )
         if self.overlap_threshold is not None and not 0 < self.overlap_threshold <= 1:
             raise InvalidConfigError(
                 f"overlap_threshold must be in (0, 1] (or None), got {self.overlap_threshold}"
@@ -380,17 +392,16 @@ class AlertEngine:
             else:
                 limit = c.growth_limit(baseline)
                 how = _limit_text(c.growth_amount, c.growth_factor, baseline, c.growth_floor)
-                compared = delta if interval is None else interval[0]
+                holds, guard = _beyond(delta, interval, limit, c.interval_fraction, +1)
                 out.append(
                     self._update(
                         "gap_growth",
                         step,
-                        compared > limit,
-                        compared,
+                        holds,
+                        delta,
                         limit,
-                        f"step {step}: {c.gap_metric} rose by {delta:+.4f} nats {since}"
-                        f"{_paired_text(interval, 'lower')} above the rule's limit "
-                        f"{limit:.4f} nats ({how}); "
+                        f"step {step}: {c.gap_metric} rose by {delta:+.4f} nats {since}, "
+                        f"above the rule's limit {limit:.4f} nats ({how}){guard}; "
                         "the protocols are diverging",
                         c.change_hysteresis,
                     )
@@ -405,17 +416,16 @@ class AlertEngine:
                 how = _limit_text(
                     c.decline_amount, c.decline_factor, baseline, c.growth_floor, decline=True
                 )
-                compared = delta if interval is None else interval[1]
+                holds, guard = _beyond(delta, interval, limit, c.interval_fraction, -1)
                 out.append(
                     self._update(
                         "gap_decline",
                         step,
-                        compared < -limit,
-                        compared,
+                        holds,
+                        delta,
                         -limit,
-                        f"step {step}: {c.gap_metric} changed by {delta:+.4f} nats {since}"
-                        f"{_paired_text(interval, 'upper')} below the rule's limit "
-                        f"{-limit:.4f} nats ({how}); "
+                        f"step {step}: {c.gap_metric} changed by {delta:+.4f} nats {since}, "
+                        f"below the rule's limit {-limit:.4f} nats ({how}){guard}; "
                         "the protocols are converging",
                         c.change_hysteresis,
                     )
@@ -450,9 +460,10 @@ class AlertEngine:
             )
         else:
             what = (
-                f"the protocols' removal sets now agree: at budget {budget} both would "
-                f"remove layers close to {sorted(by_repl)} / {sorted(by_int)} (Jaccard "
-                f"{fmt(jaccard, 2)} >= {c.overlap_threshold}); they disagreed since {since}"
+                f"the protocols' removal sets now agree: at budget {budget} replacement "
+                f"would remove layers {sorted(by_repl)} and interchange layers "
+                f"{sorted(by_int)} (Jaccard {fmt(jaccard, 2)} >= {c.overlap_threshold}); "
+                f"they disagreed since {since}"
             )
         alert = self._update(
             "removal_overlap", step, True, jaccard, c.overlap_threshold, f"step {step}: {what}"
@@ -573,11 +584,21 @@ def level_state(step: int, result: ProbeResult, config: AlertConfig) -> dict[str
     return json_safe(out)
 
 
-def _paired_text(interval, end: str) -> str:
-    """`` (paired interval [..]): even its lower end is`` or `` is`` without one."""
+def _beyond(delta: float, interval, limit: float, fraction: float, sign: int) -> tuple[bool, str]:
+    """Whether a change `delta` is beyond `limit` (``sign`` +1: above, -1: below minus it)
+    and, with an interval, the interval's near end beyond ``fraction x limit`` (the change
+    is surely at least that fraction of the limit, not noise); and the sentence saying so."""
+    point = sign * delta > limit
     if interval is None:
-        return ", which is"
-    return f" (paired interval {_interval_text(interval, signed=True)}): even its {end} end is"
+        return point, ""
+    near = interval[0] if sign > 0 else interval[1]
+    guard = fraction * limit
+    sure = sign * near > guard
+    side = "lower" if sign > 0 else "upper"
+    return point and sure, (
+        f", paired interval {_interval_text(interval, signed=True)} whose {side} end is "
+        f"{'beyond' if sure else 'not beyond'} {sign * guard:+.4f} ({fraction:g} of the limit)"
+    )
 
 
 def _limit_text(amount, factor, baseline, floor, decline: bool = False) -> str:

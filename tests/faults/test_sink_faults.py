@@ -78,6 +78,7 @@ def test_disk_full_is_counted_alerted_once_and_records_are_written_once_space_fr
     assert kinds(path) == [
         ("probe", 0),
         ("sample_size", 0),  # the precision of the probe batch, at the first probe
+        ("baseline_state", 0),  # the level at the baseline, as information
         ("probe", 1),
         ("probe", 2),
         ("alert", 2),
