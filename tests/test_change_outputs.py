@@ -34,7 +34,10 @@ def test_tensorboard_gets_the_change_with_its_band_and_charts_match_exactly_thei
     scalars = events.Tags()["scalars"]
     last = recorder.history[-1].change
     for suffix, index in (("", None), ("_low", 0), ("_high", 1)):
-        got = [(e.step, e.value) for e in events.Scalars(f"redundancy_change/gap_median{suffix}")]
+        got = [
+            (e.step, e.value)
+            for e in events.Scalars(f"redundancy_since_baseline/gap_median{suffix}")
+        ]
         want = [
             (r.step, r.change.baseline.value("gap_median") if index is None
              else r.change.baseline.interval("gap_median")[index])
@@ -43,7 +46,7 @@ def test_tensorboard_gets_the_change_with_its_band_and_charts_match_exactly_thei
         assert [s for s, _ in got] == [10, 20]
         assert [v for _, v in got] == pytest.approx([v for _, v in want], rel=1e-6)
     assert last.previous.step == 10
-    assert events.Scalars("redundancy_change_previous/gap_mean")[-1].value == pytest.approx(
+    assert events.Scalars("redundancy_since_previous/gap_mean")[-1].value == pytest.approx(
         last.previous.value("gap_mean"), rel=1e-6
     )
     (config,) = events.Tensors(LAYOUT_TAG)
@@ -58,15 +61,16 @@ def test_tensorboard_gets_the_change_with_its_band_and_charts_match_exactly_thei
         f"redundancy/gap_{k}" for k in ("mean", "median", "p75", "max")
     }  # not gap_median_low / _high
     assert matched["interchange / replacement ratio"] == {"redundancy/ir_median"}
-    assert matched["gap by pair separation (nats)"] == {"redundancy_by_separation/d1/gap_mean"}
+    assert matched["gap by pair separation (nats)"] == {"redundancy_separation/d1/gap_mean"}
     assert matched["change since the baseline probe (nats)"] == {
-        f"redundancy_change/{k}" for k in ("gap_mean", "gap_median", "d_repl_mean", "d_int_mean")
+        f"redundancy_since_baseline/{k}"
+        for k in ("gap_mean", "gap_median", "d_repl_mean", "d_int_mean")
     }
     band = charts["gap_median change since the baseline, with its paired interval (nats)"]
     (series,) = band.margin.series
     assert (series.value, series.lower, series.upper) == (
-        "redundancy_change/gap_median",
-        "redundancy_change/gap_median_low",
-        "redundancy_change/gap_median_high",
+        "redundancy_since_baseline/gap_median",
+        "redundancy_since_baseline/gap_median_low",
+        "redundancy_since_baseline/gap_median_high",
     )
     assert {series.value, series.lower, series.upper} <= set(scalars)

@@ -115,8 +115,8 @@ def test_the_headline_section_holds_only_the_headline_scalars(tmp_path):
     assert sections == {
         "redundancy",
         "redundancy_separation",
-        "redundancy_change",  # since the baseline probe, with paired intervals
-        "redundancy_change_previous",
+        "redundancy_since_baseline",  # since the baseline probe, with paired intervals
+        "redundancy_since_previous",
         "redundancy_detail",
         "redundancy_pairs",
         "redundancy_probe",

@@ -32,9 +32,10 @@ MEMORY_FIELDS = ("shadow_host_bytes", "shadow_device_bytes", "probe_device_peak_
 #: Summary scalars whose interval bounds are logged as ``<name>_low`` / ``<name>_high``.
 BANDS = ("gap_median",)
 #: The change of these scalars since the trajectory's baseline probe is logged as
-#: ``redundancy_change/<name>`` (since the previous probe: ``redundancy_change_previous/``),
+#: ``redundancy_since_baseline/<name>`` (since the previous probe: ``redundancy_since_previous/``),
 #: each with its paired interval as ``<name>_low`` / ``<name>_high``.
-CHANGE, CHANGE_PREVIOUS = f"{PREFIX}_change", f"{PREFIX}_change_previous"
+# Sections named so that TensorBoard, which sorts "/" and "_" alike, still lists `redundancy` first.
+CHANGE, CHANGE_PREVIOUS = f"{PREFIX}_since_baseline", f"{PREFIX}_since_previous"
 CHANGE_HEADLINE = ("gap_mean", "gap_median", "ir_median", "d_repl_mean", "d_int_mean")
 
 
@@ -79,8 +80,8 @@ def probe_scalars(
 
 
 def change_scalars(change: ProbeChange | None) -> dict[str, float]:
-    """``redundancy_change/<name>`` (since the baseline probe) and
-    ``redundancy_change_previous/<name>`` (since the previous probe) of each
+    """``redundancy_since_baseline/<name>`` (since the baseline probe) and
+    ``redundancy_since_previous/<name>`` (since the previous probe) of each
     `CHANGE_HEADLINE` scalar, with ``_low`` / ``_high`` where the change has an interval;
     empty at a trajectory's first probe."""
     out: dict[str, float] = {}

@@ -27,7 +27,10 @@ def main() -> None:
     torch.set_num_threads(1)
     extra = {}
     if mode.startswith("stop"):
-        extra = dict(alerts=AlertConfig(gap_threshold=-10.0, growth_factor=None, hysteresis=2), stop_on_alert=True)
+        extra = dict(
+            alerts=AlertConfig(gap_threshold=-10.0, growth_factor=None, hysteresis=2),
+            stop_on_alert=True,
+        )
     if mode == "stop-rank0":
         extra.update(distributed=False, executor="inline")
     os.environ["TENSORBOARD_LOGGING_DIR"] = str(out / "runs")
