@@ -180,7 +180,7 @@ def test_text_that_is_not_utf8_on_stdin_is_refused(monkeypatch):
 
 
 def test_watch_accepts_trust_module_for_a_users_own_model_class(run, tmp_path, capsys, monkeypatch):
-    (tmp_path / "my_models.py").write_text(
+    (tmp_path / "cli_fault_models.py").write_text(
         textwrap.dedent(
             """
             from transformers import LlamaConfig, LlamaForCausalLM
@@ -199,7 +199,7 @@ def test_watch_accepts_trust_module_for_a_users_own_model_class(run, tmp_path, c
         "num_key_value_heads", "head_dim", "intermediate_size", "max_position_embeddings",
     )}  # fmt: skip
     spec = tmp_path / "model.json"
-    spec.write_text(json.dumps({"class": "my_models:MyLM", "kwargs": kwargs}))
+    spec.write_text(json.dumps({"class": "cli_fault_models:MyLM", "kwargs": kwargs}))
     ckpts = tmp_path / "checkpoints"
     ckpts.mkdir()
     torch.save({"global_step": 2, "state_dict": lm.state_dict()}, ckpts / "step=2.ckpt")
@@ -208,8 +208,8 @@ def test_watch_accepts_trust_module_for_a_users_own_model_class(run, tmp_path, c
         "--model-config", spec, "--until-step", "2", "--settle", "0.1", *SEQ[:4],
     ]  # fmt: skip
     code, _, err = cli(capsys, *args)
-    assert code == 2 and "--trust-module my_models" in one_error_line(err)
-    code, out, err = cli(capsys, *args, "--trust-module", "my_models")
+    assert code == 2 and "--trust-module cli_fault_models" in one_error_line(err)
+    code, out, err = cli(capsys, *args, "--trust-module", "cli_fault_models")
     assert code == 0, err
     assert "probed 1 checkpoint(s)" in out
     assert [
