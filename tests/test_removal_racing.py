@@ -67,8 +67,9 @@ def test_the_cache_stays_within_its_bound():
     rows = [torch.arange(400) % 97]
     hidden, itemsize = 32, 4
     for cache_bytes in (1, 24 * hidden * itemsize * 3, 1 << 30):
+        windows = heldout_windows(rows, 24, 12)
         shared = SharedHeldout(
-            root, blocks, head, rows, 24, 12, batch, HeldoutOptions(cache_bytes=cache_bytes)
+            root, blocks, head, rows, windows, batch, HeldoutOptions(cache_bytes=cache_bytes)
         )
         for n_slots in (1, 3, 5):
             for part in shared.forward_batches(list(range(len(shared.windows))), n_slots):

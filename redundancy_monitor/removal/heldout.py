@@ -238,16 +238,14 @@ class SharedHeldout:
         blocks: nn.ModuleList,
         head: nn.Module,
         rows: Sequence[torch.Tensor],
-        window: int,
-        stride: int,
+        windows: list[tuple[int, int, int, int]],
         kinds_batch: ProbeBatch,
         options: HeldoutOptions,
     ):
         self.root, self.blocks, self.head = root, blocks, head
         self.slot_modules = list(blocks)
         self.rows = list(rows)
-        self.windows = heldout_windows(self.rows, window, stride)
-        self.count = np.array([e - f for _, _, e, f in self.windows], dtype=np.int64)
+        self.windows = windows  # heldout_windows(rows, window, stride), made by the caller
         self.options = options
         self.kinds = block_return_kinds(root, blocks, kinds_batch)
         self.transform = logit_transform(root)
@@ -455,7 +453,7 @@ def measure_heldout(
                     tick(n_windows)
             return scores
 
-        shared = SharedHeldout(root, blocks, head, rows, window, stride, kinds_batch, options)
+        shared = SharedHeldout(root, blocks, head, rows, windows, kinds_batch, options)
         order = np.random.default_rng([options.seed, n_windows]).permutation(n_windows)
         alive, done = list(candidates), 0
         points = checkpoints(n_windows, options)
