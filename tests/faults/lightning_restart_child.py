@@ -12,10 +12,13 @@ weights that the monitor takes when training ends).
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import signal
 import sys
+from pathlib import Path
 
+import pytest
 import torch
 from lightning.pytorch import Callback
 from training_fixtures import lightning_module, lightning_trainer, probe_ids
@@ -98,6 +101,21 @@ def run(
     trainer.fit(
         lightning_module(), token_loader(n_seq=4 * BATCHES_PER_EPOCH, batch_size=4), ckpt_path=ckpt
     )
+
+
+def attempt(
+    root: Path, ckpt: Path | None = None, kill: tuple[int, str] | None = None, every: int = 2
+) -> int:
+    """One attempt in a child process (forked, so it starts without re-importing torch
+    and Lightning); returns its exit code."""
+    args = (str(root), None if ckpt is None else str(ckpt), kill, every)
+    child = multiprocessing.get_context("fork").Process(target=run, args=args)
+    child.start()
+    child.join(timeout=300)
+    if child.exitcode is None:
+        child.kill()
+        pytest.fail(f"the attempt {kill} did not finish in 300 s")
+    return child.exitcode
 
 
 if __name__ == "__main__":

@@ -3,7 +3,6 @@ training code that raises while a background probe runs, two monitors on one tra
 
 from __future__ import annotations
 
-import multiprocessing
 import signal
 import subprocess
 import sys
@@ -20,23 +19,9 @@ pytest.importorskip("lightning")
 FAULTS = Path(__file__).resolve().parent
 
 
-def attempt(root: Path, ckpt: Path | None, kill: tuple[int, str] | None, every: int) -> int:
-    """One Lightning attempt in a forked child (see lightning_restart_child.py)."""
-    from lightning_restart_child import run
-
-    args = (str(root), None if ckpt is None else str(ckpt), kill, every)
-    child = multiprocessing.get_context("fork").Process(target=run, args=args)
-    child.start()
-    child.join(timeout=300)
-    if child.exitcode is None:
-        child.kill()
-        pytest.fail(f"the attempt {kill} did not finish in 300 s")
-    return child.exitcode
-
-
 @pytest.mark.skipif(sys.platform == "win32", reason="needs fork and SIGKILL")
 def test_sigkill_during_the_train_end_probe_then_a_refit_probes_the_final_weights(tmp_path):
-    from lightning_restart_child import BATCHES_PER_EPOCH, EPOCHS
+    from lightning_restart_child import BATCHES_PER_EPOCH, EPOCHS, attempt
     from training_fixtures import lightning_module, probe_ids
 
     last = BATCHES_PER_EPOCH * EPOCHS  # 24: not a multiple of 5, so only train end probes it

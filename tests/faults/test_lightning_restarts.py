@@ -4,7 +4,6 @@ from the last checkpoint, every path at its default: the monitor's records read 
 
 from __future__ import annotations
 
-import multiprocessing
 import random
 import re
 import signal
@@ -12,7 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from lightning_restart_child import BATCHES_PER_EPOCH, EPOCHS, run
+from lightning_restart_child import BATCHES_PER_EPOCH, EPOCHS, attempt
 
 from redundancy_monitor.tools.cli import main
 from redundancy_monitor.tools.records import load_run
@@ -22,20 +21,6 @@ pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="needs fork and 
 
 HOOKS = ("batch_end", "before_optimizer_step", "mid_record")
 LAST_STEP = BATCHES_PER_EPOCH * EPOCHS
-
-
-def attempt(root: Path, ckpt: Path | None = None, kill: tuple[int, str] | None = None) -> int:
-    """One attempt in a child process (forked, so it starts without re-importing torch
-    and Lightning); returns its exit code."""
-    child = multiprocessing.get_context("fork").Process(
-        target=run, args=(str(root), None if ckpt is None else str(ckpt), kill)
-    )
-    child.start()
-    child.join(timeout=300)
-    if child.exitcode is None:
-        child.kill()
-        pytest.fail(f"the attempt {kill} did not finish in 300 s")
-    return child.exitcode
 
 
 def last_checkpoint(root: Path) -> tuple[int, Path] | None:
