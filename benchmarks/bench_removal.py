@@ -2,7 +2,8 @@
 
     python benchmarks/bench_removal.py            # parts 1-3, ~10 minutes on 2 CPU cores
     python benchmarks/bench_removal.py --table    # part 3 only
-    python benchmarks/bench_removal.py --score-135m [--exhaustive]   # part 4 only
+    python benchmarks/bench_removal.py --score-135m [--exhaustive] [--tokens N]
+        [--train-steps N | --checkpoint DIR]                          # part 4 only
 
 1. Iterative greedy deletion (SLEB-style, budget 3): every candidate of a step in one
    engine call, against one full reference forward per candidate. The chosen layers
@@ -18,8 +19,11 @@
    to 1e-6 and the recommendations must be the same.
 4. ``--score-135m``: the whole ``redundancy-monitor score --n-seq 4 --seq-len 64
    --budgets 1,2`` of a 30-layer, 135M-parameter Llama (SmolLM-135M's shape: hidden 576,
-   MLP 1536, 9 heads, 3 KV heads, vocabulary 49152) with random weights, on 2 threads;
-   with ``--exhaustive`` the same command with ``--exhaustive`` runs after it.
+   MLP 1536, 9 heads, 3 KV heads, vocabulary 49152) on 2 threads, given ``--tokens``
+   tokens (default 5120) of standard-library source it was not trained on; with
+   ``--exhaustive`` the same command with ``--exhaustive`` runs after it. The weights are
+   random unless ``--train-steps N`` pretrains the model first (about 5 s a step), or
+   ``--checkpoint DIR`` scores a checkpoint of your own instead.
 
 Parts 1-3 print the median of 3 runs (part 3: 1 run each) and the ratio; single thread,
 so the numbers depend less on what else runs on the machine's other core. The weights
@@ -30,6 +34,7 @@ and racing stops more of them.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import statistics
 import subprocess
@@ -163,30 +168,79 @@ def _children_cpu() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def part_score_135m(exhaustive: bool) -> None:
+SMOLLM_SHAPE = dict(
+    vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+    num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=2048,
+    tie_word_embeddings=True,
+)  # fmt: skip
+
+
+def train_135m(model, tokenizer, text: str, steps: int) -> None:
+    """A short pretraining run of `model` on `text`, so that removing different layers
+    costs different amounts, as on a real checkpoint (random weights cost about the same
+    whichever layer goes). Seeded; AdamW, peak lr 2e-3, 20 warm-up steps then cosine to a
+    tenth, batches of 8 x 128 tokens, bf16 autocast. About 5 s a step on 2 cores."""
+    ids = torch.tensor(tokenizer.encode(text).ids)
+    rows = ids[: ids.numel() // 128 * 128].view(-1, 128)
+    generator = torch.Generator().manual_seed(0)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, betas=(0.9, 0.95), weight_decay=0.1)
+    model.train()
+    for step in range(steps):
+        cosine = 0.1 + 0.45 * (1 + math.cos(math.pi * step / steps))
+        for group in optimizer.param_groups:
+            group["lr"] = 2e-3 * min(1.0, (step + 1) / 20) * cosine
+        batch = rows[torch.randint(0, rows.shape[0], (8,), generator=generator)]
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(input_ids=batch, labels=batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if (step + 1) % 20 == 0 or step + 1 == steps:
+            print(f"  training step {step + 1}/{steps}: loss {loss.item():.3f}", flush=True)
+    model.eval()
+
+
+def part_score_135m(
+    exhaustive: bool, tokens: int, train_steps: int, checkpoint: str | None
+) -> None:
+    """The whole `score` command, default against --exhaustive, in child processes."""
+    from tokenizers import Tokenizer
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-    tokenizer, text = real_text()
+    from redundancy_monitor.demo import stdlib_corpus, train_tokenizer
+
+    train, _ = stdlib_corpus(600_000)
+    _, held = stdlib_corpus(3_000_000)  # every tenth file: never in `train`
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        torch.manual_seed(0)
-        config = LlamaConfig(
-            vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-            num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=2048,
-            tie_word_embeddings=True,
-        )  # fmt: skip
-        model = LlamaForCausalLM(config)
-        n_params = sum(p.numel() for p in model.parameters())
-        model.save_pretrained(folder / "ckpt")
-        del model
-        PreTrainedTokenizerFast(tokenizer_object=tokenizer._tokenizer).save_pretrained(
-            folder / "ckpt"
-        )
-        # About 5k tokens of text: 4 x 64 for the probe batch, the rest held out.
-        ids = tokenizer.encode(text).ids[:5120]
-        (folder / "text.txt").write_text(tokenizer.decode(ids))
+        if checkpoint is None:
+            tokenizer = train_tokenizer(train, 4096)
+            torch.manual_seed(0)
+            model = LlamaForCausalLM(LlamaConfig(**SMOLLM_SHAPE))
+            if train_steps:
+                train_135m(model, tokenizer, train, train_steps)
+            n_params = sum(p.numel() for p in model.parameters())
+            model.save_pretrained(folder / "ckpt")
+            del model
+            PreTrainedTokenizerFast(tokenizer_object=tokenizer._tokenizer).save_pretrained(
+                folder / "ckpt"
+            )
+            checkpoint = str(folder / "ckpt")
+            what = f"{n_params / 1e6:.0f}M params, 30 layers, " + (
+                f"trained {train_steps} steps" if train_steps else "random weights"
+            )
+        else:
+            tokenizer = Tokenizer.from_file(str(Path(checkpoint) / "tokenizer.json"))
+            what = checkpoint
+        # `tokens` tokens of text the model was not trained on: 4 x 64 of them for the
+        # probe batch, the rest held out.
+        ids = tokenizer.encode(held).ids
+        if len(ids) < tokens:
+            raise SystemExit(f"only {len(ids)} tokens of held-out text; pass --tokens <= that")
+        (folder / "text.txt").write_text(tokenizer.decode(ids[:tokens]))
         env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="2", HF_HUB_OFFLINE="1")
-        args = [sys.executable, "-m", "redundancy_monitor", "score", str(folder / "ckpt"),
+        args = [sys.executable, "-m", "redundancy_monitor", "score", checkpoint,
                 "--text", str(folder / "text.txt"), "--n-seq", "4", "--seq-len", "64",
                 "--budgets", "1,2", "--no-progress"]  # fmt: skip
         times, cpu, tables = {}, {}, {}
@@ -198,10 +252,12 @@ def part_score_135m(exhaustive: bool) -> None:
             times[name], cpu[name] = time.perf_counter() - t, _children_cpu() - c
             assert proc.returncode == 0, proc.stderr[-2000:]
             tables[name] = [x for x in proc.stdout.splitlines() if x.startswith("n=")]
-            print(f"score, {n_params / 1e6:.0f}M params, 30 layers, random weights, 2 threads, "
-                  f"{name}: {times[name]:.0f}s wall, {cpu[name]:.0f}s CPU")  # fmt: skip
+            print(f"score, {what}, {tokens} tokens of text, 2 threads, {name}: "
+                  f"{times[name]:.0f}s wall, {cpu[name]:.0f}s CPU, load average "
+                  f"{os.getloadavg()[0]:.1f}")  # fmt: skip
             print(proc.stderr.strip())
-            print("\n".join(x for x in proc.stdout.splitlines() if "held-out tokens" in x))
+            table = proc.stdout.split("removal table")[-1].split("\n\n")[0]
+            print("removal table" + table)
             print("\n".join(tables[name]))
         if len(times) == 2:
             same = [x.split("(")[0] for x in tables["default"]] == [
@@ -217,9 +273,19 @@ def main() -> None:
     parser.add_argument("--table", action="store_true", help="part 3 only")
     parser.add_argument("--score-135m", action="store_true", help="part 4 only")
     parser.add_argument("--exhaustive", action="store_true", help="part 4: also --exhaustive")
+    parser.add_argument(
+        "--tokens", type=int, default=5120, help="part 4: tokens of text given to score"
+    )
+    parser.add_argument(
+        "--train-steps", type=int, default=0,
+        help="part 4: pretrain the 135M model this many steps first (about 5 s each)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--checkpoint", help="part 4: score this checkpoint folder (with its tokenizer.json)"
+    )
     args = parser.parse_args()
     if args.score_135m:
-        part_score_135m(args.exhaustive)
+        part_score_135m(args.exhaustive, args.tokens, args.train_steps, args.checkpoint)
         return
     torch.set_num_threads(1)
     if not args.table:
