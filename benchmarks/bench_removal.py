@@ -119,18 +119,21 @@ def part_engines() -> None:
           f"(ppl {a:.3f})")  # fmt: skip
 
 
-def part_table() -> None:
+def part_table(train_steps: int = 0) -> None:
+    from redundancy_monitor.demo import stdlib_corpus
     from redundancy_monitor.tools.score_text import draw_text
 
     tokenizer, text = real_text()  # 5813 tokens: 7 x 128 drawn for the batch, 3125 held out
     ids = torch.tensor(tokenizer.encode(text).ids)
+    model = build()
+    if train_steps:
+        pretrain(model, tokenizer, stdlib_corpus(600_000)[0], train_steps)
 
     class _Tok:  # what draw_text calls: tokenizer(text)["input_ids"]
         def __call__(self, _text, **kwargs):
             return {"input_ids": ids.tolist()}
 
     split = draw_text(_Tok(), [("stdlib", "")], 16, 128, seed=0)
-    model = build()
     result = probe(model, split.probe_ids)
     reports, times, cpu = {}, {}, {}
     for evaluation in ("reference", "full", "race"):
@@ -175,11 +178,12 @@ SMOLLM_SHAPE = dict(
 )  # fmt: skip
 
 
-def train_135m(model, tokenizer, text: str, steps: int) -> None:
+def pretrain(model, tokenizer, text: str, steps: int) -> None:
     """A short pretraining run of `model` on `text`, so that removing different layers
     costs different amounts, as on a real checkpoint (random weights cost about the same
     whichever layer goes). Seeded; AdamW, peak lr 2e-3, 20 warm-up steps then cosine to a
-    tenth, batches of 8 x 128 tokens, bf16 autocast. About 5 s a step on 2 cores."""
+    tenth, batches of 8 x 128 tokens, bf16 autocast. About 5 s a step for the 135M model
+    on 2 cores."""
     ids = torch.tensor(tokenizer.encode(text).ids)
     rows = ids[: ids.numel() // 128 * 128].view(-1, 128)
     generator = torch.Generator().manual_seed(0)
@@ -219,7 +223,7 @@ def part_score_135m(
             torch.manual_seed(0)
             model = LlamaForCausalLM(LlamaConfig(**SMOLLM_SHAPE))
             if train_steps:
-                train_135m(model, tokenizer, train, train_steps)
+                pretrain(model, tokenizer, train, train_steps)
             n_params = sum(p.numel() for p in model.parameters())
             model.save_pretrained(folder / "ckpt")
             del model
@@ -257,8 +261,7 @@ def part_score_135m(
                   f"{os.getloadavg()[0]:.1f}")  # fmt: skip
             print(proc.stderr.strip())
             table = proc.stdout.split("removal table")[-1].split("\n\n")[0]
-            print("removal table" + table)
-            print("\n".join(tables[name]))
+            print("removal table" + table)  # with the recommendations
         if len(times) == 2:
             same = [x.split("(")[0] for x in tables["default"]] == [
                 x.split("(")[0] for x in tables["--exhaustive"]
@@ -271,6 +274,10 @@ def part_score_135m(
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--table", action="store_true", help="part 3 only")
+    parser.add_argument(
+        "--train-table", type=int, default=0, metavar="STEPS",
+        help="part 3: pretrain the 12-layer model this many steps first",
+    )  # fmt: skip
     parser.add_argument("--score-135m", action="store_true", help="part 4 only")
     parser.add_argument("--exhaustive", action="store_true", help="part 4: also --exhaustive")
     parser.add_argument(
@@ -290,7 +297,7 @@ def main() -> None:
     torch.set_num_threads(1)
     if not args.table:
         part_engines()
-    part_table()
+    part_table(args.train_table)
 
 
 if __name__ == "__main__":
