@@ -10,7 +10,6 @@ import importlib.util
 import os
 import stat
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -229,25 +228,6 @@ def decode_text(data: bytes, name: str) -> str:
         ) from None
 
 
-@dataclass(frozen=True)
-class TextSplit:
-    """The probe batch and the held-out tokens cut from text."""
-
-    probe_ids: torch.Tensor  # [n_seq, seq_len]
-    heldout_ids: torch.Tensor  # [n_tokens]
-    text_tokens: int
-    heldout_source: str  # "split" (after the probe part) or "file"
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "n_seq": int(self.probe_ids.shape[0]),
-            "seq_len": int(self.probe_ids.shape[1]),
-            "text_tokens": self.text_tokens,
-            "heldout_tokens": int(self.heldout_ids.numel()),
-            "heldout_source": self.heldout_source,
-        }
-
-
 def tokenize(tokenizer, text: str) -> torch.Tensor:
     ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
     return torch.tensor(ids, dtype=torch.long)
@@ -274,40 +254,6 @@ def probe_batch_from_text(tokenizer, text: str, n_seq: int, seq_len: int) -> tor
             "pass more text or a smaller --seq-len"
         )
     return ids[: n * seq_len].reshape(n, seq_len)
-
-
-def split_text(
-    tokenizer, text: str, n_seq: int, seq_len: int, heldout_text: str | None = None
-) -> TextSplit:
-    """Cut up to `n_seq` consecutive sequences of `seq_len` tokens for the probe batch.
-
-    Without `heldout_text`, at most half the tokens go to the probe batch and the rest,
-    disjoint from it, is held out for perplexity.
-
-    Raises:
-        CheckpointError: too little text for one sequence, or for a held-out part.
-    """
-    check_batch_shape(n_seq, seq_len)
-    ids = tokenize(tokenizer, text)
-    usable = len(ids) if heldout_text is not None else len(ids) // 2
-    n = min(n_seq, usable // seq_len)
-    if n == 0:
-        need = seq_len if heldout_text is not None else 2 * seq_len
-        raise CheckpointError(
-            f"the text has {len(ids)} tokens, too short for one sequence of --seq-len "
-            f"{seq_len} (needs {need}{'' if heldout_text else ', half of it held out'}); "
-            "pass more text, a smaller --seq-len, or --heldout FILE"
-        )
-    probe_ids = ids[: n * seq_len].reshape(n, seq_len)
-    if heldout_text is None:
-        heldout, source = ids[n * seq_len :], "split"
-    else:
-        heldout, source = tokenize(tokenizer, heldout_text), "file"
-    if heldout.numel() < 2:
-        raise CheckpointError(
-            f"the held-out text has {heldout.numel()} token(s); perplexity needs at least 2"
-        )
-    return TextSplit(probe_ids, heldout, len(ids), source)
 
 
 def load_probe_batch(path: str | Path) -> tuple[torch.Tensor, torch.Tensor | None]:
