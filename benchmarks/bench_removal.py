@@ -3,7 +3,7 @@
     python benchmarks/bench_removal.py            # parts 1-3, ~10 minutes on 2 CPU cores
     python benchmarks/bench_removal.py --table    # part 3 only
     python benchmarks/bench_removal.py --score-135m [--exhaustive] [--tokens N]
-        [--train-steps N | --checkpoint DIR]                          # part 4 only
+        [--train-steps N | --checkpoint DIR] [--small]                # part 4 only
 
 1. Iterative greedy deletion (SLEB-style, budget 3): every candidate of a step in one
    engine call, against one full reference forward per candidate. The chosen layers
@@ -23,7 +23,8 @@
    tokens (default 5120) of standard-library source it was not trained on; with
    ``--exhaustive`` the same command with ``--exhaustive`` runs after it. The weights are
    random unless ``--train-steps N`` pretrains the model first (about 5 s a step), or
-   ``--checkpoint DIR`` scores a checkpoint of your own instead.
+   ``--checkpoint DIR`` scores a checkpoint of your own instead; ``--small`` runs it on
+   the 12-layer model of part 3 (about 0.5 s a training step).
 
 Parts 1-3 print the median of 3 runs (part 3: 1 run each) and the ratio; single thread,
 so the numbers depend less on what else runs on the machine's other core. The weights
@@ -206,9 +207,10 @@ def pretrain(model, tokenizer, text: str, steps: int) -> None:
 
 
 def part_score_135m(
-    exhaustive: bool, tokens: int, train_steps: int, checkpoint: str | None
+    exhaustive: bool, tokens: int, train_steps: int, checkpoint: str | None, small: bool = False
 ) -> None:
-    """The whole `score` command, default against --exhaustive, in child processes."""
+    """The whole `score` command, default against --exhaustive, in child processes
+    (`small`: the 12-layer model of part 3 instead of the 135M one)."""
     from tokenizers import Tokenizer
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
@@ -221,17 +223,18 @@ def part_score_135m(
         if checkpoint is None:
             tokenizer = train_tokenizer(train, 4096)
             torch.manual_seed(0)
-            model = LlamaForCausalLM(LlamaConfig(**SMOLLM_SHAPE))
+            model = build() if small else LlamaForCausalLM(LlamaConfig(**SMOLLM_SHAPE))
             if train_steps:
                 pretrain(model, tokenizer, train, train_steps)
             n_params = sum(p.numel() for p in model.parameters())
+            n_layers = model.config.num_hidden_layers
             model.save_pretrained(folder / "ckpt")
             del model
             PreTrainedTokenizerFast(tokenizer_object=tokenizer._tokenizer).save_pretrained(
                 folder / "ckpt"
             )
             checkpoint = str(folder / "ckpt")
-            what = f"{n_params / 1e6:.0f}M params, 30 layers, " + (
+            what = f"{n_params / 1e6:.0f}M params, {n_layers} layers, " + (
                 f"trained {train_steps} steps" if train_steps else "random weights"
             )
         else:
@@ -290,9 +293,13 @@ def main() -> None:
     parser.add_argument(
         "--checkpoint", help="part 4: score this checkpoint folder (with its tokenizer.json)"
     )
+    parser.add_argument(
+        "--small", action="store_true",
+        help="part 4: the 12-layer model of part 3 (width 256) instead of the 135M one",
+    )  # fmt: skip
     args = parser.parse_args()
     if args.score_135m:
-        part_score_135m(args.exhaustive, args.tokens, args.train_steps, args.checkpoint)
+        part_score_135m(args.exhaustive, args.tokens, args.train_steps, args.checkpoint, args.small)
         return
     torch.set_num_threads(1)
     if not args.table:
