@@ -89,12 +89,14 @@ def median_time(fn, repeats: int = 3):
 
 
 def real_text(max_bytes: int = 600_000):
-    """(tokenizer, text) : a BPE (vocabulary 4096) trained on standard-library source,
-    and held-out source text it was not trained on."""
+    """(tokenizer, train, held): a BPE (vocabulary 4096) trained on 600 kB of
+    standard-library source, that source (the models' training text), and held-out source
+    they were not trained on (every tenth file, up to `max_bytes` of source read)."""
     from redundancy_monitor.demo import stdlib_corpus, train_tokenizer
 
-    train, held = stdlib_corpus(max_bytes)
-    return train_tokenizer(train, 4096), held
+    train = stdlib_corpus(600_000)[0]
+    held = stdlib_corpus(max_bytes)[1]  # every tenth file: never in `train`
+    return train_tokenizer(train, 4096), train, held
 
 
 def part_engines() -> None:
@@ -121,14 +123,13 @@ def part_engines() -> None:
 
 
 def part_table(train_steps: int = 0) -> None:
-    from redundancy_monitor.demo import stdlib_corpus
     from redundancy_monitor.tools.score_text import draw_text
 
-    tokenizer, text = real_text()  # 5813 tokens: 7 x 128 drawn for the batch, 3125 held out
+    tokenizer, train, text = real_text()  # 5813 tokens: 7 x 128 for the batch, 3125 held out
     ids = torch.tensor(tokenizer.encode(text).ids)
     model = build()
     if train_steps:
-        pretrain(model, tokenizer, stdlib_corpus(600_000)[0], train_steps)
+        pretrain(model, tokenizer, train, train_steps)
 
     class _Tok:  # what draw_text calls: tokenizer(text)["input_ids"]
         def __call__(self, _text, **kwargs):
@@ -214,14 +215,10 @@ def part_score_135m(
     from tokenizers import Tokenizer
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-    from redundancy_monitor.demo import stdlib_corpus, train_tokenizer
-
-    train, _ = stdlib_corpus(600_000)
-    _, held = stdlib_corpus(3_000_000)  # every tenth file: never in `train`
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         if checkpoint is None:
-            tokenizer = train_tokenizer(train, 4096)
+            tokenizer, train, held = real_text(3_000_000)
             torch.manual_seed(0)
             model = build() if small else LlamaForCausalLM(LlamaConfig(**SMOLLM_SHAPE))
             if train_steps:
@@ -238,7 +235,10 @@ def part_score_135m(
                 f"trained {train_steps} steps" if train_steps else "random weights"
             )
         else:
+            from redundancy_monitor.demo import stdlib_corpus
+
             tokenizer = Tokenizer.from_file(str(Path(checkpoint) / "tokenizer.json"))
+            held = stdlib_corpus(3_000_000)[1]
             what = checkpoint
         # `tokens` tokens of text the model was not trained on: 4 x 64 of them for the
         # probe batch, the rest held out.
