@@ -37,9 +37,10 @@ from redundancy_monitor.probing.model_io import (
     block_hidden,
     blocks_replaced,
     call_model,
-    forward_replaced,
+    final_hidden,
     logit_transform,
     logits_of,
+    same_logits,
     untouched,
 )
 from redundancy_monitor.probing.streaming import ResidentWeights
@@ -236,7 +237,6 @@ class Engine:
         self.options = options or EngineOptions()
         self.weights = weights if weights is not None else ResidentWeights(blocks)
         self.transform = logit_transform(model)
-        self._captured: list[torch.Tensor] = []
         mask = batch.attention_mask
         self.valid = mask.flatten().nonzero().squeeze(1)  # flat index of scored tokens
         self.seq_of_row = self.valid // batch.seq_len
@@ -247,21 +247,15 @@ class Engine:
         self._base_resident: tuple[torch.Tensor, torch.Tensor] | None = None
 
     # -- the unmodified model -------------------------------------------------------
-    def _record_head(self, hidden, *args, **kwargs):
-        self._captured.append(hidden)
-        return hidden.new_zeros((*hidden.shape[:-1], 1))
-
     def _forward_recording_final(self, batch: ProbeBatch, repeat: int = 1) -> torch.Tensor:
-        self._captured.clear()
-        with forward_replaced(self.head, self._record_head):
-            call_model(self.model, batch, repeat)
-        if len(self._captured) != 1:
-            raise UnsupportedModelError(
-                f"the output head of {type(self.model).__name__} ran {len(self._captured)} "
-                "times in one forward; pass head='dotted.path' naming the module that maps "
-                "final hidden states to logits"
-            )
-        return self._captured.pop()
+        return final_hidden(
+            self.model,
+            self.head,
+            batch,
+            repeat,
+            advice="pass head='dotted.path' naming the module that maps final hidden states "
+            "to logits",
+        )
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Head (and the model's own logit transform) applied to final hidden states."""
@@ -282,9 +276,8 @@ class Engine:
         self.weights.plan(range(len(self.blocks)))
         expected = logits_of(call_model(self.model, short)).float()
         self.weights.plan(range(len(self.blocks)))
-        got = self.logits(self._forward_recording_final(short)).float()
-        scale = max(1.0, float(expected.abs().max()))
-        if got.shape != expected.shape or float((got - expected).abs().max()) > 1e-3 * scale:
+        got = self.logits(self._forward_recording_final(short))
+        if not same_logits(expected, got):
             raise UnsupportedModelError(
                 f"{type(self.model).__name__}'s logits are not its output head applied to "
                 "the head's input (the model transforms them further); pass head= naming "

@@ -154,6 +154,40 @@ def forward_replaced(module: nn.Module, forward) -> Iterator[None]:
             del module.forward
 
 
+def final_hidden(
+    model: nn.Module, head: nn.Module, batch: ProbeBatch, repeat: int = 1, *, advice: str
+) -> torch.Tensor:
+    """The head's input in one forward of `model` (the head itself is not run).
+
+    Raises:
+        UnsupportedModelError: the head ran more or less than once; `advice` says what to
+            do instead.
+    """
+    captured: list[torch.Tensor] = []
+
+    def record(hidden, *args, **kwargs):
+        captured.append(hidden)
+        return hidden.new_zeros((*hidden.shape[:-1], 1))
+
+    with forward_replaced(head, record):
+        call_model(model, batch, repeat)
+    if len(captured) != 1:
+        raise UnsupportedModelError(
+            f"the output head of {type(model).__name__} ran {len(captured)} times in one "
+            f"forward; {advice}"
+        )
+    return captured[0]
+
+
+def same_logits(expected: torch.Tensor, got: torch.Tensor) -> bool:
+    """Whether logits computed from the head's input match the model's own: same shape,
+    and no element further off than 1e-3 of the largest logit (of 1e-3 where all are
+    below 1). NaN differences are not counted as off."""
+    expected, got = expected.float(), got.float()
+    scale = max(1.0, float(expected.abs().max()))
+    return got.shape == expected.shape and not float((got - expected).abs().max()) > 1e-3 * scale
+
+
 @contextlib.contextmanager
 def blocks_replaced(blocks: nn.ModuleList, replacements: Mapping[int, nn.Module]) -> Iterator[None]:
     """Temporarily put other modules in some slots of the block list."""

@@ -46,9 +46,10 @@ from redundancy_monitor.probing.model_io import (
     block_return_kinds,
     blocks_replaced,
     call_model,
-    forward_replaced,
+    final_hidden,
     logit_transform,
     logits_of,
+    same_logits,
     slots_skipped,
     untouched,
 )
@@ -201,17 +202,6 @@ class CandidateStats:
 # -- the shared path ----------------------------------------------------------------------
 
 
-class _PassThrough(SlotStandIn):
-    """A slot before the one whose output is replayed: returns its input, runs nothing."""
-
-    def __init__(self, slot_module: nn.Module, returns_tuple: bool):
-        super().__init__(slot_module)
-        self.returns_tuple = returns_tuple
-
-    def forward(self, hidden_states, *args, **kwargs):
-        return (hidden_states,) if self.returns_tuple else hidden_states
-
-
 class _Replay(SlotStandIn):
     """Slot f-1 of a candidate whose first removed slot is f: hands on the unpruned
     model's output of this slot, recorded in the base forward of the same windows."""
@@ -249,7 +239,6 @@ class SharedHeldout:
         self.options = options
         self.kinds = block_return_kinds(root, blocks, kinds_batch)
         self.transform = logit_transform(root)
-        self._captured: list[torch.Tensor] = []
         self._checked = False
         param = next(root.parameters())
         getter: Any = getattr(root, "get_input_embeddings", None)
@@ -258,28 +247,15 @@ class SharedHeldout:
         self.itemsize = param.element_size()
 
     # -- forwards ---------------------------------------------------------------------
-    def _record_head(self, hidden, *args, **kwargs):
-        self._captured.append(hidden)
-        return hidden.new_zeros((*hidden.shape[:-1], 1))
-
     def _final_hidden(self, batch: ProbeBatch) -> torch.Tensor:
-        self._captured.clear()
-        with forward_replaced(self.head, self._record_head):
-            call_model(self.root, batch)
-        if len(self._captured) != 1:
-            raise UnsupportedModelError(
-                f"the output head of {type(self.root).__name__} ran {len(self._captured)} "
-                "times in one forward; use evaluation='reference'"
-            )
-        return self._captured.pop()
+        return final_hidden(self.root, self.head, batch, advice="use evaluation='reference'")
 
     def _check_head(self, batch: ProbeBatch) -> None:
         """Logits from the head's input must be the model's logits (once per run)."""
         short = make_batch(batch.input_ids[:1, : min(16, batch.seq_len)])
         expected = logits_of(call_model(self.root, short)).float()
-        got = self._logits(self._final_hidden(short)).float()
-        scale = max(1.0, float(expected.abs().max()))
-        if got.shape != expected.shape or float((got - expected).abs().max()) > 1e-3 * scale:
+        got = self._logits(self._final_hidden(short))
+        if not same_logits(expected, got):
             raise UnsupportedModelError(
                 f"{type(self.root).__name__}'s logits are not its output head applied to "
                 "the head's input; use evaluation='reference' (score --exhaustive)"
@@ -313,7 +289,7 @@ class SharedHeldout:
         first = layers[0]
         stand_ins: dict[int, nn.Module] = {}
         for s in range(first - 1):
-            stand_ins[s] = _PassThrough(self.slot_modules[s], self.kinds[s])
+            stand_ins[s] = SkippedSlot(self.slot_modules[s], self.kinds[s])  # runs nothing
         if first >= 1:
             stand_ins[first - 1] = _Replay(
                 self.slot_modules[first - 1], recorded[first - 1], self.kinds[first - 1]

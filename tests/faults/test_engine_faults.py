@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from conftest import tiny_batch, tiny_config, tiny_model
@@ -80,3 +81,56 @@ def test_frozen_model_is_probed_like_a_trainable_one():
     model.requires_grad_(False)
     got = probe(model, tiny_batch()[0])
     assert got.pairs == want.pairs
+
+
+def _logits_changed_after_the_head(model):
+    """A model that scales its logits after its head ran (as a soft-cap would)."""
+
+    def scale(module, args, output):
+        output.logits.mul_(2.0)
+
+    model.register_forward_hook(scale)
+    return model
+
+
+def _head_run_twice(model):
+    """A model whose forward runs its output head a second time."""
+
+    def again(module, args, output):
+        module.lm_head(torch.zeros(1, 1, module.config.hidden_size))
+
+    model.register_forward_hook(again)
+    return model
+
+
+@pytest.mark.parametrize(
+    ("change", "engine_error", "heldout_error"),
+    [
+        (_logits_changed_after_the_head, "pass head= naming", "not its output head"),
+        (_head_run_twice, "ran 2 times in one forward; pass head=", "ran 2 times"),
+    ],
+)
+def test_a_head_that_is_not_the_logits_is_refused_by_the_engine_and_the_shared_heldout(
+    change, engine_error, heldout_error
+):
+    """Both fast paths compute logits from the head's input; where that is not what the
+    model returns they refuse, each saying what to use instead."""
+    from redundancy_monitor.probing.probe import prepare
+    from redundancy_monitor.removal.heldout import HeldoutOptions, measure_heldout
+
+    model = change(tiny_model("llama", n_layers=3))
+    ids = tiny_batch()[0]
+    with pytest.raises(UnsupportedModelError, match=engine_error):
+        probe(model, ids)
+    root, blocks, head, batch = prepare(model, ids, None, None, None)
+    held = [torch.randint(0, 97, (40,), generator=torch.Generator().manual_seed(0))]
+    with pytest.raises(UnsupportedModelError, match=heldout_error) as refused:
+        measure_heldout(
+            root, blocks, head, held, 24, 12, batch, [(1,)], [(1,)], HeldoutOptions("full")
+        )
+    assert "evaluation='reference'" in str(refused.value)
+    # The reference path runs the model as it is, and so measures it.
+    scores = measure_heldout(
+        root, blocks, head, held, 24, 12, batch, [(1,)], [(1,)], HeldoutOptions("reference")
+    )
+    assert np.isfinite(scores.base).all() and np.isfinite(scores.nll[(1,)]).all()
